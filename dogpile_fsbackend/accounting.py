@@ -1,0 +1,76 @@
+"""Shared size accounting: a byte and an entry counter per shard, in one mmap'd file.
+
+Each counter is changed only while its shard's byte-range lock is held, so a
+``set`` pays O(1) bookkeeping and never lists the cache.  Totals are the sum of
+the shard counters, read without locks (a racing write only makes the sum a
+moment old).  A writer killed between publishing a file and updating its
+counter leaves drift; every maintenance scan recomputes the counters from the
+files (``reconcile``), and a scan runs automatically every
+``reconcile_interval`` seconds, so drift is never permanent.
+
+File layout (little endian)::
+
+    header (64 bytes): magic "DFSA" | version u32 | shard count u32 | pad
+                       | last reconcile time f64 at offset 16
+    shard i:           bytes i64 | entries i64       at offset 64 + 16 * i
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+MAGIC = b"DFSA"
+VERSION = 1
+HEADER_SIZE = 64
+_HEADER = struct.Struct("<4sII")
+_RECONCILED = struct.Struct("<d")
+_RECONCILED_OFFSET = 16
+_SHARD = struct.Struct("<qq")
+
+
+class AccountingFile:
+    """Counters of one cache directory, shared by every process through mmap."""
+
+    def __init__(self, path: str, shard_count: int, mode: int = 0o600) -> None:
+        self.path = path
+        self.shard_count = shard_count
+        size = HEADER_SIZE + _SHARD.size * shard_count
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        try:
+            if os.fstat(fd).st_size != size:
+                # Only reached while the maintenance lock is held (first open or repair).
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+                os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, shard_count), 0)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._totals = struct.Struct(f"<{2 * shard_count}q")
+
+    def is_valid(self) -> bool:
+        return _HEADER.unpack_from(self._map, 0) == (MAGIC, VERSION, self.shard_count)
+
+    def add(self, shard: int, size_delta: int, entries_delta: int) -> None:
+        """Adjust shard ``shard``; the caller holds that shard's lock."""
+        offset = HEADER_SIZE + _SHARD.size * shard
+        size, entries = _SHARD.unpack_from(self._map, offset)
+        _SHARD.pack_into(self._map, offset, size + size_delta, entries + entries_delta)
+
+    def set(self, shard: int, size: int, entries: int) -> None:
+        """Overwrite shard ``shard`` with counted values; the caller holds its lock."""
+        _SHARD.pack_into(self._map, HEADER_SIZE + _SHARD.size * shard, size, entries)
+
+    def totals(self) -> tuple[int, int]:
+        """(bytes, entries) over all shards, never negative."""
+        values = self._totals.unpack_from(self._map, HEADER_SIZE)
+        return max(0, sum(values[0::2])), max(0, sum(values[1::2]))
+
+    @property
+    def last_reconcile(self) -> float:
+        return _RECONCILED.unpack_from(self._map, _RECONCILED_OFFSET)[0]
+
+    @last_reconcile.setter
+    def last_reconcile(self, when: float) -> None:
+        _RECONCILED.pack_into(self._map, _RECONCILED_OFFSET, when)

@@ -1,0 +1,232 @@
+"""The two dogpile.cache backends: pickled values and raw files, on one base."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dogpile.cache.api import (
+    NO_VALUE,
+    BytesBackend,
+    CacheBackend,
+    CachedValue,
+    NoValueType,
+)
+
+from . import layout, maintenance, rawfiles, records
+from .config import SETTING_NAMES, parse_arguments
+from .exceptions import CacheSizeWarning
+from .locking import FileMutex
+from .store import Store, remove_quietly
+
+log = logging.getLogger(__name__)
+
+
+class _FSBackendBase(CacheBackend):
+    """Arguments, mutexes, deletes and maintenance shared by both backends."""
+
+    _kind: int
+    _accepted_arguments: frozenset[str]
+
+    def __init__(self, arguments: Mapping[str, Any]) -> None:
+        self.settings = parse_arguments(arguments, self._accepted_arguments)
+        self.store = Store(self.settings, self._kind)
+
+    def get_mutex(self, key: str) -> FileMutex | None:
+        if not self.settings.distributed_lock:
+            return None
+        return self.store.key_mutex(layout.encode_key(key))
+
+    def delete(self, key: str) -> None:
+        self.store.delete(_digest(key))
+
+    def delete_multi(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.delete(key)
+
+    # -- maintenance ----------------------------------------------------------
+
+    def prune(self) -> maintenance.PruneResult:
+        """Remove expired entries, evict down to the limit, and reconcile the accounting."""
+        return maintenance.prune(self.store)
+
+    def verify(self) -> maintenance.ScanReport:
+        """Check every entry, remove damaged ones and fix the accounting."""
+        return maintenance.verify(self.store)
+
+    def clear(self) -> maintenance.PruneResult:
+        """Remove every entry, safely while other processes use the cache."""
+        return maintenance.clear(self.store)
+
+    def stats(self) -> dict[str, int]:
+        """Shared size figures plus hits, misses, writes and evictions of this instance."""
+        size, entries = self.store.totals()
+        return {
+            "entries": entries,
+            "bytes": size,
+            "limit": self.settings.cache_size,
+            "hits": self.store.hits,
+            "misses": self.store.misses,
+            "writes": self.store.writes,
+            "evictions": self.store.evictions,
+        }
+
+    # -- shared write path ----------------------------------------------------
+
+    def _fits(self, key: str, size: int) -> bool:
+        if size <= self.settings.cache_size:
+            return True
+        message = (
+            f"value of {size} bytes for key {key[:80]!r} is larger than cache_size "
+            f"({self.settings.cache_size} bytes) and was not cached"
+        )
+        log.warning(message)
+        warnings.warn(message, CacheSizeWarning, stacklevel=4)
+        return False
+
+    def _count(self, found: bool) -> None:
+        if found:
+            self.store.hits += 1
+        else:
+            self.store.misses += 1
+
+
+def _digest(key: str) -> str:
+    return layout.key_digest(layout.encode_key(key))
+
+
+class PickleFSBackend(_FSBackendBase, BytesBackend):
+    """Stores any value dogpile can serialize (pickle by default), one file per key.
+
+    Basic usage::
+
+        from dogpile.cache import make_region
+
+        region = make_region().configure(
+            "dogpile_fsbackend.pickled",
+            expiration_time=3600,
+            arguments={"base_dir": "/var/cache/myapp", "cache_size": "2GiB"},
+        )
+
+    Arguments are listed in the README ("Arguments").  Region ``serializer=``
+    and ``deserializer=`` are honoured; the default is pickle.
+    """
+
+    _kind = records.KIND_PICKLED
+    _accepted_arguments = SETTING_NAMES - {"file_movable"}
+
+    def get_serialized(self, key: str) -> bytes | NoValueType:
+        key_bytes = layout.encode_key(key)
+        found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
+        self._count(found is not None)
+        return found[0].payload if found else NO_VALUE
+
+    def get_serialized_multi(self, keys: Sequence[str]) -> list[bytes | NoValueType]:
+        return [self.get_serialized(key) for key in keys]
+
+    def set_serialized(self, key: str, value: bytes) -> None:
+        key_bytes = layout.encode_key(key)
+        digest = layout.key_digest(key_bytes)
+        created = time.time()
+        data = records.encode(records.KIND_PICKLED, key_bytes, value, created)
+        if not self._fits(key, len(data)):
+            return
+        self.store.publish(digest, self.store.write_temp(digest, data, created))
+        maintenance.enforce_limit(self.store)
+
+    def set_serialized_multi(self, mapping: Mapping[str, bytes]) -> None:
+        for key, value in mapping.items():
+            self.set_serialized(key, value)
+
+
+class RawFSBackend(_FSBackendBase):
+    """Stores file-like values as files, never loading them into memory.
+
+    Basic usage::
+
+        raw = make_region().configure(
+            "dogpile_fsbackend.raw",
+            arguments={"base_dir": "/var/cache/myapp-files", "file_movable": True},
+        )
+
+        @raw.cache_on_arguments()
+        def render(clip_id):
+            f = tempfile.NamedTemporaryFile(dir="/var/cache/myapp-files", delete=False)
+            ...  # write
+            f.seek(0)
+            return f
+
+    A hit returns a new read-only :class:`CachedFileReader` positioned where the
+    creator left its file.  With ``file_movable=True`` a named file on the
+    cache's filesystem is renamed into the cache instead of copied.
+    """
+
+    _kind = records.KIND_RAW
+    _accepted_arguments = SETTING_NAMES
+
+    def get(self, key: str) -> CachedValue | Any:
+        key_bytes = layout.encode_key(key)
+        digest = layout.key_digest(key_bytes)
+        value = self._open(digest, key_bytes)
+        self._count(value is not NO_VALUE)
+        return value
+
+    def _open(self, digest: str, key_bytes: bytes) -> Any:
+        found = self.store.read_record(digest, key_bytes)
+        if found is None:
+            return NO_VALUE
+        record, inode = found
+        try:
+            meta = records.RawMeta.from_bytes(record.payload)
+            data_path = f"{self.store.layout.entry_path(digest)}.{meta.token}"
+            reader = rawfiles.open_cached(data_path, meta, record.created)
+        except (records.DamagedRecord, FileNotFoundError):
+            self.store.discard(digest, inode)  # no-op if a writer replaced it meanwhile
+            return NO_VALUE
+        if meta.metadata is None:
+            return reader
+        return CachedValue(reader, meta.metadata)
+
+    def get_multi(self, keys: Sequence[str]) -> list[Any]:
+        return [self.get(key) for key in keys]
+
+    def set(self, key: str, value: Any) -> None:
+        metadata = None
+        if isinstance(value, CachedValue):
+            value, metadata = value.payload, value.metadata
+        fileobj, filename, content_type = rawfiles.unwrap(value)
+        key_bytes = layout.encode_key(key)
+        digest = layout.key_digest(key_bytes)
+        created = time.time()
+        data_fd, data_temp = self.store.open_temp(digest)
+        record_temp = None
+        try:
+            try:
+                size, position = rawfiles.stage(
+                    fileobj, data_temp, data_fd, self.settings.file_movable
+                )
+                self.store.finish_temp(data_fd, created)
+            finally:
+                os.close(data_fd)
+            token = secrets.token_hex(8)
+            meta = records.RawMeta(token, size, position, metadata, filename, content_type)
+            record = records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)
+            if not self._fits(key, size + len(record)):
+                remove_quietly(data_temp)
+                return
+            record_temp = self.store.write_temp(digest, record, created)
+            self.store.publish(digest, record_temp, data_temp, token)
+        except BaseException:
+            remove_quietly(data_temp)
+            remove_quietly(record_temp)
+            raise
+        maintenance.enforce_limit(self.store)
+
+    def set_multi(self, mapping: Mapping[str, Any]) -> None:
+        for key, value in mapping.items():
+            self.set(key, value)

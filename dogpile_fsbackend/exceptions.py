@@ -1,0 +1,41 @@
+"""Exceptions and warnings raised by dogpile_fsbackend.
+
+Hierarchy::
+
+    FSBackendError
+        ConfigError (also ValueError)       bad argument value or foreign directory
+        NotACacheError (also ValueError)    maintenance pointed at a non-cache directory
+    CacheSizeWarning (UserWarning)          a value larger than the whole cache
+"""
+
+from __future__ import annotations
+
+
+class FSBackendError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(FSBackendError, ValueError):
+    """A backend argument has a value that is not allowed."""
+
+    def __init__(self, argument: str, allowed: str, got: object) -> None:
+        super().__init__(f"{argument!r} must be {allowed}; got {got!r}")
+        self.argument = argument
+
+    def __reduce__(self):  # keep picklable across multiprocessing
+        return (_rebuild_config_error, (self.args[0], self.argument))
+
+
+def _rebuild_config_error(message: str, argument: str) -> ConfigError:
+    error = ConfigError.__new__(ConfigError)
+    FSBackendError.__init__(error, message)
+    error.argument = argument
+    return error
+
+
+class NotACacheError(FSBackendError, ValueError):
+    """A directory given to maintenance is not a dogpile_fsbackend cache."""
+
+
+class CacheSizeWarning(UserWarning):
+    """A value is larger than ``cache_size`` and was therefore not cached."""

@@ -1,0 +1,100 @@
+"""Where things live on disk: pure path arithmetic, no I/O.
+
+A key of any length and any characters is hashed with SHA-256; the hex digest
+names the entry and its first ``depth * width`` characters name the nested
+shard directories, e.g. ``data/ab/cd/abcd1234...``.  Nothing a caller passes
+ever becomes part of a path, so no key can escape ``base_dir``.
+
+Top-level layout of ``base_dir``::
+
+    fsbackend.json     format marker: kind, shard layout, lock slots
+    lock               byte-range lock file (see locking.py); never deleted
+    accounting         per-shard byte and entry counters (see accounting.py)
+    maintenance.lock   whole-file lock for init/clear/verify (portalocker)
+    data/ab/cd/<hash>  one entry (raw entries add <hash>.<token> for the bytes)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+MARKER_NAME = "fsbackend.json"
+LOCK_NAME = "lock"
+ACCOUNTING_NAME = "accounting"
+MAINTENANCE_LOCK_NAME = "maintenance.lock"
+DATA_DIR = "data"
+TEMP_PREFIX = ".tmp-"
+HASH_HEX_LEN = 64
+
+
+def encode_key(key: str | bytes) -> bytes:
+    """Bytes that identify ``key``; lone surrogates survive so no two keys collide."""
+    if isinstance(key, bytes):
+        return key
+    return key.encode("utf-8", "surrogatepass")
+
+
+def key_digest(key_bytes: bytes) -> str:
+    return hashlib.sha256(key_bytes).hexdigest()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Maps digests to shard directories and files under ``base_dir``."""
+
+    base_dir: str
+    depth: int
+    width: int
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.base_dir, DATA_DIR)
+
+    @property
+    def shard_count(self) -> int:
+        """Number of top-level shards; each has its own counter and lock."""
+        return 16**self.width
+
+    def shard_index(self, digest: str) -> int:
+        return int(digest[: self.width], 16)
+
+    def shard_dir(self, index: int) -> str:
+        return os.path.join(self.data_dir, format(index, f"0{self.width}x"))
+
+    def entry_dir(self, digest: str) -> str:
+        parts = [digest[i * self.width : (i + 1) * self.width] for i in range(self.depth)]
+        return os.path.join(self.data_dir, *parts)
+
+    def entry_path(self, digest: str) -> str:
+        return os.path.join(self.entry_dir(digest), digest)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.base_dir, name)
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX)
+
+
+def temp_owner_pid(name: str) -> int | None:
+    """The pid encoded in a temp file name ``.tmp-<pid>-<token>``, if any."""
+    try:
+        return int(name[len(TEMP_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def split_entry_name(name: str) -> tuple[str, str | None] | None:
+    """``(digest, token)`` for ``<digest>`` or ``<digest>.<token>``; None if foreign."""
+    digest, _, token = name.partition(".")
+    if len(digest) != HASH_HEX_LEN or not _is_hex(digest):
+        return None
+    if token and not _is_hex(token):
+        return None
+    return digest, token or None
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)

@@ -1,0 +1,233 @@
+"""Byte-range ``lockf`` locks on one lock file, made safe for threads and forks.
+
+Every lock is one byte of the cache's lock file: byte 0 guards eviction, the
+next bytes guard the accounting shards, and the key mutexes hash onto
+``lock_slots`` bytes after those.  No lock file is ever created or deleted per
+key.
+
+POSIX record locks belong to the *process*: two threads never exclude each
+other through them, and closing *any* descriptor of the file drops *all* of the
+process's locks on it.  So each process opens a lock file once (shared by every
+backend on that directory) and adds an in-process layer:
+
+* a thread lock per lock *name* (a key, a shard), so threads exclude each other
+  and a second ``acquire(False)`` from the holder fails, as dogpile expects;
+* a holder count per *byte*, so two keys that hash to one byte share the
+  process's record lock instead of deadlocking on it.
+
+After ``fork()`` the child holds none of its parent's record locks, so every
+lock file resets its in-process state (``os.register_at_fork``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import random
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Hashable, Iterator
+
+from dogpile.cache.api import CacheMutex
+
+EVICTION_OFFSET = 0
+SHARD_BASE_OFFSET = 1
+KEY_BASE_OFFSET = SHARD_BASE_OFFSET + 16**3  # room for the widest shard layout
+
+_CONTENTION_ERRNOS = frozenset({errno.EACCES, errno.EAGAIN})
+_DEADLOCK_BACKOFF_MAX = 0.05
+# struct flock for F_GETLK: l_type, l_whence, l_start, l_len, l_pid (+ tail padding)
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+class _NameLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
+class _ByteLock:
+    __slots__ = ("gate", "holders")
+
+    def __init__(self) -> None:
+        self.gate = threading.Lock()  # one thread at a time asks the kernel
+        self.holders = 0  # names of this process that hold the byte
+
+
+class LockFile:
+    """This process's handle on one lock file; get it with :meth:`for_path`."""
+
+    _instances: dict[tuple[int, int], LockFile] = {}
+    _instances_guard = threading.Lock()
+    _all: weakref.WeakSet[LockFile] = weakref.WeakSet()
+
+    @classmethod
+    def for_path(cls, path: str, mode: int = 0o600) -> LockFile:
+        """The process-wide instance for ``path`` (opened once, never closed)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        identity = os.fstat(fd)[1:3]  # (st_ino, st_dev)
+        with cls._instances_guard:
+            existing = cls._instances.get(identity)
+            if existing is None:
+                existing = cls._instances[identity] = cls(path, fd)
+                cls._all.add(existing)
+                return existing
+        os.close(fd)  # no lock is held through it yet, so closing drops nothing
+        return existing
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self._reset()
+
+    def _reset(self) -> None:
+        self._guard = threading.Lock()
+        self._names: dict[Hashable, _NameLock] = {}
+        self._bytes: dict[int, _ByteLock] = {}
+
+    @classmethod
+    def _reset_all_after_fork(cls) -> None:
+        cls._instances_guard = threading.Lock()
+        for lock_file in list(cls._all):
+            lock_file._reset()
+
+    # -- public API -----------------------------------------------------------
+
+    def acquire(self, name: Hashable, offset: int, wait: bool = True) -> bool:
+        """Take lock ``name`` (kept on byte ``offset``) for this thread."""
+        with self._guard:
+            entry = self._names.get(name)
+            if entry is None:
+                entry = self._names[name] = _NameLock()
+            entry.users += 1
+        acquired = False
+        try:
+            if entry.lock.acquire(wait):
+                try:
+                    acquired = self._acquire_byte(offset, wait)
+                finally:
+                    if not acquired:
+                        entry.lock.release()
+        finally:
+            if not acquired:
+                self._drop_name(name, entry)
+        return acquired
+
+    def release(self, name: Hashable, offset: int) -> None:
+        """Release lock ``name``; any thread may release it, as with threading.Lock."""
+        with self._guard:
+            entry = self._names.get(name)
+            if entry is None or not entry.lock.locked():
+                raise RuntimeError(f"release of an unlocked lock {name!r}")
+            byte = self._bytes[offset]
+            byte.holders -= 1
+            if byte.holders == 0:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
+            entry.lock.release()
+        self._drop_name(name, entry)
+
+    def is_locked(self, name: Hashable, offset: int) -> bool:
+        """True if a thread of this process holds ``name`` or another process holds the byte."""
+        with self._guard:
+            entry = self._names.get(name)
+            if entry is not None and entry.lock.locked():
+                return True
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+        lock_type = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_GETLK, query))[0]
+        return lock_type != fcntl.F_UNLCK
+
+    @contextlib.contextmanager
+    def held(self, name: Hashable, offset: int) -> Iterator[None]:
+        self.acquire(name, offset)
+        try:
+            yield
+        finally:
+            self.release(name, offset)
+
+    # -- internals ------------------------------------------------------------
+
+    def _drop_name(self, name: Hashable, entry: _NameLock) -> None:
+        with self._guard:
+            entry.users -= 1
+            if entry.users == 0 and self._names.get(name) is entry:
+                del self._names[name]
+
+    def _acquire_byte(self, offset: int, wait: bool) -> bool:
+        with self._guard:
+            byte = self._bytes.get(offset)
+            if byte is None:
+                byte = self._bytes[offset] = _ByteLock()
+            if byte.holders:
+                byte.holders += 1
+                return True
+        if not byte.gate.acquire(wait):
+            return False
+        try:
+            with self._guard:
+                if byte.holders:
+                    byte.holders += 1
+                    return True
+            if not self._lockf(offset, wait):
+                return False
+            with self._guard:
+                byte.holders = 1
+            return True
+        finally:
+            byte.gate.release()
+
+    def _lockf(self, offset: int, wait: bool) -> bool:
+        """Ask the kernel for the byte; retry when it reports a (thread-induced) EDEADLK."""
+        flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
+        backoff = 0.001
+        while True:
+            try:
+                fcntl.lockf(self.fd, flags, 1, offset)
+                return True
+            except OSError as exc:
+                if exc.errno in _CONTENTION_ERRNOS and not wait:
+                    return False
+                if exc.errno != errno.EDEADLK:
+                    raise
+            # The kernel sees processes, not threads: a wait-for cycle through
+            # different threads is not a real deadlock, so back off and retry.
+            time.sleep(backoff * (1 + random.random()))
+            backoff = min(backoff * 2, _DEADLOCK_BACKOFF_MAX)
+
+
+os.register_at_fork(after_in_child=LockFile._reset_all_after_fork)
+
+
+def key_slot(key_bytes: bytes, slots: int) -> int:
+    """The lock byte of a key: a stable hash, the same in every process."""
+    digest = hashlib.blake2b(key_bytes, digest_size=8).digest()
+    return KEY_BASE_OFFSET + int.from_bytes(digest, "big") % slots
+
+
+class FileMutex(CacheMutex):
+    """dogpile's ``CacheMutex`` for one key, excluding threads and processes alike."""
+
+    __slots__ = ("_lock_file", "_name", "_offset")
+
+    def __init__(self, lock_file: LockFile, key_bytes: bytes, slots: int) -> None:
+        self._lock_file = lock_file
+        self._name = ("key", key_bytes)
+        self._offset = key_slot(key_bytes, slots)
+
+    def acquire(self, wait: bool = True) -> bool:
+        return self._lock_file.acquire(self._name, self._offset, wait)
+
+    def release(self) -> None:
+        self._lock_file.release(self._name, self._offset)
+
+    def locked(self) -> bool:
+        return self._lock_file.is_locked(self._name, self._offset)
+
+    def __repr__(self) -> str:
+        return f"<FileMutex byte {self._offset} of {self._lock_file.path}>"

@@ -1,0 +1,210 @@
+"""Raw values: taking a caller's file into the cache, and handing cached bytes back.
+
+A value is stored as the file's exact bytes, in constant memory: the kernel
+copies between descriptors (``os.copy_file_range``, else ``os.sendfile``), a
+plain chunked copy serves objects without a descriptor (``io.BytesIO``), and
+``file_movable`` turns the copy into a rename when the file lives on the
+cache's filesystem.  The creator's file position is recorded so that cached
+reads start where the creator left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import mimetypes
+import os
+import shutil
+import stat
+import tempfile
+from typing import IO, Any
+
+from .records import RawMeta
+
+_KERNEL_COPY_FALLBACK = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+)
+_COPY_CHUNK = 1 << 20
+
+ACCEPTED = (
+    "a readable binary file-like object: open(path, 'rb'), "
+    "tempfile.NamedTemporaryFile(), os.fdopen(fd, 'rb'), io.BytesIO(...), "
+    "optionally wrapped in dogpile_fsbackend.CachedFile(fileobj, filename=..., content_type=...)"
+)
+
+
+class CachedFile:
+    """A raw value with a file name and content type to keep beside its bytes.
+
+    ``content_type`` defaults to a guess from ``filename`` (``mimetypes``).
+    """
+
+    def __init__(
+        self, fileobj: IO[bytes], filename: str | None = None, content_type: str | None = None
+    ) -> None:
+        self.fileobj = fileobj
+        self.filename = filename
+        if content_type is None and filename:
+            content_type = mimetypes.guess_type(filename)[0]
+        self.content_type = content_type
+
+    def __getattr__(self, name: str) -> Any:  # behave like the wrapped file
+        return getattr(self.fileobj, name)
+
+
+class CachedFileReader(io.BufferedReader):
+    """What a cached raw get returns: a read-only binary file, plus its metadata.
+
+    ``filename``, ``content_type``, ``content_length``, ``last_modified`` (a
+    POSIX timestamp) and ``etag`` (changes with every write of the key) come
+    from the entry's record, without reading the content.
+    """
+
+    filename: str | None
+    content_type: str | None
+    content_length: int
+    last_modified: float
+    etag: str
+
+
+def open_cached(data_path: str, meta: RawMeta, created: float) -> CachedFileReader:
+    """Open a data file read-only at the creator's position; FileNotFoundError if gone."""
+    raw = io.FileIO(data_path, "rb", opener=_nofollow_opener)
+    try:
+        if os.fstat(raw.fileno()).st_size != meta.size:
+            raise FileNotFoundError(errno.ENOENT, "data file does not match its record", data_path)
+        reader = CachedFileReader(raw)
+    except BaseException:
+        raw.close()
+        raise
+    reader.filename = meta.filename
+    reader.content_type = meta.content_type
+    reader.content_length = meta.size
+    reader.last_modified = created
+    reader.etag = f'"{meta.token}"'
+    reader.seek(meta.position)
+    return reader
+
+
+def unwrap(value: Any) -> tuple[Any, str | None, str | None]:
+    """(file object, filename, content type) of a raw value; TypeError if not file-like."""
+    filename = content_type = None
+    if isinstance(value, CachedFile):
+        value, filename, content_type = value.fileobj, value.filename, value.content_type
+    if isinstance(value, (io.TextIOBase, str, bytes, bytearray, memoryview)) or not callable(
+        getattr(value, "read", None)
+    ):
+        raise TypeError(f"the raw backend stores {ACCEPTED}; got {type(value).__name__}")
+    if getattr(value, "closed", False):
+        raise ValueError("the raw backend cannot store a closed file")
+    readable = getattr(value, "readable", None)
+    if callable(readable) and not readable():
+        raise TypeError(f"the raw backend stores {ACCEPTED}; got a file not open for reading")
+    if content_type is None:
+        name = filename or getattr(value, "name", None)
+        if isinstance(name, str):
+            content_type = mimetypes.guess_type(name)[0]
+    return value, filename, content_type
+
+
+def stage(value: Any, temp_path: str, temp_fd: int, movable: bool) -> tuple[int, int]:
+    """Put the bytes of ``value`` into the (empty, open) temp file: (size, position).
+
+    With ``movable`` and a named file on the same filesystem the temp file is
+    replaced by the caller's file itself (rename, or hard link for a
+    self-deleting ``NamedTemporaryFile``); otherwise the bytes are copied.
+    """
+    position = _tell(value)
+    with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        if value.writable():
+            value.flush()
+    source_fd = _fileno(value)
+    if source_fd is not None and stat.S_ISREG(os.fstat(source_fd).st_mode):
+        size = os.fstat(source_fd).st_size
+        if movable and _move_into(value, source_fd, temp_path, temp_fd):
+            return size, min(position, size)
+        return _kernel_copy(source_fd, temp_fd, size), min(position, size)
+    if position is None:  # a stream: store what is left, read back from the start
+        with open(temp_fd, "wb", closefd=False) as out:
+            shutil.copyfileobj(value, out, _COPY_CHUNK)
+        return os.fstat(temp_fd).st_size, 0
+    value.seek(0)
+    try:
+        with open(temp_fd, "wb", closefd=False) as out:
+            shutil.copyfileobj(value, out, _COPY_CHUNK)
+    finally:
+        value.seek(position)
+    size = os.fstat(temp_fd).st_size
+    return size, min(position, size)
+
+
+def _move_into(value: Any, source_fd: int, temp_path: str, temp_fd: int) -> bool:
+    """Rename (or link) the caller's file over our temp file, if that is possible."""
+    name = getattr(value, "name", None)
+    if not isinstance(name, str):
+        return False
+    source = os.fstat(source_fd)
+    try:
+        named = os.lstat(name)
+    except OSError:
+        return False
+    if (named.st_ino, named.st_dev) != (source.st_ino, source.st_dev):
+        return False  # the name no longer refers to this file
+    if source.st_dev != os.fstat(temp_fd).st_dev:
+        return False
+    deletes_itself = isinstance(value, tempfile._TemporaryFileWrapper) and (
+        getattr(value, "delete", False)
+        or getattr(getattr(value, "_closer", None), "delete", False)
+    )
+    try:
+        if deletes_itself:
+            os.unlink(temp_path)
+            os.link(name, temp_path)  # its own close() removes the original name
+        else:
+            os.replace(name, temp_path)
+    except OSError:
+        return False
+    return True
+
+
+def _kernel_copy(source_fd: int, target_fd: int, size: int) -> int:
+    """Copy ``size`` bytes from offset 0 without moving the source's position."""
+    offset = 0
+    use_copy_range = True
+    while offset < size:
+        try:
+            if use_copy_range:
+                sent = os.copy_file_range(source_fd, target_fd, size - offset, offset)
+            else:
+                sent = os.sendfile(target_fd, source_fd, offset, size - offset)
+        except OSError as exc:
+            if not use_copy_range or exc.errno not in _KERNEL_COPY_FALLBACK:
+                raise
+            use_copy_range = False
+            continue
+        if sent == 0:
+            break  # the file shrank while we copied
+        offset += sent
+    return offset
+
+
+def _tell(value: Any) -> int | None:
+    seekable = getattr(value, "seekable", None)
+    if callable(seekable) and not seekable():
+        return None
+    try:
+        return value.tell()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _fileno(value: Any) -> int | None:
+    try:
+        return value.fileno()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _nofollow_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)

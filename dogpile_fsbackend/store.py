@@ -1,0 +1,347 @@
+"""The sharded entry store: read, atomic publish, delete, and the locks around them.
+
+An entry is one file, ``data/<shard dirs>/<digest>``, holding a record (see
+records.py).  A raw entry adds its bytes as ``<digest>.<token>`` beside it.
+Writers fill a temp file *in the entry's own directory* (same filesystem,
+never /tmp) and publish it with ``os.replace`` while holding the shard's byte
+lock, together with the shard's counter update; a reader therefore sees the
+old entry or the new one, never a mix, and never a partial file.
+
+Recency for LRU lives in the entry's timestamps: every hit and every write
+sets ``mtime`` to now ("last used") and ``atime`` to the creation time, so an
+eviction scan learns both from one ``stat`` without reading any file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+
+import portalocker
+
+from . import layout as paths
+from . import records
+from .accounting import AccountingFile
+from .config import Settings
+from .exceptions import ConfigError
+from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile
+
+FORMAT_NAME = "dogpile_fsbackend"
+FORMAT_VERSION = 1
+KIND_NAMES = {records.KIND_PICKLED: "pickled", records.KIND_RAW: "raw"}
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
+    """Whole-file lock serialising set-up, ``clear`` and ``verify`` across processes.
+
+    It lives in its own file: opening and closing the byte-range lock file
+    would drop this process's ``lockf`` locks.
+    """
+    path = os.path.join(base_dir, paths.MAINTENANCE_LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "r+b") as handle:
+        portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE)
+        try:
+            yield
+        finally:
+            portalocker.unlock(handle)
+
+
+def read_marker(base_dir: str) -> dict | None:
+    """The format marker of a cache directory, or None if there is none."""
+    try:
+        with open(os.path.join(base_dir, paths.MARKER_NAME), "rb") as handle:
+            marker = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+class Store:
+    """One cache directory as seen by one backend instance."""
+
+    def __init__(self, settings: Settings, kind: int) -> None:
+        self.settings = settings
+        self.kind = kind
+        self.layout = paths.Layout(settings.base_dir, settings.shard_depth, settings.shard_width)
+        self._known_dirs: set[str] = set()
+        self.hits = self.misses = self.writes = self.evictions = 0
+        self._prepare_base_dir()
+        with maintenance_lock(settings.base_dir, settings.file_mode):
+            self._check_or_write_marker()
+            self.accounting = AccountingFile(
+                self.layout.path(paths.ACCOUNTING_NAME),
+                self.layout.shard_count,
+                settings.file_mode,
+            )
+            if not self.accounting.last_reconcile:
+                self.accounting.last_reconcile = time.time()
+        self.lock_file = LockFile.for_path(self.layout.path(paths.LOCK_NAME), settings.file_mode)
+
+    # -- set-up ---------------------------------------------------------------
+
+    def _prepare_base_dir(self) -> None:
+        base_dir = self.settings.base_dir
+        try:
+            os.makedirs(base_dir, mode=self.settings.dir_mode, exist_ok=True)
+            os.makedirs(self.layout.data_dir, mode=self.settings.dir_mode, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise ConfigError(
+                "base_dir", "a directory (or a path where one can be made)", base_dir
+            ) from exc
+        except PermissionError as exc:
+            raise ConfigError("base_dir", "a directory this process may create", base_dir) from exc
+        if not os.access(base_dir, os.W_OK | os.X_OK) or not os.access(
+            self.layout.data_dir, os.W_OK | os.X_OK
+        ):
+            raise ConfigError("base_dir", "a directory this process can write to", base_dir)
+
+    def _check_or_write_marker(self) -> None:
+        wanted = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "kind": KIND_NAMES[self.kind],
+            "shard_depth": self.settings.shard_depth,
+            "shard_width": self.settings.shard_width,
+            "lock_slots": self.settings.lock_slots,
+        }
+        found = read_marker(self.settings.base_dir)
+        if found is None:
+            marker_path = self.layout.path(paths.MARKER_NAME)
+            temp_path = f"{marker_path}{paths.TEMP_PREFIX}{os.getpid()}"
+            with open(temp_path, "w") as handle:
+                json.dump(wanted, handle, indent=2)
+            os.replace(temp_path, marker_path)
+            return
+        if found.get("format") != FORMAT_NAME or found.get("kind") != wanted["kind"]:
+            raise ConfigError(
+                "base_dir",
+                f"a directory that is not already used by something else (it holds a "
+                f"{found.get('kind', 'foreign')!s} cache; use another directory for the "
+                f"{wanted['kind']} backend)",
+                self.settings.base_dir,
+            )
+        for name in ("shard_depth", "shard_width", "lock_slots"):
+            if found.get(name) != wanted[name]:
+                raise ConfigError(
+                    name,
+                    f"{found.get(name)!r}, the value this cache directory was created with",
+                    wanted[name],
+                )
+
+    # -- locks ----------------------------------------------------------------
+
+    def key_mutex(self, key_bytes: bytes) -> FileMutex:
+        return FileMutex(self.lock_file, key_bytes, self.settings.lock_slots)
+
+    def shard_locked(self, shard: int) -> contextlib.AbstractContextManager[None]:
+        return self.lock_file.held(("shard", shard), SHARD_BASE_OFFSET + shard)
+
+    def acquire_eviction_lock(self, wait: bool) -> bool:
+        return self.lock_file.acquire(("evict",), EVICTION_OFFSET, wait)
+
+    def release_eviction_lock(self) -> None:
+        self.lock_file.release(("evict",), EVICTION_OFFSET)
+
+    # -- reading --------------------------------------------------------------
+
+    def read_record(self, digest: str, key_bytes: bytes) -> tuple[records.Record, int] | None:
+        """The live record of a key and its inode, or None (a miss).
+
+        A damaged, foreign or expired file is removed on the way.  A hit makes
+        the entry the most recently used one.
+        """
+        path = self.layout.entry_path(digest)
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except FileNotFoundError:
+            return None
+        except OSError:  # ELOOP: a symlink planted where an entry belongs
+            if not os.path.islink(path):
+                raise
+            self.discard(digest, os.lstat(path).st_ino)
+            return None
+        try:
+            info = os.fstat(fd)
+            data = _read_exactly(fd, info.st_size)
+            try:
+                record = records.decode(data, self.kind, key_bytes)
+            except records.DamagedRecord:
+                self.discard(digest, info.st_ino)
+                return None
+            if self.is_expired(record.created):
+                self.discard(digest, info.st_ino)
+                return None
+            touch(fd, record.created)
+        finally:
+            os.close(fd)
+        return record, info.st_ino
+
+    def is_expired(self, created: float, now: float | None = None) -> bool:
+        limit = self.settings.expiration_time
+        return limit is not None and (now or time.time()) - created > limit
+
+    # -- writing --------------------------------------------------------------
+
+    def open_temp(self, digest: str) -> tuple[int, str]:
+        """A new, empty temp file in the entry's own directory: (fd, path)."""
+        directory = self.layout.entry_dir(digest)
+        if directory not in self._known_dirs:
+            os.makedirs(directory, mode=self.settings.dir_mode, exist_ok=True)
+            self._known_dirs.add(directory)
+        path = os.path.join(directory, f"{paths.TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
+        try:
+            fd = os.open(path, _CREATE_FLAGS, self.settings.file_mode)
+        except FileNotFoundError:  # the directory was removed behind our back
+            os.makedirs(directory, mode=self.settings.dir_mode, exist_ok=True)
+            fd = os.open(path, _CREATE_FLAGS, self.settings.file_mode)
+        if self.settings.file_mode & 0o077:  # the umask may have stripped what was asked
+            os.fchmod(fd, self.settings.file_mode)
+        return fd, path
+
+    def write_temp(self, digest: str, data: bytes, created: float) -> str:
+        """A temp file holding ``data``, stamped and synced, ready to publish."""
+        fd, path = self.open_temp(digest)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            self.finish_temp(fd, created)
+        except BaseException:
+            remove_quietly(path)
+            raise
+        finally:
+            os.close(fd)
+        return path
+
+    def finish_temp(self, fd: int, created: float) -> None:
+        """Stamp recency on a filled temp file and sync it when durability is asked for."""
+        touch(fd, created)
+        if self.settings.fsync:
+            os.fsync(fd)
+
+    def publish(
+        self, digest: str, record_temp: str, data_temp: str | None = None, token: str = ""
+    ) -> None:
+        """Atomically make ``record_temp`` (and ``data_temp`` as ``<digest>.<token>``) the entry.
+
+        The data file goes in first under a fresh name, then the record that
+        names it replaces the old record, then the old data file goes: a
+        reader holding the old record either still opens the old bytes or
+        sees a miss, never the new bytes with old metadata.
+        """
+        shard = self.layout.shard_index(digest)
+        entry_path = self.layout.entry_path(digest)
+        data_path = f"{entry_path}.{token}" if data_temp else None
+        with self.shard_locked(shard):
+            old_size, existed, old_data = self._entry_files_locked(digest)
+            try:
+                if data_temp and data_path:
+                    os.replace(data_temp, data_path)
+                new_size = os.lstat(record_temp).st_size
+                if data_path:
+                    new_size += os.lstat(data_path).st_size
+                os.replace(record_temp, entry_path)
+            except BaseException:
+                for leftover in (data_temp, data_path, record_temp):
+                    remove_quietly(leftover)
+                raise
+            for old_path in old_data:
+                if old_path != data_path:
+                    remove_quietly(old_path)
+            self.accounting.add(shard, new_size - old_size, 0 if existed else 1)
+        self.writes += 1
+
+    # -- removing -------------------------------------------------------------
+
+    def delete(self, digest: str) -> None:
+        self.discard(digest)
+
+    def discard(self, digest: str, inode: int | None = None, used_ns: int | None = None) -> int:
+        """Remove an entry; given ``inode``/``used_ns``, only if it is still the file judged.
+
+        Returns the bytes freed (0 if the entry was gone, replaced or used meanwhile).
+        """
+        shard = self.layout.shard_index(digest)
+        entry_path = self.layout.entry_path(digest)
+        with self.shard_locked(shard):
+            if inode is not None:
+                try:
+                    info = os.lstat(entry_path)
+                except FileNotFoundError:
+                    return 0
+                if info.st_ino != inode or (used_ns is not None and info.st_mtime_ns != used_ns):
+                    return 0
+            size, existed, data = self._entry_files_locked(digest)
+            for path in (entry_path, *data):
+                remove_quietly(path)
+            self.accounting.add(shard, -size, -existed)
+        return size
+
+    def _entry_files_locked(self, digest: str) -> tuple[int, int, list[str]]:
+        """(total bytes, 1 if the record exists else 0, data file paths) of an entry."""
+        size = existed = 0
+        with contextlib.suppress(FileNotFoundError):
+            size = os.lstat(self.layout.entry_path(digest)).st_size
+            existed = 1
+        data = []
+        if self.kind == records.KIND_RAW:
+            for data_path, data_size in self.data_files(digest):
+                size += data_size
+                data.append(data_path)
+        return size, existed, data
+
+    def data_files(self, digest: str) -> list[tuple[str, int]]:
+        """(path, size) of every ``<digest>.<token>`` data file beside an entry."""
+        directory = self.layout.entry_dir(digest)
+        prefix = digest + "."
+        found = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        found.append((entry.path, entry.stat(follow_symlinks=False).st_size))
+        return found
+
+    # -- limits ---------------------------------------------------------------
+
+    def totals(self) -> tuple[int, int]:
+        return self.accounting.totals()
+
+    def reconcile_due(self) -> bool:
+        interval = self.settings.reconcile_interval
+        return interval is not None and time.time() - self.accounting.last_reconcile > interval
+
+
+def touch(fd: int, created: float) -> None:
+    """Mark an entry used now; keep its creation time in atime for eviction scans."""
+    now = time.time_ns()
+    with contextlib.suppress(PermissionError):  # not the owner: recency is best effort
+        os.utime(fd, ns=(min(int(created * 1e9), now), now))
+
+
+def remove_quietly(path: str | None) -> None:
+    """Unlink ``path`` if it exists; another process may have removed it first."""
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    if len(data) == size:
+        return data
+    chunks = [data]
+    while data:
+        data = os.read(fd, 1 << 20)
+        chunks.append(data)
+    return b"".join(chunks)
