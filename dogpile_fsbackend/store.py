@@ -15,9 +15,11 @@ eviction scan learns both from one ``stat`` without reading any file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 
@@ -196,17 +198,36 @@ class Store:
         """A new, empty temp file in the entry's own directory: (fd, path)."""
         directory = self.layout.entry_dir(digest)
         if directory not in self._known_dirs:
-            os.makedirs(directory, mode=self.settings.dir_mode, exist_ok=True)
+            self._make_real_dirs(directory)
             self._known_dirs.add(directory)
         path = os.path.join(directory, f"{paths.TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         try:
             fd = os.open(path, _CREATE_FLAGS, self.settings.file_mode)
         except FileNotFoundError:  # the directory was removed behind our back
-            os.makedirs(directory, mode=self.settings.dir_mode, exist_ok=True)
+            self._make_real_dirs(directory)
             fd = os.open(path, _CREATE_FLAGS, self.settings.file_mode)
         if self.settings.file_mode & 0o077:  # the umask may have stripped what was asked
             os.fchmod(fd, self.settings.file_mode)
         return fd, path
+
+    def _make_real_dirs(self, directory: str) -> None:
+        """Create ``data/`` and the shard directories down to ``directory``.
+
+        Anything else found in their place (a symlink planted to redirect our
+        writes, a stray file) is unlinked, never followed.
+        """
+        current = self.settings.base_dir
+        for part in os.path.relpath(directory, current).split(os.sep):
+            current = os.path.join(current, part)
+            for _ in range(3):  # another process may be repairing the same path
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(current, self.settings.dir_mode)
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISDIR(os.lstat(current).st_mode):
+                        break
+                    os.unlink(current)
+            else:
+                raise FileExistsError(errno.EEXIST, "cannot make a shard directory", current)
 
     def write_temp(self, digest: str, data: bytes, created: float) -> str:
         """A temp file holding ``data``, stamped and synced, ready to publish."""
