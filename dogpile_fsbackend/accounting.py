@@ -30,27 +30,36 @@ _RECONCILED_OFFSET = 16
 _SHARD = struct.Struct("<qq")
 
 
+class NeedsReset(Exception):
+    """The accounting file is missing or malformed and must be (re)made under the lock."""
+
+
 class AccountingFile:
     """Counters of one cache directory, shared by every process through mmap."""
 
-    def __init__(self, path: str, shard_count: int, mode: int = 0o600) -> None:
+    def __init__(self, path: str, shard_count: int, mode: int, *, may_reset: bool) -> None:
+        """Map the counters; a missing or malformed file raises :class:`NeedsReset`
+        unless ``may_reset`` (only while the maintenance lock is held)."""
         self.path = path
         self.shard_count = shard_count
         size = HEADER_SIZE + _SHARD.size * shard_count
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        header = _HEADER.pack(MAGIC, VERSION, shard_count)
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if may_reset else 0)
         try:
-            if os.fstat(fd).st_size != size:
-                # Only reached while the maintenance lock is held (first open or repair).
+            fd = os.open(path, flags, mode)
+        except FileNotFoundError as exc:
+            raise NeedsReset(path) from exc
+        try:
+            if os.fstat(fd).st_size != size or os.pread(fd, len(header), 0) != header:
+                if not may_reset:
+                    raise NeedsReset(path)
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
-                os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, shard_count), 0)
+                os.pwrite(fd, header, 0)
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         self._totals = struct.Struct(f"<{2 * shard_count}q")
-
-    def is_valid(self) -> bool:
-        return _HEADER.unpack_from(self._map, 0) == (MAGIC, VERSION, self.shard_count)
 
     def add(self, shard: int, size_delta: int, entries_delta: int) -> None:
         """Adjust shard ``shard``; the caller holds that shard's lock."""

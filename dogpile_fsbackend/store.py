@@ -27,7 +27,7 @@ import portalocker
 
 from . import layout as paths
 from . import records
-from .accounting import AccountingFile
+from .accounting import AccountingFile, NeedsReset
 from .config import Settings
 from .exceptions import ConfigError
 from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile
@@ -78,15 +78,7 @@ class Store:
         self._known_dirs: set[str] = set()
         self.hits = self.misses = self.writes = self.evictions = 0
         self._prepare_base_dir()
-        with maintenance_lock(settings.base_dir, settings.file_mode):
-            self._check_or_write_marker()
-            self.accounting = AccountingFile(
-                self.layout.path(paths.ACCOUNTING_NAME),
-                self.layout.shard_count,
-                settings.file_mode,
-            )
-            if not self.accounting.last_reconcile:
-                self.accounting.last_reconcile = time.time()
+        self.accounting = self._open_or_create()
         self.lock_file = LockFile.for_path(self.layout.path(paths.LOCK_NAME), settings.file_mode)
 
     # -- set-up ---------------------------------------------------------------
@@ -106,6 +98,23 @@ class Store:
             self.layout.data_dir, os.W_OK | os.X_OK
         ):
             raise ConfigError("base_dir", "a directory this process can write to", base_dir)
+
+    def _open_or_create(self) -> AccountingFile:
+        """Open an existing cache without locking; set one up under the maintenance lock.
+
+        The fast path matters: a long ``verify`` holds the maintenance lock, and
+        application start-up must not wait for it.
+        """
+        path = self.layout.path(paths.ACCOUNTING_NAME)
+        mode = self.settings.file_mode
+        if read_marker(self.settings.base_dir) is not None:
+            self._check_or_write_marker()
+            with contextlib.suppress(NeedsReset):
+                return AccountingFile(path, self.layout.shard_count, mode, may_reset=False)
+        with maintenance_lock(self.settings.base_dir, mode):
+            self._check_or_write_marker()
+            # A new or reset file has last_reconcile 0: the first write recounts.
+            return AccountingFile(path, self.layout.shard_count, mode, may_reset=True)
 
     def _check_or_write_marker(self) -> None:
         wanted = {
@@ -339,8 +348,9 @@ class Store:
         return self.accounting.totals()
 
     def reconcile_due(self) -> bool:
+        last = self.accounting.last_reconcile
         interval = self.settings.reconcile_interval
-        return interval is not None and time.time() - self.accounting.last_reconcile > interval
+        return not last or (interval is not None and time.time() - last > interval)
 
 
 def touch(fd: int, created: float) -> None:
