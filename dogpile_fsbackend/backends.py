@@ -136,7 +136,7 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         data = records.encode(records.KIND_PICKLED, key_bytes, value, created)
         if not self._fits(key, len(data)):
             return
-        self.store.publish(digest, self.store.write_temp(digest, data, created))
+        self.store.publish(digest, self.store.write_temp(digest, data), len(data))
         maintenance.enforce_limit(self.store)
 
     def set_serialized_multi(self, mapping: Mapping[str, bytes]) -> None:
@@ -176,7 +176,20 @@ class RawFSBackend(_FSBackendBase):
         self._count(value is not NO_VALUE)
         return value
 
-    def _open(self, digest: str, key_bytes: bytes) -> Any:
+    def get_by_digest(self, digest: str) -> CachedValue | Any:
+        """Like :meth:`get`, for a caller that has only the key's SHA-256 hex (a URL).
+
+        A hit counts as a use, as with ``get``; a string that is not a digest
+        is a miss.
+        """
+        if layout.split_entry_name(digest) != (digest, None):
+            value = NO_VALUE
+        else:
+            value = self._open(digest, None)
+        self._count(value is not NO_VALUE)
+        return value
+
+    def _open(self, digest: str, key_bytes: bytes | None) -> Any:
         found = self.store.read_record(digest, key_bytes)
         if found is None:
             return NO_VALUE
@@ -210,7 +223,7 @@ class RawFSBackend(_FSBackendBase):
                 size, position = rawfiles.stage(
                     fileobj, data_temp, data_fd, self.settings.file_movable
                 )
-                self.store.finish_temp(data_fd, created)
+                self.store.sync_if_asked(data_fd)
             finally:
                 os.close(data_fd)
             token = secrets.token_hex(8)
@@ -219,8 +232,8 @@ class RawFSBackend(_FSBackendBase):
             if not self._fits(key, size + len(record)):
                 remove_quietly(data_temp)
                 return
-            record_temp = self.store.write_temp(digest, record, created)
-            self.store.publish(digest, record_temp, data_temp, token)
+            record_temp = self.store.write_temp(digest, record)
+            self.store.publish(digest, record_temp, size + len(record), data_temp, token)
         except BaseException:
             remove_quietly(data_temp)
             remove_quietly(record_temp)

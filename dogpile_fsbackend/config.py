@@ -52,7 +52,7 @@ class Settings:
     distributed_lock: bool = True
     file_movable: bool = False
     shard_depth: int = 2
-    shard_width: int = 2
+    shard_width: int = 1
     lock_slots: int = 4096
     file_mode: int = 0o600
     dir_mode: int = 0o700

@@ -2,7 +2,7 @@
 
 A key of any length and any characters is hashed with SHA-256; the hex digest
 names the entry and its first ``depth * width`` characters name the nested
-shard directories, e.g. ``data/ab/cd/abcd1234...``.  Nothing a caller passes
+shard directories, e.g. ``data/a/b/ab1234...``.  Nothing a caller passes
 ever becomes part of a path, so no key can escape ``base_dir``.
 
 Top-level layout of ``base_dir``::
@@ -11,11 +11,12 @@ Top-level layout of ``base_dir``::
     lock               byte-range lock file (see locking.py); never deleted
     accounting         per-shard byte and entry counters (see accounting.py)
     maintenance.lock   whole-file lock for init/clear/verify (portalocker)
-    data/ab/cd/<hash>  one entry (raw entries add <hash>.<token> for the bytes)
+    data/a/b/<hash>    one entry (raw entries add <hash>.<token> for the bytes)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -48,27 +49,40 @@ class Layout:
     depth: int
     width: int
 
-    @property
+    @functools.cached_property
     def data_dir(self) -> str:
         return os.path.join(self.base_dir, DATA_DIR)
 
+    @functools.cached_property
+    def _level_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(i * self.width, (i + 1) * self.width) for i in range(self.depth))
+
+    @property
+    def shard_levels(self) -> int:
+        """Directory levels that make up an accounting shard: enough for 256+ shards."""
+        return min(self.depth, -(-2 // self.width))
+
     @property
     def shard_count(self) -> int:
-        """Number of top-level shards; each has its own counter and lock."""
-        return 16**self.width
+        """Number of shards; each has its own counters and byte lock."""
+        return 16 ** (self.shard_levels * self.width)
 
     def shard_index(self, digest: str) -> int:
-        return int(digest[: self.width], 16)
+        return int(digest[: self.shard_levels * self.width], 16)
 
     def shard_dir(self, index: int) -> str:
-        return os.path.join(self.data_dir, format(index, f"0{self.width}x"))
+        hex_index = format(index, f"0{self.shard_levels * self.width}x")
+        return os.path.join(self.data_dir, *self._parts(hex_index, self.shard_levels))
 
     def entry_dir(self, digest: str) -> str:
-        parts = [digest[i * self.width : (i + 1) * self.width] for i in range(self.depth)]
-        return os.path.join(self.data_dir, *parts)
+        # On the hot path: plain joins of precomputed slices (POSIX paths only).
+        return "/".join([self.data_dir, *[digest[cut] for cut in self._level_slices]])
+
+    def _parts(self, hex_text: str, levels: int) -> list[str]:
+        return [hex_text[i * self.width : (i + 1) * self.width] for i in range(levels)]
 
     def entry_path(self, digest: str) -> str:
-        return os.path.join(self.entry_dir(digest), digest)
+        return f"{self.entry_dir(digest)}/{digest}"
 
     def path(self, name: str) -> str:
         return os.path.join(self.base_dir, name)

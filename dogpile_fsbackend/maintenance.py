@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 Progress = Callable[[int], None]  # called with the number of shards just finished
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 
 @dataclasses.dataclass
@@ -59,6 +60,11 @@ class ScanReport:
 
 @dataclasses.dataclass
 class PruneResult:
+    """What prune or clear removed: entries (``expired`` of them past expiration) and bytes.
+
+    Files the scan cleaned up besides entries are counted in ``scan``.
+    """
+
     removed: int = 0
     removed_bytes: int = 0
     expired: int = 0
@@ -98,29 +104,28 @@ def _prune_locked(store: Store, progress: Progress | None = None) -> PruneResult
     entries, report = scan(store, deep=False, progress=progress)
     result = PruneResult(scan=report)
     now = time.time()
-    limit = store.settings.cache_size
     total = report.bytes
-    victims = []
-    if store.settings.expiration_time is not None:
-        expired = [e for e in entries if store.is_expired(e.created_ns / 1e9, now)]
-        victims.extend(expired)
-        result.expired = len(expired)
-        total -= sum(e.size for e in expired)
-        entries = [e for e in entries if not store.is_expired(e.created_ns / 1e9, now)]
-    if total > limit:
-        target = int(limit * store.settings.eviction_low_water)
-        entries.sort(key=lambda e: e.used_ns)
-        for entry in entries:
-            if total <= target:
-                break
-            victims.append(entry)
-            total -= entry.size
-    for victim in victims:
-        freed = store.discard(victim.digest, victim.inode, victim.used_ns)
-        if freed:
+    live = []
+    for entry in entries:
+        if not store.is_expired(entry.created_ns / 1e9, now):
+            live.append(entry)
+        elif freed := store.discard(entry.digest, entry.inode, entry.used_ns):
+            result.expired += 1
             result.removed += 1
             result.removed_bytes += freed
-    store.evictions += result.removed - result.expired
+            total -= freed
+    if total > store.settings.cache_size:
+        target = int(store.settings.cache_size * store.settings.eviction_low_water)
+        live.sort(key=lambda e: e.used_ns)
+        for entry in live:
+            if total <= target:
+                break
+            # A victim used or rewritten since the scan stays; the next one goes instead.
+            if freed := store.discard(entry.digest, entry.inode, entry.used_ns):
+                result.removed += 1
+                result.removed_bytes += freed
+                total -= freed
+                store.evictions += 1
     return result
 
 
@@ -152,7 +157,9 @@ def scan(
 def _scan_shard_locked(store: Store, shard: int, deep: bool) -> tuple[list[EntryInfo], ScanReport]:
     report = ScanReport()
     entries = []
-    for directory in _leaf_dirs(store.layout.shard_dir(shard), store.layout.depth - 1):
+    for directory in _leaf_dirs(
+        store.layout.shard_dir(shard), store.layout.depth - store.layout.shard_levels
+    ):
         records_found: dict[str, os.stat_result] = {}
         data_found: dict[str, list[tuple[str, os.stat_result]]] = {}
         with os.scandir(directory) as listing:
@@ -241,7 +248,17 @@ def _live_data(
 
 
 def _nofollow_opener(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW)
+    """Open without following symlinks and without touching atime.
+
+    atime holds the creation time that expiry is judged by, and under
+    ``relatime`` any read would set it to now.  O_NOATIME needs the file's
+    owner; anyone else falls back to a plain open.
+    """
+    flags |= os.O_NOFOLLOW
+    try:
+        return os.open(path, flags | _O_NOATIME)
+    except PermissionError:
+        return os.open(path, flags)
 
 
 def _leaf_dirs(top: str, levels: int) -> list[str]:
@@ -303,7 +320,8 @@ def clear(store: Store, progress: Progress | None = None) -> PruneResult:
             for shard in range(store.layout.shard_count):
                 with store.shard_locked(shard):
                     for directory in _leaf_dirs(
-                        store.layout.shard_dir(shard), store.layout.depth - 1
+                        store.layout.shard_dir(shard),
+                        store.layout.depth - store.layout.shard_levels,
                     ):
                         with os.scandir(directory) as listing:
                             for item in listing:

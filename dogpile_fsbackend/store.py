@@ -165,11 +165,15 @@ class Store:
 
     # -- reading --------------------------------------------------------------
 
-    def read_record(self, digest: str, key_bytes: bytes) -> tuple[records.Record, int] | None:
+    def read_record(
+        self, digest: str, key_bytes: bytes | None
+    ) -> tuple[records.Record, int] | None:
         """The live record of a key and its inode, or None (a miss).
 
         A damaged, foreign or expired file is removed on the way.  A hit makes
-        the entry the most recently used one.
+        the entry the most recently used one.  ``key_bytes=None`` looks an
+        entry up by ``digest`` alone (a URL names no key): the key stored in
+        the record must then hash to ``digest``.
         """
         path = self.layout.entry_path(digest)
         try:
@@ -185,6 +189,8 @@ class Store:
             info = os.fstat(fd)
             data = _read_exactly(fd, info.st_size)
             try:
+                if key_bytes is None:
+                    key_bytes = _key_of(data, digest)
                 record = records.decode(data, self.kind, key_bytes)
             except records.DamagedRecord:
                 self.discard(digest, info.st_ino)
@@ -208,7 +214,6 @@ class Store:
         directory = self.layout.entry_dir(digest)
         if directory not in self._known_dirs:
             self._make_real_dirs(directory)
-            self._known_dirs.add(directory)
         path = os.path.join(directory, f"{paths.TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         try:
             fd = os.open(path, _CREATE_FLAGS, self.settings.file_mode)
@@ -220,32 +225,37 @@ class Store:
         return fd, path
 
     def _make_real_dirs(self, directory: str) -> None:
-        """Create ``data/`` and the shard directories down to ``directory``.
+        """Create ``directory`` and its parents up to ``base_dir``, each checked once.
 
-        Anything else found in their place (a symlink planted to redirect our
+        Anything found in their place (a symlink planted to redirect our
         writes, a stray file) is unlinked, never followed.
         """
-        current = self.settings.base_dir
-        for part in os.path.relpath(directory, current).split(os.sep):
-            current = os.path.join(current, part)
-            for _ in range(3):  # another process may be repairing the same path
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(current, self.settings.dir_mode)
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISDIR(os.lstat(current).st_mode):
-                        break
-                    os.unlink(current)
-            else:
-                raise FileExistsError(errno.EEXIST, "cannot make a shard directory", current)
+        parent = os.path.dirname(directory)
+        if parent != self.settings.base_dir and parent not in self._known_dirs:
+            self._make_real_dirs(parent)
+        for _ in range(3):  # another process may be repairing the same path
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, self.settings.dir_mode)
+                break
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISDIR(os.lstat(directory).st_mode):
+                    break
+                os.unlink(directory)
+        else:
+            raise FileExistsError(errno.EEXIST, "cannot make a shard directory", directory)
+        self._known_dirs.add(directory)
 
-    def write_temp(self, digest: str, data: bytes, created: float) -> str:
-        """A temp file holding ``data``, stamped and synced, ready to publish."""
+    def write_temp(self, digest: str, data: bytes) -> str:
+        """A temp file holding ``data``, synced if asked, ready to publish.
+
+        A new file's atime and mtime are both "now": created and just used.
+        """
         fd, path = self.open_temp(digest)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            self.finish_temp(fd, created)
+            self.sync_if_asked(fd)
         except BaseException:
             remove_quietly(path)
             raise
@@ -253,21 +263,20 @@ class Store:
             os.close(fd)
         return path
 
-    def finish_temp(self, fd: int, created: float) -> None:
-        """Stamp recency on a filled temp file and sync it when durability is asked for."""
-        touch(fd, created)
+    def sync_if_asked(self, fd: int) -> None:
         if self.settings.fsync:
             os.fsync(fd)
 
     def publish(
-        self, digest: str, record_temp: str, data_temp: str | None = None, token: str = ""
+        self, digest: str, record_temp: str, size: int, data_temp: str = "", token: str = ""
     ) -> None:
         """Atomically make ``record_temp`` (and ``data_temp`` as ``<digest>.<token>``) the entry.
 
-        The data file goes in first under a fresh name, then the record that
-        names it replaces the old record, then the old data file goes: a
-        reader holding the old record either still opens the old bytes or
-        sees a miss, never the new bytes with old metadata.
+        ``size`` is the bytes of both files.  The data file goes in first
+        under a fresh name, then the record that names it replaces the old
+        record, then the old data file goes: a reader holding the old record
+        either still opens the old bytes or sees a miss, never the new bytes
+        with old metadata.
         """
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
@@ -277,9 +286,6 @@ class Store:
             try:
                 if data_temp and data_path:
                     os.replace(data_temp, data_path)
-                new_size = os.lstat(record_temp).st_size
-                if data_path:
-                    new_size += os.lstat(data_path).st_size
                 os.replace(record_temp, entry_path)
             except BaseException:
                 for leftover in (data_temp, data_path, record_temp):
@@ -288,7 +294,7 @@ class Store:
             for old_path in old_data:
                 if old_path != data_path:
                     remove_quietly(old_path)
-            self.accounting.add(shard, new_size - old_size, 0 if existed else 1)
+            self.accounting.add(shard, size - old_size, 0 if existed else 1)
         self.writes += 1
 
     # -- removing -------------------------------------------------------------
@@ -365,6 +371,14 @@ def remove_quietly(path: str | None) -> None:
     if path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _key_of(data: bytes, digest: str) -> bytes:
+    """The key stored in an entry's ``data``; DamagedRecord unless it hashes to ``digest``."""
+    key = records.stored_key(data)
+    if key is None or paths.key_digest(key) != digest:
+        raise records.DamagedRecord("entry does not belong to its digest")
+    return key
 
 
 def _read_exactly(fd: int, size: int) -> bytes:

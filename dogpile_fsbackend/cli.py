@@ -1,0 +1,344 @@
+"""Command line for operators and cron: ``python -m dogpile_fsbackend COMMAND DIR``.
+
+``stats`` reads the shared counters (no scan); ``prune``, ``verify`` and
+``clear`` scan the cache shard by shard and are safe while applications keep
+using it.  The size limit and expiration time are application settings that
+the cache directory does not record, so ``prune`` only evicts for size or
+age when given ``--cache-size`` or ``--expiration-time``; without them it
+removes damaged and abandoned files and recounts the accounting.
+
+A directory is opened only if its marker file says it is a cache; nothing is
+ever created in one that is not (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+from . import maintenance
+from .config import PARSERS, Settings, parse_seconds, parse_size
+from .exceptions import ConfigError, FSBackendError, NotACacheError
+from .layout import MARKER_NAME
+from .maintenance import Progress
+from .store import FORMAT_NAME, FORMAT_VERSION, KIND_NAMES, Store, read_marker
+
+PROG = "dogpile-fsbackend"
+EXIT_ERROR = 1
+EXIT_NOT_A_CACHE = 2
+_NO_LIMIT = sys.maxsize  # prune without --cache-size never evicts for size
+_KINDS = {name: kind for kind, name in KIND_NAMES.items()}
+
+# (json-ready result, human-readable text) of one command run on an open cache.
+Outcome = tuple[dict[str, Any], str]
+
+
+def open_cache(
+    base_dir: str, cache_size: int | None = None, expiration_time: float | None = None
+) -> Store:
+    """The Store of an existing cache directory, laid out as its marker says.
+
+    Raises NotACacheError, and creates nothing, if ``base_dir`` is not a cache.
+    """
+    base_dir = os.path.abspath(base_dir)
+    try:
+        marker = read_marker(base_dir)
+        marker_mode = os.stat(os.path.join(base_dir, MARKER_NAME)).st_mode
+        dir_mode = os.stat(base_dir).st_mode
+    except FileNotFoundError:
+        raise NotACacheError(
+            f"{base_dir} is not a dogpile_fsbackend cache (no {MARKER_NAME})"
+        ) from None
+    except OSError as exc:
+        raise NotACacheError(f"{base_dir} cannot be opened as a cache: {exc.strerror}") from exc
+    kind = _KINDS.get((marker or {}).get("kind"))
+    if not marker or marker.get("format") != FORMAT_NAME or kind is None:
+        raise NotACacheError(
+            f"{base_dir} is not a dogpile_fsbackend cache ({MARKER_NAME} is foreign or damaged)"
+        )
+    if marker.get("version") != FORMAT_VERSION:
+        raise NotACacheError(
+            f"{base_dir} holds cache format version {marker.get('version')!r}; "
+            f"this version of dogpile_fsbackend reads version {FORMAT_VERSION}"
+        )
+    layout = {}
+    for name in ("shard_depth", "shard_width", "lock_slots"):
+        try:
+            layout[name] = PARSERS[name](name, marker.get(name))
+        except ConfigError as exc:
+            raise NotACacheError(f"{base_dir}: damaged {MARKER_NAME}: {exc}") from exc
+    settings = Settings(
+        base_dir=base_dir,
+        cache_size=cache_size or _NO_LIMIT,
+        expiration_time=expiration_time,
+        reconcile_interval=None,
+        file_mode=marker_mode & 0o777,  # anything (re)created matches what is there
+        dir_mode=dir_mode & 0o777,
+        **layout,
+    )
+    return Store(settings, kind)
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def _stats(store: Store, args: argparse.Namespace, progress: Progress | None) -> Outcome:
+    size, entries = store.totals()
+    reconciled = store.accounting.last_reconcile
+    data = {
+        "directory": store.settings.base_dir,
+        "kind": KIND_NAMES[store.kind],
+        "entries": entries,
+        "bytes": size,
+        "limit": args.cache_size,
+        "shards": store.layout.shard_count,
+        "last_reconcile": reconciled,
+    }
+    if args.cache_size:
+        limit = f"{_size(args.cache_size)}, {100 * size / args.cache_size:.0f}% used"
+    else:
+        limit = "not given (pass --cache-size to compare)"
+    age = time.time() - reconciled
+    text = "\n".join(
+        (
+            f"cache       {data['directory']} ({data['kind']}, {data['shards']} shards)",
+            f"entries     {entries}",
+            f"size        {_size(size)} ({size} bytes)",
+            f"limit       {limit}",
+            f"recounted   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(reconciled))}"
+            f" ({_duration(age)} ago; prune and verify recount)",
+        )
+    )
+    return data, text
+
+
+def _prune(store: Store, args: argparse.Namespace, progress: Progress | None) -> Outcome:
+    result = maintenance.prune(store, progress)
+    size, entries = store.totals()
+    data = {
+        "directory": store.settings.base_dir,
+        "removed": result.removed,
+        "removed_bytes": result.removed_bytes,
+        "expired": result.expired,
+        "evicted": result.removed - result.expired,
+        "scan": dataclasses.asdict(result.scan),
+        "entries": entries,
+        "bytes": size,
+        "limit": args.cache_size,
+    }
+    lines = [
+        f"removed {_count(result.removed, 'entry', 'entries')} ({_size(result.removed_bytes)}):"
+        f" {result.expired} expired, {data['evicted']} evicted for the size limit",
+        _cleanup_line(result.scan),
+        f"now {_count(entries, 'entry', 'entries')}, {_size(size)}"
+        + (f" of {_size(args.cache_size)}" if args.cache_size else ""),
+    ]
+    if args.cache_size is None:
+        lines.append("no --cache-size given: nothing was evicted for size")
+    return data, "\n".join(lines)
+
+
+def _verify(store: Store, args: argparse.Namespace, progress: Progress | None) -> Outcome:
+    report = maintenance.verify(store, progress)
+    data = {"directory": store.settings.base_dir, **dataclasses.asdict(report)}
+    drift = report.accounting_drift
+    text = "\n".join(
+        (
+            f"read back {_count(report.entries, 'entry', 'entries')} whole"
+            f" ({_size(report.bytes)})",
+            _cleanup_line(report),
+            f"accounting was off by {drift:+d} bytes; recounted"
+            if drift
+            else "accounting matched the files",
+        )
+    )
+    return data, text
+
+
+def _clear(store: Store, args: argparse.Namespace, progress: Progress | None) -> Outcome:
+    result = maintenance.clear(store, progress)
+    data = {
+        "directory": store.settings.base_dir,
+        "removed": result.removed,
+        "removed_bytes": result.removed_bytes,
+    }
+    text = f"removed {_count(result.removed, 'entry', 'entries')} ({_size(result.removed_bytes)})"
+    return data, text
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    help: str
+    run: Callable[[Store, argparse.Namespace, Progress | None], Outcome]
+    options: tuple[str, ...] = ()  # names in _OPTIONS
+    scans: bool = True  # visits every shard, so it can show progress
+
+
+_MAINTENANCE = {
+    "stats": _Command(
+        "entries, size and limit, from the shared counters (no scan)",
+        _stats,
+        ("--cache-size",),
+        scans=False,
+    ),
+    "prune": _Command(
+        "remove expired and damaged entries, evict down to --cache-size, recount",
+        _prune,
+        ("--cache-size", "--expiration-time"),
+    ),
+    "verify": _Command("read and check every entry, remove damaged ones, recount", _verify),
+    "clear": _Command("remove every entry (safe while applications use the cache)", _clear),
+}
+
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "--cache-size": {
+        "type": lambda text: _parse_option(parse_size, text),
+        "metavar": "SIZE",
+        "help": "the applications' cache_size, e.g. 2GiB (prune evicts down to it)",
+    },
+    "--expiration-time": {
+        "type": lambda text: _parse_option(parse_seconds, text),
+        "metavar": "SECONDS",
+        "help": "the applications' expiration_time (prune removes older entries)",
+    },
+    "--progress": {
+        "action": argparse.BooleanOptionalAction,
+        "help": "show progress on stderr (default: when stderr is a terminal)",
+    },
+}
+
+
+def _run_maintenance(args: argparse.Namespace) -> int:
+    command = _MAINTENANCE[args.command]
+    show_progress = command.scans and (
+        sys.stderr.isatty() if args.progress is None else args.progress
+    )
+    try:
+        store = open_cache(args.directory, args.cache_size, args.expiration_time)
+        with _progress(args.command, store.layout.shard_count, show_progress) as progress:
+            data, text = command.run(store, args, progress)
+    except NotACacheError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_NOT_A_CACHE
+    except (FSBackendError, OSError) as exc:
+        print(f"{PROG}: {args.command} failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Maintain a dogpile_fsbackend cache directory.",
+        epilog=f"Exit status: 0 done, {EXIT_ERROR} failed, "
+        f"{EXIT_NOT_A_CACHE} not a cache directory or bad usage.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in _MAINTENANCE.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help)
+        sub.add_argument("directory", metavar="DIR", help="the cache's base_dir")
+        sub.add_argument("--json", action="store_true", help="print the result as JSON")
+        options = (*command.options, "--progress") if command.scans else command.options
+        for option in options:
+            sub.add_argument(option, **_OPTIONS[option])
+        sub.set_defaults(
+            run=_run_maintenance, cache_size=None, expiration_time=None, progress=None
+        )
+    # Commands that do not open an existing cache (such as "demo") add their own
+    # sub-parser here, with set_defaults(run=...) naming a function(args) -> int.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dogpile_fsbackend`` and ``dogpile-fsbackend``."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def _parse_option(parse: Callable[[str, Any], Any], text: str) -> Any:
+    """Parse an option with the backend's own parser, so both accept the same spellings."""
+    try:
+        return parse("value", text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int, enabled: bool) -> Iterator[Progress | None]:
+    """A per-shard progress callback: tqdm on a terminal, plain lines otherwise."""
+    if not enabled:
+        yield None
+        return
+    if sys.stderr.isatty():  # a redrawn tqdm line would only clutter a log file
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            with tqdm(total=total, desc=label, unit="shard", file=sys.stderr, leave=False) as bar:
+                yield bar.update
+            return
+    yield _LineProgress(label, total, sys.stderr)
+
+
+class _LineProgress:
+    """One line per tenth of the shards done: readable in logs, no carriage returns."""
+
+    def __init__(self, label: str, total: int, stream: TextIO) -> None:
+        self.label, self.total, self.stream = label, total, stream
+        self.done = self.shown = 0
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        tenth = self.done * 10 // self.total
+        if tenth > self.shown:
+            self.shown = tenth
+            print(
+                f"{self.label}: {self.done}/{self.total} shards ({tenth * 10}%)",
+                file=self.stream,
+                flush=True,
+            )
+
+
+def _cleanup_line(report: maintenance.ScanReport) -> str:
+    return (
+        f"also removed {report.damaged_removed} damaged or foreign, "
+        f"{report.orphans_removed} orphaned data and "
+        f"{report.temp_files_removed} abandoned temp file(s)"
+    )
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
+
+
+def _size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _duration(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
