@@ -10,8 +10,10 @@ Configure them by entry-point name; importing this package is not needed::
 from .backends import PickleFSBackend, RawFSBackend
 from .exceptions import CacheSizeWarning, ConfigError, FSBackendError, NotACacheError
 from .rawfiles import CachedFile, CachedFileReader
+from .wsgi import CacheFileApp, mount
 
 __all__ = [
+    "CacheFileApp",
     "CacheSizeWarning",
     "CachedFile",
     "CachedFileReader",
@@ -20,5 +22,6 @@ __all__ = [
     "NotACacheError",
     "PickleFSBackend",
     "RawFSBackend",
+    "mount",
 ]
 __version__ = "0.1.0"

@@ -37,6 +37,19 @@ class _FSBackendBase(CacheBackend):
         self.settings = parse_arguments(arguments, self._accepted_arguments)
         self.store = Store(self.settings, self._kind)
 
+    @classmethod
+    def from_config_dict(cls, config_dict: Mapping[str, Any], prefix: str) -> _FSBackendBase:
+        """Arguments from ``configure_from_config``, which has already turned numeric
+        strings into numbers: an ini ``file_mode = 640`` arrives as the int 640 (which
+        would be read as 0o1200, or silently wrong bits for 440), so the permission
+        arguments get their digits back and are parsed as octal."""
+        arguments = {k[len(prefix) :]: v for k, v in config_dict.items() if k.startswith(prefix)}
+        for name in ("file_mode", "dir_mode"):
+            value = arguments.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                arguments[name] = str(value)
+        return cls(arguments)
+
     def get_mutex(self, key: str) -> FileMutex | None:
         if not self.settings.distributed_lock:
             return None

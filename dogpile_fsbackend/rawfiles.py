@@ -53,6 +53,19 @@ class CachedFile:
         return getattr(self.fileobj, name)
 
 
+class _CachedFileIO(io.FileIO):
+    """The descriptor under a CachedFileReader, closed without an "unclosed file" warning.
+
+    dogpile fetches a value, finds it stale (region expiration or
+    invalidation) and drops it without closing it; the file is closed when
+    collected (at once in CPython), so the warning would only be noise the
+    application cannot prevent.
+    """
+
+    def _dealloc_warn(self, source: object) -> None:
+        pass
+
+
 class CachedFileReader(io.BufferedReader):
     """What a cached raw get returns: a read-only binary file, plus its metadata.
 
@@ -67,12 +80,24 @@ class CachedFileReader(io.BufferedReader):
     last_modified: float
     etag: str
 
+    def __del__(self) -> None:
+        # dogpile drops the file of an expired value it read (the caller never sees
+        # it, so cannot close it): close it quietly instead of raising ResourceWarning.
+        with contextlib.suppress(Exception):
+            self.raw.close()
+
 
 def open_cached(data_path: str, meta: RawMeta, created: float) -> CachedFileReader:
     """Open a data file read-only at the creator's position; FileNotFoundError if gone."""
-    raw = io.FileIO(data_path, "rb", opener=_nofollow_opener)
     try:
-        if os.fstat(raw.fileno()).st_size != meta.size:
+        raw = _CachedFileIO(data_path, "rb", opener=_nofollow_opener)
+    except OSError as exc:  # ELOOP: a symlink planted in place of the data file
+        if exc.errno != errno.ELOOP:
+            raise
+        raise FileNotFoundError(errno.ENOENT, "data file is a symlink", data_path) from exc
+    try:
+        info = os.fstat(raw.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size != meta.size:
             raise FileNotFoundError(errno.ENOENT, "data file does not match its record", data_path)
         reader = CachedFileReader(raw)
     except BaseException:
@@ -207,4 +232,5 @@ def _fileno(value: Any) -> int | None:
 
 
 def _nofollow_opener(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # O_NONBLOCK: a FIFO planted in place of a data file must not hang the reader.
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)

@@ -35,7 +35,8 @@ from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile
 FORMAT_NAME = "dogpile_fsbackend"
 FORMAT_VERSION = 1
 KIND_NAMES = {records.KIND_PICKLED: "pickled", records.KIND_RAW: "raw"}
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted where an entry belongs must not hang the reader.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -129,7 +130,9 @@ class Store:
         if found is None:
             marker_path = self.layout.path(paths.MARKER_NAME)
             temp_path = f"{marker_path}{paths.TEMP_PREFIX}{os.getpid()}"
-            with open(temp_path, "w") as handle:
+            remove_quietly(temp_path)  # a leftover, or a symlink planted to redirect this write
+            fd = os.open(temp_path, _CREATE_FLAGS, self.settings.file_mode)
+            with open(fd, "w") as handle:
                 json.dump(wanted, handle, indent=2)
             os.replace(temp_path, marker_path)
             return
@@ -187,6 +190,8 @@ class Store:
             return None
         try:
             info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return None  # a directory or FIFO planted in an entry's place: a miss
             data = _read_exactly(fd, info.st_size)
             try:
                 if key_bytes is None:
@@ -212,7 +217,8 @@ class Store:
     def open_temp(self, digest: str) -> tuple[int, str]:
         """A new, empty temp file in the entry's own directory: (fd, path)."""
         directory = self.layout.entry_dir(digest)
-        if directory not in self._known_dirs:
+        if directory not in self._known_dirs or not self._dirs_are_real(directory):
+            self._known_dirs.clear()  # check every level again: one may be a planted symlink
             self._make_real_dirs(directory)
         path = os.path.join(directory, f"{paths.TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         try:
@@ -244,6 +250,23 @@ class Store:
         else:
             raise FileExistsError(errno.EEXIST, "cannot make a shard directory", directory)
         self._known_dirs.add(directory)
+
+    def _dirs_are_real(self, directory: str) -> bool:
+        """True if ``directory`` and its parents below ``base_dir`` are real directories.
+
+        O_NOFOLLOW guards only a path's last component; this guards the others,
+        so a symlink planted in place of a shard directory is never written or
+        deleted through.
+        """
+        base_length = len(self.settings.base_dir)
+        while len(directory) > base_length:
+            try:
+                if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                    return False
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            directory = os.path.dirname(directory)
+        return True
 
     def write_temp(self, digest: str, data: bytes) -> str:
         """A temp file holding ``data``, synced if asked, ready to publish.
@@ -310,6 +333,8 @@ class Store:
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
         with self.shard_locked(shard):
+            if not self._dirs_are_real(self.layout.entry_dir(digest)):
+                return 0  # nothing of ours is there; never delete through a planted symlink
             if inode is not None:
                 try:
                     info = os.lstat(entry_path)
@@ -362,8 +387,11 @@ class Store:
 def touch(fd: int, created: float) -> None:
     """Mark an entry used now; keep its creation time in atime for eviction scans."""
     now = time.time_ns()
-    with contextlib.suppress(PermissionError):  # not the owner: recency is best effort
+    try:
         os.utime(fd, ns=(min(int(created * 1e9), now), now))
+    except OSError as exc:  # not the owner, or a read-only mount: recency is best effort
+        if exc.errno not in (errno.EPERM, errno.EACCES, errno.EROFS):
+            raise
 
 
 def remove_quietly(path: str | None) -> None:

@@ -1,0 +1,348 @@
+"""Serving raw cache entries over HTTP: a WSGI app, a middleware to mount it, and URLs.
+
+A URL names an entry as ``<prefix>/<digest>/<token>``: the SHA-256 hex of its
+key and the random token of its current write (the suffix of its data file).
+The app serves a path only while the token matches the live entry, so a URL
+cannot be derived from a key, no URL accepts a key, and every rewrite of a
+key gets a new URL (the old one answers 404): under one URL the bytes never
+change, which is what lets browsers cache them.
+
+Responses carry Content-Type, Content-Length, Last-Modified and ETag (the
+token), answer If-None-Match / If-Modified-Since with 304, a single Range with
+206 or 416 (If-Range honoured), and HEAD.  A body that runs to the end of the
+file goes to ``wsgi.file_wrapper`` when the server offers one, so a server
+with sendfile support never copies it through Python; anything else is read
+in 256 KiB chunks.  Either way memory stays flat whatever the file size.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hmac
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from datetime import timezone
+from typing import TYPE_CHECKING, NamedTuple
+from urllib.parse import quote
+
+from dogpile.cache.api import NO_VALUE, CachedValue, NoValueType
+from dogpile.cache.region import CacheRegion
+
+from .backends import RawFSBackend
+from .rawfiles import CachedFileReader
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+_CHUNK = 256 * 1024
+_PATH = re.compile(r"/([0-9a-f]{64})/([0-9a-f]{1,64})")
+_RANGE = re.compile(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*", re.IGNORECASE)
+_DEFAULT_TYPE = "application/octet-stream"
+
+
+class _Plan(NamedTuple):
+    status: str
+    headers: list[tuple[str, str]]
+    start: int
+    length: int
+    has_body: bool
+
+
+class _RangeNotSatisfiable(Exception):
+    pass
+
+
+class CacheFileApp:
+    """A read-only WSGI app that serves raw cache entries at the URLs :meth:`url_for` makes.
+
+    Basic usage::
+
+        files = CacheFileApp(raw_region, prefix="/files")
+        application = mount(application, files)
+
+        url = files.url_for(key)  # "/files/<digest>/<token>", None on a miss
+
+    :param cache: a region configured with the ``dogpile_fsbackend.raw``
+     backend, or a :class:`RawFSBackend`.  With a region, its expiration time
+     and :meth:`~dogpile.cache.region.CacheRegion.invalidate` apply as for
+     ``region.get``: an entry the region would not return is a 404.
+    :param prefix: the path the app is mounted at, ``""`` or ``"/some/path"``;
+     :meth:`url_for` returns paths under it and :func:`mount` routes it.
+    :param cache_control: the Cache-Control header, ``None`` for none.  The
+     default lets browsers keep a copy but revalidate it (a cheap 304), so a
+     deleted entry stops being served at once.  Since a URL's bytes never
+     change, ``"public, max-age=31536000, immutable"`` is safe for content
+     that is not private.
+    """
+
+    def __init__(
+        self,
+        cache: CacheRegion | RawFSBackend,
+        prefix: str = "",
+        cache_control: str | None = "private, no-cache",
+    ) -> None:
+        if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+            raise ValueError(f"prefix must be '' or '/path' (no trailing '/'), not {prefix!r}")
+        self.cache = cache
+        self.prefix = prefix
+        self.cache_control = cache_control
+        if not isinstance(cache, CacheRegion) or cache.is_configured:
+            self._backend()  # fail now, not on the first request
+
+    def url_for(self, key: str) -> str | None:
+        """The URL path of the current entry of ``key``, or None if it is not cached.
+
+        Looked up like ``cache.get(key)`` (key mangler, expiration; a hit
+        counts as a use).  The path is relative to the WSGI application root.
+        """
+        if isinstance(self.cache, CacheRegion) and self.cache.key_mangler:
+            key = self.cache.key_mangler(key)
+        reader = self._live(self._backend().get(key))
+        if reader is None:
+            return None
+        with reader:
+            digest, _, token = os.path.basename(reader.name).partition(".")
+        return f"{self.prefix}/{digest}/{token}"
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        match = _PATH.fullmatch(environ.get("PATH_INFO", ""))
+        if match is None:
+            return _error(environ, start_response, "404 Not Found")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return _error(
+                environ, start_response, "405 Method Not Allowed", [("Allow", "GET, HEAD")]
+            )
+        reader = self._open(*match.groups())
+        if reader is None:
+            return _error(environ, start_response, "404 Not Found")
+        return self.serve(reader, environ, start_response)
+
+    def serve(
+        self, reader: CachedFileReader, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """Answer a GET or HEAD with a cached file; the response closes ``reader``.
+
+        This is what the app does after resolving a URL, for applications
+        that look files up themselves, e.g. by key under routes of their own.
+        """
+        try:
+            plan = self._plan(reader, environ)
+            start_response(plan.status, plan.headers)
+            if not plan.has_body or environ.get("REQUEST_METHOD") == "HEAD":
+                reader.close()
+                return []
+            reader.seek(plan.start)
+            file_wrapper = environ.get("wsgi.file_wrapper")
+            if file_wrapper is not None and plan.start + plan.length == reader.content_length:
+                return file_wrapper(reader, _CHUNK)
+            return _Chunks(reader, plan.length)
+        except BaseException:
+            reader.close()
+            raise
+
+    def _backend(self) -> RawFSBackend:
+        cache = self.cache
+        backend = cache.actual_backend if isinstance(cache, CacheRegion) else cache
+        if not isinstance(backend, RawFSBackend):
+            raise TypeError(
+                f"CacheFileApp serves the dogpile_fsbackend.raw backend, not {type(backend)!r}"
+            )
+        return backend
+
+    def _open(self, digest: str, token: str) -> CachedFileReader | None:
+        """The live entry ``digest`` if ``token`` names its current write, else None."""
+        reader = self._live(self._backend().get_by_digest(digest))
+        if reader is not None and not hmac.compare_digest(reader.etag, f'"{token}"'):
+            reader.close()
+            return None
+        return reader
+
+    def _live(
+        self, value: CachedValue | CachedFileReader | NoValueType
+    ) -> CachedFileReader | None:
+        """The file of a backend hit if ``region.get`` would return it; closed if not.
+
+        A region drops a stale value without closing it, so it is checked
+        here, as ``region.get`` does: expiration time, then invalidation.
+        """
+        if value is NO_VALUE:
+            return None
+        if not isinstance(value, CachedValue):
+            return value
+        region, created = self.cache, value.metadata["ct"]
+        if isinstance(region, CacheRegion) and (
+            (region.expiration_time is not None and time.time() - created > region.expiration_time)
+            or region.region_invalidator.is_invalidated(created)
+        ):
+            value.payload.close()
+            return None
+        return value.payload
+
+    def _plan(self, reader: CachedFileReader, environ: WSGIEnvironment) -> _Plan:
+        size = reader.content_length
+        modified = int(reader.last_modified)
+        headers = [
+            ("ETag", reader.etag),
+            ("Last-Modified", email.utils.formatdate(modified, usegmt=True)),
+            ("Accept-Ranges", "bytes"),
+        ]
+        if self.cache_control:
+            headers.append(("Cache-Control", self.cache_control))
+        if _not_modified(environ, reader.etag, modified):
+            return _Plan("304 Not Modified", headers, 0, 0, has_body=False)
+        try:
+            byte_range = _byte_range(environ, reader.etag, modified, size)
+        except _RangeNotSatisfiable:
+            headers += [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")]
+            return _Plan("416 Range Not Satisfiable", headers, 0, 0, has_body=False)
+        headers += [
+            ("Content-Type", _content_type(reader.content_type)),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        if reader.filename:
+            headers.append(("Content-Disposition", _disposition(reader.filename)))
+        if byte_range is None:
+            headers.append(("Content-Length", str(size)))
+            return _Plan("200 OK", headers, 0, size, has_body=True)
+        start, stop = byte_range
+        headers += [
+            ("Content-Range", f"bytes {start}-{stop - 1}/{size}"),
+            ("Content-Length", str(stop - start)),
+        ]
+        return _Plan("206 Partial Content", headers, start, stop - start, has_body=True)
+
+
+def mount(app: WSGIApplication, cache_app: CacheFileApp) -> WSGIApplication:
+    """WSGI middleware: requests under ``cache_app.prefix`` go to ``cache_app``, others to ``app``.
+
+    The cache app sees the prefix moved from ``PATH_INFO`` to ``SCRIPT_NAME``.
+    """
+    prefix = cache_app.prefix
+    if not prefix:
+        raise ValueError("mount needs a CacheFileApp with a prefix, e.g. prefix='/files'")
+
+    def dispatch(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if not path.startswith(prefix + "/"):
+            return app(environ, start_response)
+        environ = {
+            **environ,
+            "SCRIPT_NAME": environ.get("SCRIPT_NAME", "") + prefix,
+            "PATH_INFO": path[len(prefix) :],
+        }
+        return cache_app(environ, start_response)
+
+    return dispatch
+
+
+class _Chunks:
+    """The next ``length`` bytes of a file as a WSGI body; closing it closes the file.
+
+    A class rather than a generator: a server may close a body it never
+    started, and an unstarted generator would not run its ``finally``.
+    """
+
+    def __init__(self, reader: CachedFileReader, length: int) -> None:
+        self._reader = reader
+        self._left = length
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._left <= 0:
+            raise StopIteration
+        chunk = self._reader.read(min(_CHUNK, self._left))
+        if not chunk:  # cannot happen: data files are never rewritten in place
+            raise StopIteration
+        self._left -= len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def _not_modified(environ: WSGIEnvironment, etag: str, modified: int) -> bool:
+    """RFC 9110 13.2.2: If-None-Match (weak comparison) wins over If-Modified-Since."""
+    if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+    if if_none_match is not None:
+        tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+        return "*" in tags or etag in tags
+    since = _http_date(environ.get("HTTP_IF_MODIFIED_SINCE"))
+    return since is not None and modified <= since
+
+
+def _byte_range(
+    environ: WSGIEnvironment, etag: str, modified: int, size: int
+) -> tuple[int, int] | None:
+    """``(start, stop)`` of a single satisfiable byte range, None to send the whole file.
+
+    Ranges are ignored on HEAD, when malformed, when several are asked for,
+    and when If-Range names another version; _RangeNotSatisfiable if the
+    range lies past the end.
+    """
+    header = environ.get("HTTP_RANGE")
+    if header is None or environ.get("REQUEST_METHOD") != "GET":
+        return None
+    if_range = environ.get("HTTP_IF_RANGE", "").strip()
+    if if_range:  # strong comparison: a weak tag never matches
+        is_tag = if_range.startswith(('"', "W/"))
+        if (if_range != etag) if is_tag else (_http_date(if_range) != modified):
+            return None
+    match = _RANGE.fullmatch(header)
+    if match is None or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if not first:  # a suffix: the last N bytes
+        if int(last) == 0 or size == 0:
+            raise _RangeNotSatisfiable
+        return max(0, size - int(last)), size
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise _RangeNotSatisfiable
+    return start, min(size, int(last) + 1) if last else size
+
+
+def _http_date(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:  # "-0000": UTC, said without a zone
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp())
+
+
+def _content_type(content_type: str | None) -> str:
+    """The stored type if it is safe to put in a header, else ``application/octet-stream``."""
+    if content_type and content_type.isascii() and content_type.isprintable():
+        return content_type
+    return _DEFAULT_TYPE
+
+
+def _disposition(filename: str) -> str:
+    """``inline`` with the name (RFC 6266): browsers show the file, and save it under it."""
+    printable = "".join(c for c in filename if c.isprintable())
+    fallback = printable.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+    header = f'inline; filename="{fallback}"'
+    if fallback != printable:
+        header += f"; filename*=UTF-8''{quote(printable, safe='')}"
+    return header
+
+
+def _error(
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    status: str,
+    extra: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    body = b"" if environ.get("REQUEST_METHOD") == "HEAD" else status.encode() + b"\n"
+    headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(status) + 1))]
+    start_response(status, headers + (extra or []))
+    return [body]
