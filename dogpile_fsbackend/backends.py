@@ -98,6 +98,7 @@ class _FSBackendBase(CacheBackend):
             f"value of {size} bytes for key {key[:80]!r} is larger than cache_size "
             f"({self.settings.cache_size} bytes) and was not cached"
         )
+        self.store.delete(_digest(key))  # the key's old value must not outlive this set
         log.warning(message)
         warnings.warn(message, CacheSizeWarning, stacklevel=4)
         return False

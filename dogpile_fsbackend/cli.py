@@ -99,21 +99,24 @@ def _stats(store: Store, args: argparse.Namespace, progress: Progress | None) ->
         "bytes": size,
         "limit": args.cache_size,
         "shards": store.layout.shard_count,
-        "last_reconcile": reconciled,
+        "last_reconcile": reconciled or None,
     }
     if args.cache_size:
         limit = f"{_size(args.cache_size)}, {100 * size / args.cache_size:.0f}% used"
     else:
         limit = "not given (pass --cache-size to compare)"
-    age = time.time() - reconciled
+    if reconciled:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(reconciled))
+        recounted = f"{when} ({_duration(time.time() - reconciled)} ago)"
+    else:
+        recounted = "never (prune or verify recounts)"
     text = "\n".join(
         (
             f"cache       {data['directory']} ({data['kind']}, {data['shards']} shards)",
             f"entries     {entries}",
             f"size        {_size(size)} ({size} bytes)",
             f"limit       {limit}",
-            f"recounted   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(reconciled))}"
-            f" ({_duration(age)} ago; prune and verify recount)",
+            f"recounted   {recounted}",
         )
     )
     return data, text
@@ -199,12 +202,12 @@ _MAINTENANCE = {
 
 _OPTIONS: dict[str, dict[str, Any]] = {
     "--cache-size": {
-        "type": lambda text: _parse_option(parse_size, text),
+        "type": lambda text: _parse_option(parse_size, "cache_size", text),
         "metavar": "SIZE",
         "help": "the applications' cache_size, e.g. 2GiB (prune evicts down to it)",
     },
     "--expiration-time": {
-        "type": lambda text: _parse_option(parse_seconds, text),
+        "type": lambda text: _parse_option(parse_seconds, "expiration_time", text),
         "metavar": "SECONDS",
         "help": "the applications' expiration_time (prune removes older entries)",
     },
@@ -240,7 +243,7 @@ def _run_maintenance(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Maintain a dogpile_fsbackend cache directory.",
+        description="Maintain a dogpile_fsbackend cache directory, or run the demo.",
         epilog=f"Exit status: 0 done, {EXIT_ERROR} failed, "
         f"{EXIT_NOT_A_CACHE} not a cache directory or bad usage.",
     )
@@ -255,9 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(
             run=_run_maintenance, cache_size=None, expiration_time=None, progress=None
         )
-    # Commands that do not open an existing cache (such as "demo") add their own
-    # sub-parser here, with set_defaults(run=...) naming a function(args) -> int.
+    demo = commands.add_parser(
+        "demo", help="tour both backends in a temp directory, printing hits, misses and timings"
+    )
+    demo.add_argument(
+        "--size-mb", type=int, default=256, help="size of the generated file (default 256)"
+    )
+    demo.set_defaults(run=_run_demo)
     return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from . import demo  # only the demo needs multiprocessing and friends
+
+    demo.run(args.size_mb)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,10 +284,10 @@ def main(argv: list[str] | None = None) -> int:
 # -- helpers --------------------------------------------------------------------
 
 
-def _parse_option(parse: Callable[[str, Any], Any], text: str) -> Any:
+def _parse_option(parse: Callable[[str, Any], Any], name: str, text: str) -> Any:
     """Parse an option with the backend's own parser, so both accept the same spellings."""
     try:
-        return parse("value", text)
+        return parse(name, text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -72,7 +73,8 @@ def parse_size(name: str, value: Any) -> int:
             raise ConfigError(
                 name, "a positive number of bytes such as 1073741824 or '1GiB'", value
             )
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    # at least one whole byte (0.5 would truncate to 0), and finite (int() of nan/inf raises)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
         raise ConfigError(name, "a positive number of bytes such as 1073741824 or '1GiB'", value)
     return int(value)
 

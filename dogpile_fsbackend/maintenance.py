@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int], None]  # called with the number of shards just finished
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
+_EVICTION_PASSES = 3  # judgements of one eviction, when reads keep outdating them
 
 
 @dataclasses.dataclass
@@ -115,18 +116,40 @@ def _prune_locked(store: Store, progress: Progress | None = None) -> PruneResult
             result.removed_bytes += freed
             total -= freed
     if total > store.settings.cache_size:
-        target = int(store.settings.cache_size * store.settings.eviction_low_water)
+        _evict(store, live, total, result)
+    return result
+
+
+def _evict(store: Store, live: list[EntryInfo], total: int, result: PruneResult) -> None:
+    """Remove least recently used entries until ``total`` is down to the low-water mark.
+
+    A victim used or rewritten since it was judged stays, and the next one goes
+    instead.  When reads outpace the scan every judgement can be stale, so the
+    survivors are judged again from a fresh ``stat``, for a few passes at most.
+    """
+    target = int(store.settings.cache_size * store.settings.eviction_low_water)
+    for _ in range(_EVICTION_PASSES):
         live.sort(key=lambda e: e.used_ns)
+        kept = []
         for entry in live:
             if total <= target:
-                break
-            # A victim used or rewritten since the scan stays; the next one goes instead.
+                return
             if freed := store.discard(entry.digest, entry.inode, entry.used_ns):
                 result.removed += 1
                 result.removed_bytes += freed
                 total -= freed
                 store.evictions += 1
-    return result
+            else:
+                kept.append(entry)
+        live = [fresh for entry in kept if (fresh := _restat(store, entry))]
+
+
+def _restat(store: Store, entry: EntryInfo) -> EntryInfo | None:
+    try:
+        info = os.lstat(store.layout.entry_path(entry.digest))
+    except FileNotFoundError:
+        return None
+    return dataclasses.replace(entry, inode=info.st_ino, used_ns=info.st_mtime_ns)
 
 
 def scan(

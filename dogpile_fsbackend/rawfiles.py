@@ -183,6 +183,9 @@ def _move_into(value: Any, source_fd: int, temp_path: str, temp_fd: int) -> bool
         or getattr(getattr(value, "_closer", None), "delete", False)
     )
     try:
+        # Stamp it now, before it takes a temp name: a scan in another process
+        # takes a temp file with an mtime older than temp_max_age for abandoned.
+        os.utime(source_fd)
         if deletes_itself:
             os.unlink(temp_path)
             os.link(name, temp_path)  # its own close() removes the original name

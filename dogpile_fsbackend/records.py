@@ -3,7 +3,7 @@
 Header (little endian, 32 bytes)::
 
     magic "DFSB" | version u8 | kind u8 | reserved u16 | created f64
-    | key length u32 | payload length u64 | crc32(key + payload) u32
+    | key length u32 | payload length u64 | crc32(header before it + key + payload) u32
 
 The key makes a hash collision or a foreign file a miss, never a wrong value;
 the lengths catch truncation and the CRC32 catches bit flips (zlib's CRC runs at
@@ -25,6 +25,7 @@ KIND_RAW = 2
 
 _HEADER = struct.Struct("<4sBBHdIQI")
 HEADER_SIZE = _HEADER.size
+_CRC_AT = HEADER_SIZE - 4  # the checksum covers every header byte before it
 
 
 class DamagedRecord(Exception):
@@ -39,9 +40,9 @@ class Record:
 
 
 def encode(kind: int, key: bytes, payload: bytes, created: float) -> bytes:
-    crc = zlib.crc32(payload, zlib.crc32(key))
-    header = _HEADER.pack(MAGIC, VERSION, kind, 0, created, len(key), len(payload), crc)
-    return b"".join((header, key, payload))
+    fields = _HEADER.pack(MAGIC, VERSION, kind, 0, created, len(key), len(payload), 0)[:_CRC_AT]
+    crc = zlib.crc32(payload, zlib.crc32(key, zlib.crc32(fields)))  # a flipped `created` too
+    return b"".join((fields, crc.to_bytes(4, "little"), key, payload))
 
 
 def decode(data: bytes, kind: int, key: bytes) -> Record:
@@ -53,14 +54,19 @@ def decode(data: bytes, kind: int, key: bytes) -> Record:
         raise DamagedRecord("not an entry of this format and kind")
     if HEADER_SIZE + key_len + payload_len != len(data):
         raise DamagedRecord("length does not match the header")
+    if not 0.0 <= created < 1e11:  # NaN, infinite or absurd: would crash utime and expiry
+        raise DamagedRecord("creation time out of range")
     view = memoryview(data)
     found_key = view[HEADER_SIZE : HEADER_SIZE + key_len]
     if found_key != key:
         raise DamagedRecord("entry belongs to another key")
     payload = view[HEADER_SIZE + key_len :]
-    if zlib.crc32(payload, zlib.crc32(found_key)) != crc:
+    if zlib.crc32(payload, zlib.crc32(found_key, zlib.crc32(view[:_CRC_AT]))) != crc:
         raise DamagedRecord("checksum mismatch")
     return Record(found_kind, created, bytes(payload))
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,17 @@ class RawMeta:
             meta = cls(**fields)
         except (ValueError, TypeError) as exc:
             raise DamagedRecord("unreadable raw metadata") from exc
-        if not isinstance(meta.size, int) or not 0 <= meta.position <= meta.size:
+        token = meta.token
+        if (
+            # The token becomes part of a path: a crafted "x/../../etc/passwd" must not.
+            not isinstance(token, str)
+            or not 0 < len(token) <= 64
+            or not set(token) <= _HEX_DIGITS
+            or not isinstance(meta.size, int)
+            or not isinstance(meta.position, int)
+            or not 0 <= meta.position <= meta.size
+            or not isinstance(meta.metadata, (dict, type(None)))
+        ):
             raise DamagedRecord("raw metadata out of range")
         return meta
 

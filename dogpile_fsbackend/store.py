@@ -368,7 +368,8 @@ class Store:
         found = []
         with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
             for entry in entries:
-                if entry.name.startswith(prefix):
+                # A directory by that name is planted, not ours: unlink would fail on it.
+                if entry.name.startswith(prefix) and not entry.is_dir(follow_symlinks=False):
                     with contextlib.suppress(FileNotFoundError):
                         found.append((entry.path, entry.stat(follow_symlinks=False).st_size))
         return found

@@ -44,3 +44,19 @@ def session_dir():
     path = tempfile.mkdtemp(prefix="dogpile-fsbackend-tests-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--soak-ops",
+        type=int,
+        default=None,
+        help="operations per soak test and kill rounds of the crash tests "
+        "(default: a short run for CI; e.g. --soak-ops 200000 for a long soak)",
+    )
+
+
+@pytest.fixture
+def soak_ops(request):
+    """The --soak-ops value, or None for the short CI default."""
+    return request.config.getoption("--soak-ops")

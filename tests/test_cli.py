@@ -1,0 +1,238 @@
+"""The command line, run as operators and cron run it: a separate process per command."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import io
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+
+import pytest
+from conftest import WAIT
+from dogpile.cache import make_region
+
+from dogpile_fsbackend import layout, records
+
+COMMANDS = ("stats", "prune", "verify", "clear")
+
+
+def _cli(*args: str, stderr: int = subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dogpile_fsbackend", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+
+
+def _json(*args: str) -> dict:
+    done = _cli(*args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _backend(base_dir: str, kind: str = "pickled", **arguments):
+    region = make_region().configure(
+        f"dogpile_fsbackend.{kind}", arguments={"base_dir": base_dir, **arguments}
+    )
+    return region.backend
+
+
+@pytest.fixture
+def filled(cache_dir):
+    """A pickled cache holding 40 entries of 1000-byte values."""
+    backend = _backend(cache_dir)
+    for i in range(40):
+        backend.set_serialized(f"k{i:02d}", b"v" * 1000)
+    return backend
+
+
+def _entry_path(backend, key: str) -> str:
+    return backend.store.layout.entry_path(layout.key_digest(key.encode()))
+
+
+def test_stats_reads_the_shared_counters(filled, cache_dir):
+    data = _json("stats", cache_dir)
+    assert (data["entries"], data["bytes"]) == (40, filled.stats()["bytes"])
+    assert data["kind"] == "pickled"
+    assert data["limit"] is None
+    assert _json("stats", cache_dir, "--cache-size", "1MiB")["limit"] == 1024**2
+    text = _cli("stats", cache_dir, "--cache-size", "1MiB").stdout
+    assert "entries     40" in text
+    assert "% used" in text
+
+
+def test_stats_of_a_raw_cache(cache_dir):
+    _backend(cache_dir, "raw").set("file", io.BytesIO(b"x" * 5000))
+    data = _json("stats", cache_dir)
+    assert (data["kind"], data["entries"]) == ("raw", 1)
+    assert data["bytes"] > 5000  # the data file and its record
+
+
+def test_prune_evicts_down_to_the_given_size(filled, cache_dir):
+    limit = 20 * 1100
+    data = _json("prune", cache_dir, "--cache-size", str(limit))
+    assert data["removed"] == data["evicted"] > 0
+    assert data["expired"] == 0
+    assert data["bytes"] <= 0.9 * limit
+    assert data["entries"] == 40 - data["removed"]
+    assert data["scan"]["entries"] == 40  # what the scan counted before evicting
+    assert filled.stats()["bytes"] == data["bytes"]
+
+
+def test_prune_removes_expired_entries_when_told_the_expiration_time(filled, cache_dir):
+    old = _entry_path(filled, "k00")
+    two_hours_ago = time.time_ns() - 7200 * 10**9
+    os.utime(old, ns=(two_hours_ago, two_hours_ago))  # atime is an entry's creation time
+    data = _json("prune", cache_dir, "--expiration-time", "3600")
+    assert (data["removed"], data["expired"], data["evicted"]) == (1, 1, 0)
+    assert not os.path.exists(old)
+
+
+def test_prune_without_limits_only_cleans_up(filled, cache_dir):
+    directory = os.path.dirname(_entry_path(filled, "k00"))
+    debris = [
+        os.path.join(directory, layout.TEMP_PREFIX + "nopid"),  # left by a crashed writer
+        os.path.join(directory, "not-an-entry"),
+    ]
+    for path in debris:
+        with open(path, "wb") as handle:
+            handle.write(b"debris")
+    data = _json("prune", cache_dir)
+    assert (data["removed"], data["entries"], data["limit"]) == (0, 40, None)
+    assert (data["scan"]["temp_files_removed"], data["scan"]["damaged_removed"]) == (1, 1)
+    assert not any(os.path.exists(path) for path in debris)
+    assert "nothing was evicted for size" in _cli("prune", cache_dir).stdout
+
+
+def test_verify_removes_damaged_entries_and_fixes_the_accounting(filled, cache_dir):
+    with open(_entry_path(filled, "k00"), "r+b") as handle:
+        handle.truncate(records.HEADER_SIZE)
+    os.unlink(_entry_path(filled, "k01"))  # behind the counters' back
+    data = _json("verify", cache_dir)
+    assert data["damaged_removed"] == 1
+    assert data["entries"] == 38
+    assert data["accounting_drift"] < 0
+    stats = _json("stats", cache_dir)
+    assert (stats["entries"], stats["bytes"]) == (38, data["bytes"])
+    assert "accounting matched the files" in _cli("verify", cache_dir).stdout
+
+
+def test_clear_removes_every_entry(filled, cache_dir):
+    size = filled.stats()["bytes"]
+    assert _json("clear", cache_dir) == {
+        "directory": cache_dir,
+        "removed": 40,
+        "removed_bytes": size,
+    }
+    assert (filled.stats()["entries"], filled.stats()["bytes"]) == (0, 0)
+    assert _cli("clear", cache_dir).stdout.strip() == "removed 0 entries (0 B)"
+
+
+@pytest.mark.parametrize(
+    ("name", "marker"),
+    [
+        ("empty", None),
+        ("foreign", '{"format": "something else"}'),
+        ("damaged", "{not json"),
+        ("newer", '{"format": "dogpile_fsbackend", "version": 99, "kind": "pickled"}'),
+    ],
+    ids=["empty", "foreign", "damaged", "newer"],
+)
+def test_a_directory_that_is_not_a_cache_is_refused(tmp_path, name, marker):
+    directory = tmp_path / name
+    directory.mkdir()
+    if marker is not None:
+        (directory / layout.MARKER_NAME).write_text(marker)
+    before = sorted(os.listdir(directory))
+    for command in COMMANDS:
+        done = _cli(command, str(directory))
+        assert done.returncode == 2, done
+        assert done.stdout == ""
+        assert done.stderr.startswith("dogpile-fsbackend: ")
+        assert str(directory) in done.stderr
+    assert sorted(os.listdir(directory)) == before  # nothing was created
+
+
+def test_a_missing_directory_or_a_file_is_refused(tmp_path):
+    missing, plain = tmp_path / "missing", tmp_path / "file"
+    plain.write_text("x")
+    assert "not a dogpile_fsbackend cache" in _cli("verify", str(missing)).stderr
+    assert not missing.exists()
+    done = _cli("stats", str(plain))
+    assert done.returncode == 2
+    assert "Not a directory" in done.stderr
+
+
+def test_bad_option_values_are_usage_errors(filled, cache_dir):
+    done = _cli("prune", cache_dir, "--cache-size", "12 parsecs")
+    assert done.returncode == 2
+    assert "cache_size" in done.stderr
+    assert _cli("frobnicate", cache_dir).returncode == 2
+
+
+def test_progress_is_plain_lines_when_asked_for_off_a_terminal(filled, cache_dir):
+    quiet = _cli("verify", cache_dir)
+    assert quiet.stderr == ""  # cron mails whatever a job prints: nothing unless asked
+    shown = _cli("verify", cache_dir, "--progress")
+    lines = shown.stderr.splitlines()
+    assert "\r" not in shown.stderr
+    shards = filled.store.layout.shard_count
+    assert lines[-1] == f"verify: {shards}/{shards} shards (100%)"
+    assert len(lines) == 10
+    assert shown.stdout == quiet.stdout
+
+
+def test_progress_on_a_terminal(filled, cache_dir):
+    """On a terminal: a tqdm bar when tqdm is installed (it is optional), else plain lines."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    screen = []
+
+    def read_screen() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO once the child has closed the terminal
+                return
+            if not chunk:
+                return
+            screen.append(chunk)
+
+    reader = threading.Thread(target=read_screen)
+    reader.start()
+    try:
+        done = _cli("verify", cache_dir, stderr=slave)
+    finally:
+        os.close(slave)
+        reader.join(WAIT)
+        os.close(master)
+    assert done.returncode == 0
+    assert done.stdout.startswith("read back 40 entries whole")
+    drawn = b"".join(screen).decode()
+    assert "verify" in drawn
+    if importlib.util.find_spec("tqdm"):
+        assert "\r" in drawn and "shard" in drawn
+
+
+def test_console_script(cache_dir, filled):
+    script = os.path.join(os.path.dirname(sys.executable), "dogpile-fsbackend")
+    done = subprocess.run(
+        [script, "stats", "--json", cache_dir],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["entries"] == 40

@@ -1,0 +1,527 @@
+"""Size limit, LRU order, expiry, crash recovery and eviction races, with real processes.
+
+Recency lives in file timestamps, so tests that depend on order wait until the
+filesystem's own clock has moved past the last timestamp (``_wait_for_fs_clock``)
+instead of sleeping for a guessed interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import os
+import random
+import signal
+import time
+
+import pytest
+from conftest import SPAWN, WAIT
+from dogpile.cache import make_region
+from dogpile.cache.api import NO_VALUE
+
+from dogpile_fsbackend import layout, maintenance, records
+
+WRITERS = 4
+
+
+def _backend(base_dir: str, kind: str = "pickled", **arguments):
+    region = make_region().configure(
+        f"dogpile_fsbackend.{kind}", arguments={"base_dir": base_dir, **arguments}
+    )
+    return region.backend
+
+
+def _disk(base_dir: str) -> tuple[int, int, list[str]]:
+    """(bytes, entries, temp file names) counted from the files under data/."""
+    size = entries = 0
+    temps = []
+    for directory, _, names in os.walk(os.path.join(base_dir, layout.DATA_DIR)):
+        for name in names:
+            if layout.is_temp_name(name):
+                temps.append(name)
+                continue
+            parsed = layout.split_entry_name(name)
+            assert parsed is not None, f"foreign file {name} in the cache"
+            size += os.lstat(os.path.join(directory, name)).st_size
+            entries += parsed[1] is None
+    return size, entries, temps
+
+
+def _assert_accounting_exact(backend) -> None:
+    size, entries, _ = _disk(backend.settings.base_dir)
+    stats = backend.stats()
+    assert (stats["bytes"], stats["entries"]) == (size, entries)
+
+
+def _entry_path(backend, key: str) -> str:
+    return backend.store.layout.entry_path(layout.key_digest(key.encode()))
+
+
+def _entry_size(key: str, value: bytes) -> int:
+    return records.HEADER_SIZE + len(key.encode()) + len(value)
+
+
+def _wait_for_fs_clock(probe: str, past_ns: int) -> None:
+    """Return once the filesystem stamps times later than ``past_ns``.
+
+    File timestamps may come from a coarse clock (one tick is a few ms), so the
+    probe asks the filesystem itself rather than ``time.time_ns()``.
+    """
+    deadline = time.monotonic() + WAIT
+    with open(probe, "a"):
+        pass
+    while True:
+        os.utime(probe)
+        if os.stat(probe).st_mtime_ns > past_ns:
+            return
+        assert time.monotonic() < deadline, "the filesystem clock did not advance"
+        time.sleep(0.0005)
+
+
+def _value(key: str, version: int) -> bytes:
+    """A value whose every byte follows from its own header: a torn read cannot pass."""
+    seed = hashlib.sha256(f"{key}/{version}".encode()).digest()
+    length = 300 + seed[0] * 8
+    return f"{key}/{version}/".encode() + (seed * (length // 32 + 1))[:length]
+
+
+def _is_whole(key: str, value: bytes) -> bool:
+    found_key, version, _ = value.split(b"/", 2)
+    return found_key == key.encode() and value == _value(key, int(version))
+
+
+def _set(backend, kind: str, key: str, value: bytes) -> None:
+    if kind == "pickled":
+        backend.set_serialized(key, value)
+    else:
+        backend.set(key, io.BytesIO(value))
+
+
+def _get(backend, kind: str, key: str) -> bytes | None:
+    if kind == "pickled":
+        found = backend.get_serialized(key)
+        return None if found is NO_VALUE else found
+    found = backend.get(key)
+    if found is NO_VALUE:
+        return None
+    with found:
+        return found.read()
+
+
+# -- the limit holds with many writers ----------------------------------------
+
+
+def _limit_writer(base_dir, limit, worker, count, barrier, results):
+    backend = _backend(base_dir, cache_size=limit)
+    rng = random.Random(worker)
+    barrier.wait(WAIT)
+    worst = largest = 0
+    for i in range(count):
+        key, value = f"w{worker}-{i}", rng.randbytes(rng.randint(500, 3000))
+        backend.set_serialized(key, value)
+        largest = max(largest, _entry_size(key, value))
+        worst = max(worst, backend.stats()["bytes"])
+    results.put((worst, largest, backend.stats()["evictions"]))
+
+
+def test_limit_holds_under_concurrent_writers(cache_dir):
+    limit = 64 * 1024
+    barrier, results = SPAWN.Barrier(WRITERS), SPAWN.Queue()
+    procs = [
+        SPAWN.Process(target=_limit_writer, args=(cache_dir, limit, w, 150, barrier, results))
+        for w in range(WRITERS)
+    ]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=WAIT) for _ in procs]
+    for proc in procs:
+        proc.join(WAIT)
+        assert proc.exitcode == 0
+    largest = max(o[1] for o in outcomes)
+    # Right after a set returns, each other writer may have one entry in flight.
+    assert max(o[0] for o in outcomes) <= limit + WRITERS * largest
+    assert sum(o[2] for o in outcomes) > 0, "the test wrote too little to evict"
+    backend = _backend(cache_dir, cache_size=limit)
+    size, _, temps = _disk(cache_dir)
+    assert size <= limit
+    assert not temps
+    _assert_accounting_exact(backend)  # exact without any recount: no drift from races
+
+
+def test_prune_reports_what_it_removed(cache_dir):
+    backend = _backend(cache_dir)
+    for i in range(40):
+        backend.set_serialized(f"k{i}", _value(f"k{i}", 0))
+    before, entries_before, _ = _disk(cache_dir)
+    small = _backend(cache_dir, cache_size=before // 2, eviction_low_water=0.5)
+    result = small.prune()
+    after, entries_after, _ = _disk(cache_dir)
+    assert after <= before // 4
+    assert (result.removed, result.removed_bytes) == (
+        entries_before - entries_after,
+        before - after,
+    )
+    assert result.expired == 0
+    survivor = next(f"k{i}" for i in range(40) if os.path.exists(_entry_path(small, f"k{i}")))
+    assert small.get_serialized(survivor) == _value(survivor, 0)
+    assert small.get_serialized("never-set") is NO_VALUE
+    stats = small.stats()
+    assert (stats["evictions"], stats["hits"], stats["misses"]) == (result.removed, 1, 1)
+    assert stats["limit"] == before // 2
+    _assert_accounting_exact(small)
+
+
+def _try_to_evict(base_dir, results):
+    store = _backend(base_dir).store
+    got = store.acquire_eviction_lock(wait=False)
+    if got:
+        store.release_eviction_lock()
+    results.put(got)
+
+
+def test_one_eviction_at_a_time(cache_dir):
+    backend = _backend(cache_dir)
+    backend.set_serialized("k", b"v")
+    results, answers = SPAWN.Queue(), []
+
+    def ask_another_process(count: int) -> None:
+        if not answers:  # once, in the middle of the scan
+            prober = SPAWN.Process(target=_try_to_evict, args=(cache_dir, results))
+            prober.start()
+            answers.append(results.get(timeout=WAIT))
+            prober.join(WAIT)
+
+    maintenance.prune(backend.store, progress=ask_another_process)
+    assert answers == [False]
+    _try_to_evict(cache_dir, results)  # free again once the scan is over
+    assert results.get(timeout=WAIT) is True
+
+
+# -- LRU across processes, expired entries first -----------------------------
+
+
+def _touch(base_dir, keys, results):
+    backend = _backend(base_dir)
+    results.put([backend.get_serialized(key) for key in keys])
+
+
+def test_lru_touched_entries_survive_and_oldest_go_first(cache_dir, tmp_path):
+    probe = str(tmp_path / "clock-probe")
+    keys = [f"k{i:03d}" for i in range(24)]
+    value = b"v" * 1000
+    size = _entry_size(keys[0], value)
+    # 20 entries fit; the 21st crosses the limit and eviction goes down to 18.
+    backend = _backend(cache_dir, cache_size=int(size * 20.5))
+    last = 0
+    for key in keys[:20]:
+        _wait_for_fs_clock(probe, last)
+        backend.set_serialized(key, value)
+        last = os.stat(_entry_path(backend, key)).st_mtime_ns
+    # Another process reads the five oldest: reads count as use in every process.
+    _wait_for_fs_clock(probe, last)
+    touched, results = keys[:5], SPAWN.Queue()
+    reader = SPAWN.Process(target=_touch, args=(cache_dir, touched, results))
+    reader.start()
+    assert results.get(timeout=WAIT) == [value] * 5
+    reader.join(WAIT)
+    used = [os.stat(_entry_path(backend, key)).st_mtime_ns for key in touched]
+    assert min(used) > last, "reads in another process did not mark the entries used"
+
+    _wait_for_fs_clock(probe, max(used))
+    backend.set_serialized(keys[20], value)
+    last = os.stat(_entry_path(backend, keys[20])).st_mtime_ns
+    gone = [key for key in keys[:21] if not os.path.exists(_entry_path(backend, key))]
+    assert gone == keys[5:8]  # the three least recently used; the touched ones stay
+    assert backend.stats()["evictions"] == 3
+
+    # The next round takes the next-oldest untouched entries, never the touched ones.
+    for key in keys[21:24]:
+        _wait_for_fs_clock(probe, last)
+        backend.set_serialized(key, value)
+        last = os.stat(_entry_path(backend, key)).st_mtime_ns
+    gone = [key for key in keys if not os.path.exists(_entry_path(backend, key))]
+    assert gone == keys[5:11]
+    _assert_accounting_exact(backend)
+
+
+def test_expired_entries_go_before_recently_used_live_ones(cache_dir, tmp_path):
+    probe = str(tmp_path / "clock-probe")
+    expiration = 2.0
+    value = b"v" * 1000
+    size = _entry_size("e0", value)
+    backend = _backend(cache_dir, cache_size=int(size * 13.5), expiration_time=expiration)
+    old = ["e0", "e1", "e2"]
+    for key in old:
+        backend.set_serialized(key, value)
+    born = os.stat(_entry_path(backend, old[-1])).st_atime_ns  # atime is the creation time
+    # Live entries are created a second later, so they outlive the old ones by a second.
+    _wait_for_fs_clock(probe, born + 1_000_000_000)
+    live = [f"l{i:02d}" for i in range(11)]
+    for key in live[:10]:
+        backend.set_serialized(key, value)
+    newest = max(os.stat(_entry_path(backend, key)).st_mtime_ns for key in live[:10])
+    _wait_for_fs_clock(probe, newest)
+    # The old entries are now the most recently used ones...
+    assert [backend.get_serialized(key) for key in old] == [value] * 3
+    born = max(os.stat(_entry_path(backend, key)).st_atime_ns for key in old)
+    # ...and then expire, while every live entry still has about a second to go.
+    _wait_for_fs_clock(probe, born + int(expiration * 1e9))
+    backend.set_serialized(live[10], value)  # 14 entries: over the limit of 13.5
+    first_live_born = os.stat(_entry_path(backend, live[0])).st_atime_ns
+    assert time.time_ns() < first_live_born + expiration * 1e9, "too slow to judge expiry"
+    assert not any(os.path.exists(_entry_path(backend, key)) for key in old)
+    assert all(os.path.exists(_entry_path(backend, key)) for key in live)
+    assert backend.stats()["evictions"] == 0  # expiry alone made room
+    _assert_accounting_exact(backend)
+
+
+def test_verify_keeps_creation_times(cache_dir, tmp_path):
+    """A deep scan reads every record; that must not make old entries look new."""
+    backend = _backend(cache_dir, expiration_time=3600)
+    for i in range(5):
+        backend.set_serialized(f"k{i}", b"v" * 100)
+    paths = [_entry_path(backend, f"k{i}") for i in range(5)]
+    born = [os.stat(path).st_atime_ns for path in paths]
+    _wait_for_fs_clock(str(tmp_path / "clock-probe"), max(born))
+    assert backend.verify().entries == 5
+    assert [os.stat(path).st_atime_ns for path in paths] == born
+
+
+# -- accounting after a crash ------------------------------------------------
+
+
+def _endless_writer(base_dir, kind, limit, seed, started):
+    backend = _backend(base_dir, kind, cache_size=limit)
+    rng = random.Random(seed)
+    for i in itertools.count():
+        key = f"k{rng.randrange(300)}"
+        _set(backend, kind, key, _value(key, i))
+        if i == 30:
+            started.set()
+
+
+@pytest.mark.parametrize("kind", ["pickled", "raw"])
+def test_accounting_recovers_after_sigkill(cache_dir, kind):
+    limit = 96 * 1024  # small enough that kills also land inside evictions
+    dead = []
+    for round_number in range(3):
+        started = SPAWN.Event()
+        proc = SPAWN.Process(
+            target=_endless_writer, args=(cache_dir, kind, limit, round_number, started)
+        )
+        proc.start()
+        assert started.wait(WAIT)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(WAIT)  # reaped: its pid no longer exists, so its temp files are abandoned
+        assert proc.exitcode == -signal.SIGKILL
+        dead.append(proc.pid)
+
+    backend = _backend(cache_dir, kind, cache_size=limit)
+    result = backend.prune()  # must not wait forever on a lock the dead held
+    size, entries, temps = _disk(cache_dir)
+    assert not [t for t in temps if layout.temp_owner_pid(t) in dead]
+    _assert_accounting_exact(backend)
+    assert size <= limit
+    assert result.scan.entries >= entries > 0
+
+    # Damage one entry; verify removes it and the accounting follows.
+    with open(_any_record(cache_dir), "r+b") as handle:
+        handle.truncate(records.HEADER_SIZE + 1)
+    report = backend.verify()
+    assert report.damaged_removed == 1
+    assert report.accounting_drift < 0
+    _assert_accounting_exact(backend)
+    for i in range(300):  # everything left reads back whole
+        found = _get(backend, kind, f"k{i}")
+        assert found is None or _is_whole(f"k{i}", found)
+
+
+def _any_record(base_dir: str) -> str:
+    for directory, _, names in os.walk(os.path.join(base_dir, layout.DATA_DIR)):
+        for name in sorted(names):
+            parsed = layout.split_entry_name(name)
+            if parsed and parsed[1] is None:
+                return os.path.join(directory, name)
+    raise AssertionError("no entry left to damage")
+
+
+def test_a_file_moved_in_is_stamped_before_it_is_staged(cache_dir, raw_region):
+    """A raw value moved in (file_movable) must not carry its creator's old mtime.
+
+    While staged it has a temp name, and scans in other processes remove temp
+    files whose mtime is older than temp_max_age as abandoned.
+    """
+    backend = raw_region(file_movable=True).backend
+    backend.set("key", io.BytesIO(b"x"))  # makes the cache and its directories
+    old_file = os.path.join(cache_dir, "report.pdf")
+    with open(old_file, "wb") as handle:
+        handle.write(b"made two hours ago")
+    two_hours_ago = time.time_ns() - 7200 * 10**9
+    os.utime(old_file, ns=(two_hours_ago, two_hours_ago))
+    start = time.time_ns() - 10**9
+    with open(old_file, "rb") as handle:
+        backend.set("report", handle)
+    assert not os.path.exists(old_file)  # moved, not copied
+    (data_file,) = backend.store.data_files(layout.key_digest(b"report"))
+    assert os.stat(data_file[0]).st_mtime_ns > start
+
+
+# -- eviction while others read and write ------------------------------------
+
+
+def _helper(base_dir, requests, done):
+    """Sets or reads keys on request, from a process of its own."""
+    backend = _backend(base_dir)
+    for action, key, value in iter(requests.get, None):
+        if action == "set":
+            backend.set_serialized(key, value)
+        else:
+            backend.get_serialized(key)
+        done.put(key)
+
+
+def test_eviction_spares_entries_rewritten_or_read_during_its_scan(cache_dir, tmp_path):
+    probe = str(tmp_path / "clock-probe")
+    keys = [f"k{i:02d}" for i in range(10)]
+    value = b"v" * 1000
+    backend = _backend(cache_dir)
+    last = 0
+    for key in keys:
+        _wait_for_fs_clock(probe, last)
+        backend.set_serialized(key, value)
+        last = os.stat(_entry_path(backend, key)).st_mtime_ns
+    _wait_for_fs_clock(probe, last)
+    requests, done = SPAWN.Queue(), SPAWN.Queue()
+    helper = SPAWN.Process(target=_helper, args=(cache_dir, requests, done))
+    helper.start()
+    # A limit of 8.5 entries: two must go, and without interference k00 and k01 would.
+    evicting = _backend(
+        cache_dir, cache_size=int(_entry_size(keys[0], value) * 8.5), eviction_low_water=1.0
+    )
+    shards = evicting.store.layout.shard_count
+    finished = []
+
+    def meddle(count: int) -> None:
+        """After the scan has judged every shard, another process rewrites and reads."""
+        finished.append(count)
+        if len(finished) == shards:
+            requests.put(("set", keys[0], b"new" * 300))
+            requests.put(("get", keys[1], None))
+            assert sorted(done.get(timeout=WAIT) for _ in range(2)) == keys[:2]
+
+    result = maintenance.prune(evicting.store, progress=meddle)
+    requests.put(None)
+    helper.join(WAIT)
+    assert len(finished) == shards
+    gone = [key for key in keys if not os.path.exists(_entry_path(backend, key))]
+    assert gone == keys[2:4]  # the next least recently used went instead
+    assert result.removed == 2
+    assert backend.get_serialized(keys[0]) == b"new" * 300
+    _assert_accounting_exact(backend)
+
+
+def _churn_writer(base_dir, kind, limit, worker, keys, rounds, barrier, results):
+    backend = _backend(base_dir, kind, cache_size=limit)
+    barrier.wait(WAIT)
+    stale, worst, largest = [], 0, 0
+    for version in range(rounds):
+        for k in range(keys):
+            key, value = f"w{worker}-{k}", _value(f"w{worker}-{k}", version)
+            _set(backend, kind, key, value)
+            worst = max(worst, backend.stats()["bytes"])
+            largest = max(largest, len(value) + 500)  # record header, key and raw metadata
+            found = _get(backend, kind, key)
+            if found is not None and found != value:  # evicted is fine; old or torn is not
+                stale.append(key)
+    results.put(("writer", stale, backend.stats()["evictions"], worst, largest))
+
+
+def _churn_reader(base_dir, kind, keys, barrier, stop, results):
+    backend = _backend(base_dir, kind)
+    rng = random.Random(os.getpid())
+    barrier.wait(WAIT)
+    hits, bad = 0, []
+    while not stop.is_set():
+        key = f"w{rng.randrange(2)}-{rng.randrange(keys)}"
+        found = _get(backend, kind, key)
+        if found is not None:
+            hits += 1
+            if not _is_whole(key, found):
+                bad.append(key)
+    results.put(("reader", bad, hits))
+
+
+@pytest.mark.parametrize("kind", ["pickled", "raw"])
+def test_eviction_during_constant_reads(cache_dir, kind):
+    """Readers hit every entry every few ms, so each judgement of a scan goes stale."""
+    limit, keys, rounds = 48 * 1024, 40, 3
+    barrier, stop, results = SPAWN.Barrier(4), SPAWN.Event(), SPAWN.Queue()
+    writers = [
+        SPAWN.Process(
+            target=_churn_writer,
+            args=(cache_dir, kind, limit, w, keys, rounds, barrier, results),
+        )
+        for w in range(2)
+    ]
+    readers = [
+        SPAWN.Process(target=_churn_reader, args=(cache_dir, kind, keys, barrier, stop, results))
+        for _ in range(2)
+    ]
+    for proc in writers + readers:
+        proc.start()
+    written = [results.get(timeout=WAIT) for _ in writers]
+    stop.set()
+    read = [results.get(timeout=WAIT) for _ in readers]
+    for proc in writers + readers:
+        proc.join(WAIT)
+        assert proc.exitcode == 0
+    assert [o[1] for o in written] == [[], []]  # a read after a write never saw older data
+    assert [o[1] for o in read] == [[], []]  # no torn or wrong value was ever returned
+    assert sum(o[2] for o in written) > 0, "the test wrote too little to evict"
+    assert sum(o[2] for o in read) > 0
+    # The limit holds although readers keep making every victim recent again.
+    assert max(o[3] for o in written) <= limit + 2 * max(o[4] for o in written)
+    backend = _backend(cache_dir, kind, cache_size=limit)
+    assert _disk(cache_dir)[0] <= limit
+    _assert_accounting_exact(backend)
+
+
+# -- clear while another process writes --------------------------------------
+
+
+def _steady_writer(base_dir, started, stop, results):
+    backend = _backend(base_dir)
+    wrong = []
+    i = 0
+    while not stop.is_set():
+        key = f"k{i % 50}"
+        backend.set_serialized(key, _value(key, i))
+        found = backend.get_serialized(key)
+        if found is not NO_VALUE and not _is_whole(key, found):
+            wrong.append(key)
+        i += 1
+        if i == 30:
+            started.set()
+    results.put(wrong)
+
+
+def test_clear_while_another_process_writes(cache_dir):
+    started, stop, results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    proc = SPAWN.Process(target=_steady_writer, args=(cache_dir, started, stop, results))
+    proc.start()
+    assert started.wait(WAIT)
+    backend = _backend(cache_dir)
+    removed = backend.clear().removed
+    stop.set()
+    assert results.get(timeout=WAIT) == []
+    proc.join(WAIT)
+    assert removed > 0
+    _assert_accounting_exact(backend)  # clear reset the counters without losing later writes
+    for i in range(50):
+        found = backend.get_serialized(f"k{i}")
+        assert found is NO_VALUE or _is_whole(f"k{i}", found)
+    left = _disk(cache_dir)[1]
+    assert backend.clear().removed == left
+    assert _disk(cache_dir)[:2] == (0, 0)
+    assert backend.stats()["entries"] == 0

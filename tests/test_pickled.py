@@ -1,0 +1,200 @@
+"""Entry points and the pickled backend's dogpile API: single and _multi calls, serializers."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import WAIT
+from dogpile.cache import make_region
+from dogpile.cache.api import NO_VALUE
+
+from dogpile_fsbackend import PickleFSBackend, RawFSBackend
+
+# -- entry points -------------------------------------------------------------------
+
+_ENTRY_POINT_SCRIPT = textwrap.dedent(
+    """
+    import io, sys
+    from dogpile.cache import make_region
+
+    assert not any(m.startswith("dogpile_fsbackend") for m in sys.modules), "imported early"
+    pickled = make_region().configure(
+        "dogpile_fsbackend.pickled", arguments={"base_dir": sys.argv[1]}
+    )
+    pickled.set("key", {"answer": 42})
+    assert pickled.get("key") == {"answer": 42}
+    raw = make_region().configure("dogpile_fsbackend.raw", arguments={"base_dir": sys.argv[2]})
+    raw.set("key", io.BytesIO(b"raw bytes"))
+    with raw.get("key") as cached:
+        assert cached.read() == b"raw bytes"
+    for backend in (pickled.backend, raw.backend):
+        print(type(backend).__module__, type(backend).__name__)
+    """
+)
+
+
+def test_entry_points_work_in_a_fresh_interpreter(tmp_path):
+    """Configuring by name loads the package through the dogpile.cache entry points."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",  # no cwd on sys.path: the package must come from the installation
+            "-c",
+            _ENTRY_POINT_SCRIPT,
+            str(tmp_path / "pickled"),
+            str(tmp_path / "raw"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == [
+        "dogpile_fsbackend.backends PickleFSBackend",
+        "dogpile_fsbackend.backends RawFSBackend",
+    ]
+
+
+def test_region_backends_are_ours(pickled_region, tmp_path):
+    assert isinstance(pickled_region().backend, PickleFSBackend)
+    raw = make_region().configure(
+        "dogpile_fsbackend.raw", arguments={"base_dir": str(tmp_path / "raw")}
+    )
+    assert isinstance(raw.backend, RawFSBackend)
+
+
+# -- single-key API -----------------------------------------------------------------
+
+
+def test_get_set_delete_through_the_region(pickled_region):
+    region = pickled_region()
+    assert region.get("missing") is NO_VALUE
+    value = {"list": [1, 2, 3], "tuple": (4, 5), "bytes": b"\x00\xff", "none": None}
+    region.set("key", value)
+    assert region.get("key") == value
+    region.set("key", "replaced")
+    assert region.get("key") == "replaced"
+    region.delete("key")
+    assert region.get("key") is NO_VALUE
+    region.delete("key")  # deleting a missing key is not an error
+
+
+def test_backend_get_set_delete(pickled_region):
+    backend = pickled_region().backend
+    assert backend.get_serialized("k") is NO_VALUE
+    backend.set_serialized("k", b"serialized \x00 bytes")
+    assert backend.get_serialized("k") == b"serialized \x00 bytes"
+    backend.set_serialized("k", b"")
+    assert backend.get_serialized("k") == b""  # an empty value is a value, not a miss
+    backend.delete("k")
+    assert backend.get_serialized("k") is NO_VALUE
+
+
+def test_get_or_create_creates_once(pickled_region):
+    region = pickled_region()
+    calls = []
+
+    def creator():
+        calls.append(1)
+        return ["created", len(calls)]
+
+    assert region.get_or_create("k", creator) == ["created", 1]
+    assert region.get_or_create("k", creator) == ["created", 1]
+    assert len(calls) == 1
+
+
+def test_two_instances_on_one_directory_share_entries(pickled_region):
+    first, second = pickled_region(), pickled_region()
+    first.set("shared", 1)
+    assert second.get("shared") == 1
+    second.delete("shared")
+    assert first.get("shared") is NO_VALUE
+
+
+# -- _multi API ---------------------------------------------------------------------
+
+
+def test_multi_calls_keep_key_order_and_report_misses(pickled_region):
+    region = pickled_region()
+    region.set_multi({"b": 2, "d": 4, "a": 1})
+    keys = ["d", "missing-1", "a", "b", "missing-2"]
+    assert region.get_multi(keys) == [4, NO_VALUE, 1, 2, NO_VALUE]
+    region.delete_multi(["a", "d", "never-set"])
+    assert region.get_multi(keys) == [NO_VALUE, NO_VALUE, NO_VALUE, 2, NO_VALUE]
+
+
+def test_backend_multi_calls(pickled_region):
+    backend = pickled_region().backend
+    backend.set_serialized_multi({"z": b"26", "y": b"25", "x": b"24"})
+    assert backend.get_serialized_multi(["x", "nope", "z", "y"]) == [b"24", NO_VALUE, b"26", b"25"]
+    backend.delete_multi(["x", "z"])
+    assert backend.get_serialized_multi(["x", "y", "z"]) == [NO_VALUE, b"25", NO_VALUE]
+
+
+def test_get_or_create_multi(pickled_region):
+    region = pickled_region()
+    region.set("b", "cached b")
+    created = []
+
+    def creator(*keys):
+        created.extend(keys)
+        return [f"new {key}" for key in keys]
+
+    assert region.get_or_create_multi(["a", "b", "c"], creator) == ["new a", "cached b", "new c"]
+    assert sorted(created) == ["a", "c"]
+    assert region.get_multi(["c", "a"]) == ["new c", "new a"]
+
+
+# -- serializers --------------------------------------------------------------------
+
+
+def _entry_bytes(backend: PickleFSBackend, key: str) -> bytes:
+    from dogpile_fsbackend import layout
+
+    path = backend.store.layout.entry_path(layout.key_digest(layout.encode_key(key)))
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def test_region_serializer_and_deserializer_are_used(cache_dir):
+    region = make_region(
+        serializer=lambda value: json.dumps(value, sort_keys=True).encode(),
+        deserializer=lambda data: json.loads(data),
+    ).configure("dogpile_fsbackend.pickled", arguments={"base_dir": cache_dir})
+    region.set("key", {"numbers": [1, 2, 3], "text": "héllo"})
+    assert region.get("key") == {"numbers": [1, 2, 3], "text": "héllo"}
+    # The entry holds the JSON text, not a pickle.
+    assert b'{"numbers": [1, 2, 3], "text": "h\\u00e9llo"}' in _entry_bytes(region.backend, "key")
+    assert region.get_multi(["key", "missing"])[1] is NO_VALUE
+
+
+def test_default_serializer_is_pickle(pickled_region):
+    region = pickled_region()
+    region.set("key", {"a": frozenset({1})})  # not JSON-serializable
+    assert region.get("key") == {"a": frozenset({1})}
+    payload = _entry_bytes(region.backend, "key").partition(b"}|")[2]  # after dogpile's metadata
+    assert pickle.loads(payload) == {"a": frozenset({1})}
+
+
+@pytest.mark.parametrize("count", [1, 50])
+def test_stats_count_entries_and_bytes(pickled_region, count):
+    region = pickled_region()
+    for index in range(count):
+        region.set(f"key-{index}", "x" * 100)
+    stats = region.backend.stats()
+    data_dir = os.path.join(region.backend.settings.base_dir, "data")
+    on_disk = sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(data_dir)
+        for name in names
+    )
+    assert stats["entries"] == count
+    assert stats["bytes"] == on_disk
