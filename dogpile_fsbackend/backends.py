@@ -138,7 +138,7 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         key_bytes = layout.encode_key(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
         self._count(found is not None)
-        return found[0].payload if found else NO_VALUE
+        return found.record.payload if found else NO_VALUE
 
     def get_serialized_multi(self, keys: Sequence[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]
@@ -207,13 +207,14 @@ class RawFSBackend(_FSBackendBase):
         found = self.store.read_record(digest, key_bytes)
         if found is None:
             return NO_VALUE
-        record, inode = found
+        record = found.record
         try:
             meta = records.RawMeta.from_bytes(record.payload)
             data_path = f"{self.store.layout.entry_path(digest)}.{meta.token}"
             reader = rawfiles.open_cached(data_path, meta, record.created)
         except (records.DamagedRecord, FileNotFoundError):
-            self.store.discard(digest, inode)  # no-op if a writer replaced it meanwhile
+            # Only the file we read: a no-op if a writer replaced (or a reader used) it since.
+            self.store.discard(digest, found.inode, found.used_ns)
             return NO_VALUE
         if meta.metadata is None:
             return reader

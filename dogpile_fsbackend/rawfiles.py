@@ -186,9 +186,10 @@ def _move_into(value: Any, source_fd: int, temp_path: str, temp_fd: int) -> bool
         # Stamp it now, before it takes a temp name: a scan in another process
         # takes a temp file with an mtime older than temp_max_age for abandoned.
         os.utime(source_fd)
-        if deletes_itself:
-            os.unlink(temp_path)
-            os.link(name, temp_path)  # its own close() removes the original name
+        if deletes_itself:  # link, as its own close() removes the original name
+            link_path = f"{temp_path}-link"  # a temp name too, reclaimed if we die here
+            os.link(name, link_path)
+            os.replace(link_path, temp_path)
         else:
             os.replace(name, temp_path)
     except OSError:

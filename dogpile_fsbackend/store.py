@@ -22,6 +22,7 @@ import secrets
 import stat
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import portalocker
 
@@ -67,6 +68,14 @@ def read_marker(base_dir: str) -> dict | None:
     except ValueError:
         return {}
     return marker if isinstance(marker, dict) else {}
+
+
+class Found(NamedTuple):
+    """A record read from disk, and how to recognise its file later (see ``discard``)."""
+
+    record: records.Record
+    inode: int
+    used_ns: int | None  # the mtime this read stamped; None if it could not
 
 
 class Store:
@@ -168,10 +177,8 @@ class Store:
 
     # -- reading --------------------------------------------------------------
 
-    def read_record(
-        self, digest: str, key_bytes: bytes | None
-    ) -> tuple[records.Record, int] | None:
-        """The live record of a key and its inode, or None (a miss).
+    def read_record(self, digest: str, key_bytes: bytes | None) -> Found | None:
+        """The live record of a key, or None (a miss).
 
         A damaged, foreign or expired file is removed on the way.  A hit makes
         the entry the most recently used one.  ``key_bytes=None`` looks an
@@ -203,10 +210,10 @@ class Store:
             if self.is_expired(record.created):
                 self.discard(digest, info.st_ino)
                 return None
-            touch(fd, record.created)
+            used_ns = touch(fd, record.created)
         finally:
             os.close(fd)
-        return record, info.st_ino
+        return Found(record, info.st_ino, used_ns)
 
     def is_expired(self, created: float, now: float | None = None) -> bool:
         limit = self.settings.expiration_time
@@ -385,14 +392,16 @@ class Store:
         return not last or (interval is not None and time.time() - last > interval)
 
 
-def touch(fd: int, created: float) -> None:
-    """Mark an entry used now; keep its creation time in atime for eviction scans."""
+def touch(fd: int, created: float) -> int | None:
+    """Mark an entry used now (returned, in ns); keep its creation time in atime for scans."""
     now = time.time_ns()
     try:
         os.utime(fd, ns=(min(int(created * 1e9), now), now))
     except OSError as exc:  # not the owner, or a read-only mount: recency is best effort
         if exc.errno not in (errno.EPERM, errno.EACCES, errno.EROFS):
             raise
+        return None
+    return now
 
 
 def remove_quietly(path: str | None) -> None:
