@@ -85,7 +85,7 @@ class Store:
         self.settings = settings
         self.kind = kind
         self.layout = paths.Layout(settings.base_dir, settings.shard_depth, settings.shard_width)
-        self._known_dirs: set[str] = set()
+        self._known_dirs: dict[str, tuple[int, int]] = {}  # checked directory -> (dev, inode)
         self.hits = self.misses = self.writes = self.evictions = 0
         self._prepare_base_dir()
         self.accounting = self._open_or_create()
@@ -122,11 +122,16 @@ class Store:
             with contextlib.suppress(NeedsReset):
                 return AccountingFile(path, self.layout.shard_count, mode, may_reset=False)
         with maintenance_lock(self.settings.base_dir, mode):
-            self._check_or_write_marker()
-            # A new or reset file has last_reconcile 0: the first write recounts.
-            return AccountingFile(path, self.layout.shard_count, mode, may_reset=True)
+            created = self._check_or_write_marker()
+            accounting = AccountingFile(path, self.layout.shard_count, mode, may_reset=True)
+            # A reset file has last_reconcile 0, so the first write recounts; a new,
+            # empty cache has nothing to count.
+            if created and _is_empty(self.layout.data_dir):
+                accounting.last_reconcile = time.time()
+            return accounting
 
-    def _check_or_write_marker(self) -> None:
+    def _check_or_write_marker(self) -> bool:
+        """Check the directory's format marker against our settings; True if we wrote it."""
         wanted = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -144,7 +149,7 @@ class Store:
             with open(fd, "w") as handle:
                 json.dump(wanted, handle, indent=2)
             os.replace(temp_path, marker_path)
-            return
+            return True
         if found.get("format") != FORMAT_NAME or found.get("kind") != wanted["kind"]:
             raise ConfigError(
                 "base_dir",
@@ -160,6 +165,7 @@ class Store:
                     f"{found.get(name)!r}, the value this cache directory was created with",
                     wanted[name],
                 )
+        return False
 
     # -- locks ----------------------------------------------------------------
 
@@ -224,8 +230,7 @@ class Store:
     def open_temp(self, digest: str) -> tuple[int, str]:
         """A new, empty temp file in the entry's own directory: (fd, path)."""
         directory = self.layout.entry_dir(digest)
-        if directory not in self._known_dirs or not self._dirs_are_real(directory):
-            self._known_dirs.clear()  # check every level again: one may be a planted symlink
+        if not self._is_our_dir(directory):
             self._make_real_dirs(directory)
         path = os.path.join(directory, f"{paths.TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         try:
@@ -237,43 +242,53 @@ class Store:
             os.fchmod(fd, self.settings.file_mode)
         return fd, path
 
+    def _is_our_dir(self, directory: str) -> bool:
+        """True if ``directory`` and each level above it (below base_dir) is a real directory.
+
+        O_NOFOLLOW guards only a path's last component; this guards the others,
+        so a symlink planted in place of a shard directory is never written or
+        deleted through.  A directory already checked costs one ``stat``: a
+        symlink planted anywhere on its path resolves to another inode.
+        """
+        try:
+            info = os.stat(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        identity = (info.st_dev, info.st_ino)
+        if self._known_dirs.get(directory) == identity:
+            return True
+        level = directory
+        while len(level) > len(self.settings.base_dir):
+            try:
+                if not stat.S_ISDIR(os.lstat(level).st_mode):
+                    return False
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            level = os.path.dirname(level)
+        self._known_dirs[directory] = identity
+        return True
+
     def _make_real_dirs(self, directory: str) -> None:
-        """Create ``directory`` and its parents up to ``base_dir``, each checked once.
+        """Create ``directory`` and its parents below ``base_dir``, level by level.
 
         Anything found in their place (a symlink planted to redirect our
         writes, a stray file) is unlinked, never followed.
         """
-        parent = os.path.dirname(directory)
-        if parent != self.settings.base_dir and parent not in self._known_dirs:
-            self._make_real_dirs(parent)
-        for _ in range(3):  # another process may be repairing the same path
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(directory, self.settings.dir_mode)
-                break
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISDIR(os.lstat(directory).st_mode):
+        level = self.settings.base_dir
+        for part in os.path.relpath(directory, level).split(os.sep):
+            level = os.path.join(level, part)
+            for _ in range(3):  # another process may be repairing the same path
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(level, self.settings.dir_mode)
                     break
-                os.unlink(directory)
-        else:
-            raise FileExistsError(errno.EEXIST, "cannot make a shard directory", directory)
-        self._known_dirs.add(directory)
-
-    def _dirs_are_real(self, directory: str) -> bool:
-        """True if ``directory`` and its parents below ``base_dir`` are real directories.
-
-        O_NOFOLLOW guards only a path's last component; this guards the others,
-        so a symlink planted in place of a shard directory is never written or
-        deleted through.
-        """
-        base_length = len(self.settings.base_dir)
-        while len(directory) > base_length:
-            try:
-                if not stat.S_ISDIR(os.lstat(directory).st_mode):
-                    return False
-            except (FileNotFoundError, NotADirectoryError):
-                return False
-            directory = os.path.dirname(directory)
-        return True
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISDIR(os.lstat(level).st_mode):
+                        break
+                    os.unlink(level)
+            else:
+                raise FileExistsError(errno.EEXIST, "cannot make a shard directory", level)
+        info = os.lstat(directory)
+        self._known_dirs[directory] = (info.st_dev, info.st_ino)
 
     def write_temp(self, digest: str, data: bytes) -> str:
         """A temp file holding ``data``, synced if asked, ready to publish.
@@ -340,7 +355,7 @@ class Store:
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
         with self.shard_locked(shard):
-            if not self._dirs_are_real(self.layout.entry_dir(digest)):
+            if not self._is_our_dir(self.layout.entry_dir(digest)):
                 return 0  # nothing of ours is there; never delete through a planted symlink
             if inode is not None:
                 try:
@@ -402,6 +417,11 @@ def touch(fd: int, created: float) -> int | None:
             raise
         return None
     return now
+
+
+def _is_empty(directory: str) -> bool:
+    with os.scandir(directory) as entries:
+        return next(entries, None) is None
 
 
 def remove_quietly(path: str | None) -> None:
