@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 Progress = Callable[[int], None]  # called with the number of shards just finished
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _EVICTION_PASSES = 3  # judgements of one eviction, when reads keep outdating them
+_REMEMBERED_MAX = 50_000  # eviction candidates kept between scans (about 10 MB at most)
 
 
 @dataclasses.dataclass
@@ -85,11 +86,37 @@ def enforce_limit(store: Store) -> PruneResult | None:
     if not store.acquire_eviction_lock(wait=over):
         return None
     try:
-        if store.totals()[0] <= store.settings.cache_size and not store.reconcile_due():
+        if store.reconcile_due():
+            return _prune_locked(store)
+        if store.totals()[0] <= store.settings.cache_size:
             return None  # another process evicted while we waited
-        return _prune_locked(store)
+        result = PruneResult()
+        if _evict_remembered(store, result):
+            return result
+        return _prune_locked(store, result=result)
     finally:
         store.release_eviction_lock()
+
+
+def _evict_remembered(store: Store, result: PruneResult) -> bool:
+    """Evict in the LRU order the last scan left over; False if it ran out first.
+
+    That order stays valid without a new scan: every entry the list lacks was
+    written after the scan, so it is newer than all of them, and an entry used
+    since the scan fails ``discard``'s check and is passed over.  One scan so
+    serves many batches instead of one.
+    """
+    target = int(store.settings.cache_size * store.settings.eviction_low_water)
+    total = store.totals()[0]
+    remembered = store.eviction_order
+    while remembered and total > target:
+        entry = remembered.popleft()
+        if freed := store.discard(entry.digest, entry.inode, entry.used_ns):
+            result.removed += 1
+            result.removed_bytes += freed
+            total -= freed
+            store.evictions += 1
+    return total <= target
 
 
 def prune(store: Store, progress: Progress | None = None) -> PruneResult:
@@ -101,9 +128,12 @@ def prune(store: Store, progress: Progress | None = None) -> PruneResult:
         store.release_eviction_lock()
 
 
-def _prune_locked(store: Store, progress: Progress | None = None) -> PruneResult:
+def _prune_locked(
+    store: Store, progress: Progress | None = None, result: PruneResult | None = None
+) -> PruneResult:
     entries, report = scan(store, deep=False, progress=progress)
-    result = PruneResult(scan=report)
+    result = result or PruneResult()
+    result.scan = report
     now = time.time()
     total = report.bytes
     live = []
@@ -115,25 +145,31 @@ def _prune_locked(store: Store, progress: Progress | None = None) -> PruneResult
             result.removed += 1
             result.removed_bytes += freed
             total -= freed
+    store.eviction_order.clear()
     if total > store.settings.cache_size:
-        _evict(store, live, total, result)
+        live = _evict(store, live, total, result)
+    live.sort(key=lambda e: e.used_ns)
+    store.eviction_order.extend(live[:_REMEMBERED_MAX])
     return result
 
 
-def _evict(store: Store, live: list[EntryInfo], total: int, result: PruneResult) -> None:
+def _evict(
+    store: Store, live: list[EntryInfo], total: int, result: PruneResult
+) -> list[EntryInfo]:
     """Remove least recently used entries until ``total`` is down to the low-water mark.
 
     A victim used or rewritten since it was judged stays, and the next one goes
     instead.  When reads outpace the scan every judgement can be stale, so the
     survivors are judged again from a fresh ``stat``, for a few passes at most.
+    Returns the entries not yet judged (the next candidates, oldest first).
     """
     target = int(store.settings.cache_size * store.settings.eviction_low_water)
     for _ in range(_EVICTION_PASSES):
         live.sort(key=lambda e: e.used_ns)
         kept = []
-        for entry in live:
+        for index, entry in enumerate(live):
             if total <= target:
-                return
+                return live[index:]
             if freed := store.discard(entry.digest, entry.inode, entry.used_ns):
                 result.removed += 1
                 result.removed_bytes += freed
@@ -142,6 +178,7 @@ def _evict(store: Store, live: list[EntryInfo], total: int, result: PruneResult)
             else:
                 kept.append(entry)
         live = [fresh for entry in kept if (fresh := _restat(store, entry))]
+    return []
 
 
 def _restat(store: Store, entry: EntryInfo) -> EntryInfo | None:
@@ -180,9 +217,7 @@ def scan(
 def _scan_shard_locked(store: Store, shard: int, deep: bool) -> tuple[list[EntryInfo], ScanReport]:
     report = ScanReport()
     entries = []
-    for directory in _leaf_dirs(
-        store.layout.shard_dir(shard), store.layout.depth - store.layout.shard_levels
-    ):
+    for directory in _leaf_dirs(store, shard):
         records_found: dict[str, os.stat_result] = {}
         data_found: dict[str, list[tuple[str, os.stat_result]]] = {}
         with os.scandir(directory) as listing:
@@ -284,10 +319,10 @@ def _nofollow_opener(path: str, flags: int) -> int:
         return os.open(path, flags)
 
 
-def _leaf_dirs(top: str, levels: int) -> list[str]:
-    """The entry directories ``levels`` below ``top`` (symlinked directories are not followed)."""
-    current = [top]
-    for _ in range(levels):
+def _leaf_dirs(store: Store, shard: int) -> list[str]:
+    """The entry directories of a shard; a path through a planted symlink is never listed."""
+    current = [store.layout.shard_dir(shard)]
+    for _ in range(store.layout.depth - store.layout.shard_levels):
         deeper = []
         for directory in current:
             with (
@@ -296,7 +331,7 @@ def _leaf_dirs(top: str, levels: int) -> list[str]:
             ):
                 deeper.extend(item.path for item in it if item.is_dir(follow_symlinks=False))
         current = deeper
-    return [d for d in current if os.path.isdir(d) and not os.path.islink(d)]
+    return [directory for directory in current if store.is_our_dir(directory)]
 
 
 def _is_regular(info: os.stat_result) -> bool:
@@ -342,10 +377,7 @@ def clear(store: Store, progress: Progress | None = None) -> PruneResult:
         try:
             for shard in range(store.layout.shard_count):
                 with store.shard_locked(shard):
-                    for directory in _leaf_dirs(
-                        store.layout.shard_dir(shard),
-                        store.layout.depth - store.layout.shard_levels,
-                    ):
+                    for directory in _leaf_dirs(store, shard):
                         with os.scandir(directory) as listing:
                             for item in listing:
                                 if paths.is_temp_name(item.name) or item.is_dir(

@@ -14,6 +14,7 @@ eviction scan learns both from one ``stat`` without reading any file.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -22,7 +23,7 @@ import secrets
 import stat
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import portalocker
 
@@ -32,6 +33,9 @@ from .accounting import AccountingFile, NeedsReset
 from .config import Settings
 from .exceptions import ConfigError
 from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile
+
+if TYPE_CHECKING:
+    from .maintenance import EntryInfo
 
 FORMAT_NAME = "dogpile_fsbackend"
 FORMAT_VERSION = 1
@@ -85,6 +89,8 @@ class Store:
         self.settings = settings
         self.kind = kind
         self.layout = paths.Layout(settings.base_dir, settings.shard_depth, settings.shard_width)
+        # The oldest entries of the last scan, in LRU order (see maintenance.py).
+        self.eviction_order: collections.deque[EntryInfo] = collections.deque()
         self._known_dirs: dict[str, tuple[int, int]] = {}  # checked directory -> (dev, inode)
         self.hits = self.misses = self.writes = self.evictions = 0
         self._prepare_base_dir()
@@ -230,7 +236,7 @@ class Store:
     def open_temp(self, digest: str) -> tuple[int, str]:
         """A new, empty temp file in the entry's own directory: (fd, path)."""
         directory = self.layout.entry_dir(digest)
-        if not self._is_our_dir(directory):
+        if not self.is_our_dir(directory):
             self._make_real_dirs(directory)
         path = os.path.join(directory, f"{paths.TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         try:
@@ -242,7 +248,7 @@ class Store:
             os.fchmod(fd, self.settings.file_mode)
         return fd, path
 
-    def _is_our_dir(self, directory: str) -> bool:
+    def is_our_dir(self, directory: str) -> bool:
         """True if ``directory`` and each level above it (below base_dir) is a real directory.
 
         O_NOFOLLOW guards only a path's last component; this guards the others,
@@ -355,7 +361,7 @@ class Store:
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
         with self.shard_locked(shard):
-            if not self._is_our_dir(self.layout.entry_dir(digest)):
+            if not self.is_our_dir(self.layout.entry_dir(digest)):
                 return 0  # nothing of ours is there; never delete through a planted symlink
             if inode is not None:
                 try:
