@@ -92,11 +92,18 @@ class _FSBackendBase(CacheBackend):
     # -- shared write path ----------------------------------------------------
 
     def _fits(self, key: str, size: int) -> bool:
-        if size <= self.settings.cache_size:
+        """False (with a warning) for a value that cannot stay after an eviction.
+
+        Eviction frees down to ``eviction_low_water * cache_size``; a bigger
+        value would push out every other entry and then itself.
+        """
+        room = int(self.settings.cache_size * self.settings.eviction_low_water)
+        if size <= room:
             return True
         message = (
-            f"value of {size} bytes for key {key[:80]!r} is larger than cache_size "
-            f"({self.settings.cache_size} bytes) and was not cached"
+            f"value of {size} bytes for key {key[:80]!r} is larger than cache_size x "
+            f"eviction_low_water ({self.settings.cache_size} x "
+            f"{self.settings.eviction_low_water} = {room} bytes) and was not cached"
         )
         self.store.delete(_digest(key))  # the key's old value must not outlive this set
         log.warning(message)

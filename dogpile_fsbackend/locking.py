@@ -28,6 +28,7 @@ import hashlib
 import os
 import random
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -41,8 +42,11 @@ KEY_BASE_OFFSET = SHARD_BASE_OFFSET + 16**3  # room for the widest shard layout
 
 _CONTENTION_ERRNOS = frozenset({errno.EACCES, errno.EAGAIN})
 _DEADLOCK_BACKOFF_MAX = 0.05
-# struct flock for F_GETLK: l_type, l_whence, l_start, l_len, l_pid (+ tail padding)
-_FLOCK = struct.Struct("hhqqi4x")
+_DEADLOCK_GIVE_UP = 10.0  # seconds of EDEADLK before a thread holding other bytes gives up
+# struct flock for F_GETLK.  Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding);
+# the BSDs and macOS: l_start, l_len, l_pid, l_type, l_whence.
+_FLOCK_BSD = sys.platform == "darwin" or "bsd" in sys.platform
+_FLOCK = struct.Struct("qqihh" if _FLOCK_BSD else "hhqqi4x")
 
 
 class _NameLock:
@@ -67,20 +71,31 @@ class LockFile:
     _instances: dict[tuple[int, int], LockFile] = {}
     _instances_guard = threading.Lock()
     _all: weakref.WeakSet[LockFile] = weakref.WeakSet()
+    _spare_fds: list[int] = []
 
     @classmethod
     def for_path(cls, path: str, mode: int = 0o600) -> LockFile:
-        """The process-wide instance for ``path`` (opened once, never closed)."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-        identity = os.fstat(fd)[1:3]  # (st_ino, st_dev)
+        """The process-wide instance for ``path`` (opened once, never closed).
+
+        The file is looked up before it is opened: closing a second descriptor
+        of it would drop every lock this process holds on it.
+        """
         with cls._instances_guard:
+            with contextlib.suppress(FileNotFoundError):
+                existing = cls._instances.get(_identity(os.stat(path)))
+                if existing is not None:
+                    return existing
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+            if mode & 0o077:  # the umask may have stripped what was asked
+                os.fchmod(fd, mode)
+            identity = _identity(os.fstat(fd))
             existing = cls._instances.get(identity)
-            if existing is None:
-                existing = cls._instances[identity] = cls(path, fd)
-                cls._all.add(existing)
+            if existing is not None:  # the file moved under us: keep fd open, never close it
+                cls._spare_fds.append(fd)
                 return existing
-        os.close(fd)  # no lock is held through it yet, so closing drops nothing
-        return existing
+            existing = cls._instances[identity] = cls(path, fd)
+            cls._all.add(existing)
+            return existing
 
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
@@ -95,6 +110,7 @@ class LockFile:
     @classmethod
     def _reset_all_after_fork(cls) -> None:
         cls._instances_guard = threading.Lock()
+        _thread_state.held = set()  # the forking thread's bytes stay with the parent
         for lock_file in list(cls._all):
             lock_file._reset()
 
@@ -130,6 +146,7 @@ class LockFile:
             byte.holders -= 1
             if byte.holders == 0:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
+                _held_by_thread().discard(offset)
             entry.lock.release()
         self._drop_name(name, entry)
 
@@ -139,8 +156,12 @@ class LockFile:
             entry = self._names.get(name)
             if entry is not None and entry.lock.locked():
                 return True
-        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-        lock_type = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_GETLK, query))[0]
+        if _FLOCK_BSD:
+            query = _FLOCK.pack(offset, 1, 0, fcntl.F_WRLCK, os.SEEK_SET)
+            lock_type = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_GETLK, query))[3]
+        else:
+            query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+            lock_type = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_GETLK, query))[0]
         return lock_type != fcntl.F_UNLCK
 
     @contextlib.contextmanager
@@ -183,25 +204,56 @@ class LockFile:
             byte.gate.release()
 
     def _lockf(self, offset: int, wait: bool) -> bool:
-        """Ask the kernel for the byte; retry when it reports a (thread-induced) EDEADLK."""
+        """Ask the kernel for the byte, retrying a spurious EDEADLK.
+
+        The kernel sees processes, not threads: a wait-for cycle through
+        different threads is no real deadlock and clears, so it is retried.
+        But a thread that already holds another byte may be in a real cycle
+        (two keys sharing a byte make one out of nested ``get_or_create``
+        calls): it gives up after ``_DEADLOCK_GIVE_UP`` seconds, raising.
+        """
         flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
         backoff = 0.001
+        give_up = None
         while True:
             try:
                 fcntl.lockf(self.fd, flags, 1, offset)
+                _held_by_thread().add(offset)
                 return True
             except OSError as exc:
                 if exc.errno in _CONTENTION_ERRNOS and not wait:
                     return False
                 if exc.errno != errno.EDEADLK:
                     raise
-            # The kernel sees processes, not threads: a wait-for cycle through
-            # different threads is not a real deadlock, so back off and retry.
+                if _held_by_thread() - {offset}:
+                    give_up = give_up or time.monotonic() + _DEADLOCK_GIVE_UP
+                    if time.monotonic() > give_up:
+                        raise OSError(
+                            errno.EDEADLK,
+                            f"deadlock on byte {offset} of {self.path}: this thread holds "
+                            "another lock byte that the other process waits for "
+                            "(keys sharing a byte? raise lock_slots)",
+                        ) from exc
             time.sleep(backoff * (1 + random.random()))
             backoff = min(backoff * 2, _DEADLOCK_BACKOFF_MAX)
 
 
+_thread_state = threading.local()
+
+
+def _held_by_thread() -> set[int]:
+    """Lock bytes this thread took from the kernel (a hint for EDEADLK handling only)."""
+    held = getattr(_thread_state, "held", None)
+    if held is None:
+        held = _thread_state.held = set()
+    return held
+
+
 os.register_at_fork(after_in_child=LockFile._reset_all_after_fork)
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_ino, info.st_dev
 
 
 def key_slot(key_bytes: bytes, slots: int) -> int:

@@ -20,7 +20,7 @@ from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
 
-from dogpile_fsbackend import layout, maintenance, records
+from dogpile_fsbackend import CacheSizeWarning, layout, maintenance, records
 
 WRITERS = 4
 
@@ -525,3 +525,21 @@ def test_clear_while_another_process_writes(cache_dir):
     assert backend.clear().removed == left
     assert _disk(cache_dir)[:2] == (0, 0)
     assert backend.stats()["entries"] == 0
+
+
+def test_a_value_between_the_low_water_mark_and_the_limit_is_refused_not_a_cache_wipe(
+    cache_dir,
+):
+    """Eviction frees down to the low-water mark, so such a value would evict everything,
+    itself included: it is refused with a warning and the other entries stay."""
+    region = make_region().configure(
+        "dogpile_fsbackend.pickled",
+        arguments={"base_dir": cache_dir, "cache_size": 100_000, "eviction_low_water": 0.9},
+    )
+    for index in range(10):
+        region.set(f"small-{index}", b"x" * 1000)
+    with pytest.warns(CacheSizeWarning, match="eviction_low_water"):
+        region.set("big", b"y" * 95_000)
+    assert region.get("big") is NO_VALUE
+    assert all(region.get(f"small-{index}") == b"x" * 1000 for index in range(10))
+    assert region.backend.stats()["evictions"] == 0

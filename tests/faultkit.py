@@ -1,0 +1,355 @@
+"""Helpers of the trust tests (crash, faults, security, soak, fork).
+
+* Self-verifying values: every value carries its key, who wrote it, a
+  sequence number and a checksum, so a wrong value (another key's, or one
+  never written) and a torn value (a mix of two writes, a truncated file) are
+  told apart from a good one without knowing which write won.
+* What is on disk: the bytes and entries the accounting should report, and any
+  temp file, counted by walking the directory ourselves.
+* Crash points: a profiler hook that SIGKILLs the process when execution
+  reaches a chosen function (Python or builtin), so a kill lands exactly there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from dogpile.cache.api import NO_VALUE, CachedValue
+
+from dogpile_fsbackend import layout
+
+# -- self-verifying values ----------------------------------------------------------
+
+
+def _payload(key: str, writer: int, seq: int, size: int) -> bytes:
+    seed = f"{key!r}|{writer}|{seq}".encode("utf-8", "surrogatepass")
+    return hashlib.shake_256(seed).digest(size)
+
+
+def _seal(key: str, writer: int, seq: int, payload: bytes) -> str:
+    head = f"{key!r}|{writer}|{seq}|{len(payload)}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(head + payload).hexdigest()
+
+
+def make_value(key: str, writer: int, seq: int, size: int) -> dict:
+    """A picklable value that proves which write of which key it is."""
+    payload = _payload(key, writer, seq, size)
+    return {
+        "key": key,
+        "writer": writer,
+        "seq": seq,
+        "payload": payload,
+        "sha": _seal(key, writer, seq, payload),
+    }
+
+
+def check_value(key: str, value: Any, writers: int | None = None) -> str | None:
+    """None if ``value`` is a whole value written for ``key``; else what is wrong with it.
+
+    ``writers`` bounds the writer ids that exist, so a value nobody wrote is caught.
+    """
+    if isinstance(value, CachedValue):
+        value = value.payload
+    if not isinstance(value, dict) or set(value) != {"key", "writer", "seq", "payload", "sha"}:
+        return f"torn: not a value of this test: {value!r:.200}"
+    if value["key"] != key:
+        return f"wrong: value of key {value['key']!r} returned for {key!r}"
+    writer, seq, payload = value["writer"], value["seq"], value["payload"]
+    if value["sha"] != _seal(key, writer, seq, payload):
+        return f"torn: checksum mismatch for {key!r} (writer {writer}, seq {seq})"
+    if payload != _payload(key, writer, seq, len(payload)):
+        return f"wrong: payload was never written for {key!r} (writer {writer}, seq {seq})"
+    if writers is not None and not 0 <= writer < writers:
+        return f"wrong: writer {writer} of {key!r} never ran"
+    return None
+
+
+def make_blob(key: str, writer: int, seq: int, size: int) -> bytes:
+    """Raw-file content that proves which write of which key it is."""
+    head = json.dumps([key, writer, seq, size]).encode() + b"\n"
+    body = _payload(key, writer, seq, size)
+    return head + body + hashlib.sha256(head + body).digest()
+
+
+def check_blob(key: str, blob: bytes, writers: int | None = None) -> str | None:
+    """None if ``blob`` is whole content written for ``key``; else what is wrong with it."""
+    head, newline, rest = blob.partition(b"\n")
+    try:
+        found_key, writer, seq, size = json.loads(head)
+    except ValueError:
+        return f"torn: unreadable header {head[:80]!r} for {key!r}"
+    if not newline or found_key != key:
+        return f"wrong: content of key {found_key!r} returned for {key!r}"
+    body, seal = rest[:-32], rest[-32:]
+    if len(body) != size or hashlib.sha256(head + newline + body).digest() != seal:
+        return f"torn: content of {key!r} (writer {writer}, seq {seq}) is cut or mixed"
+    if body != _payload(key, writer, seq, size):
+        return f"wrong: content was never written for {key!r}"
+    if writers is not None and not 0 <= writer < writers:
+        return f"wrong: writer {writer} of {key!r} never ran"
+    return None
+
+
+def read_raw(value: Any) -> bytes:
+    """All bytes of a raw cache hit (from the start), closing the returned file."""
+    reader = value.payload if isinstance(value, CachedValue) else value
+    with reader:
+        reader.seek(0)
+        return reader.read()
+
+
+def check_raw_hit(key: str, value: Any, writers: int | None = None) -> str | None:
+    if value is NO_VALUE:
+        return None
+    return check_blob(key, read_raw(value), writers)
+
+
+def blob_file(blob: bytes) -> io.BytesIO:
+    return io.BytesIO(blob)
+
+
+# -- what is on disk ----------------------------------------------------------------
+
+
+def disk_usage(base_dir: str) -> tuple[int, int]:
+    """(bytes, entries) of the entry and data files under ``base_dir/data``, temp files excluded.
+
+    This is what the shared accounting must report once it is repaired.
+    """
+    total = entries = 0
+    for directory, _, names in os.walk(os.path.join(base_dir, layout.DATA_DIR)):
+        for name in names:
+            parsed = layout.split_entry_name(name)
+            if parsed is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(directory, name)).st_size
+                entries += parsed[1] is None
+    return total, entries
+
+
+def temp_files(base_dir: str) -> list[str]:
+    """Every temp file anywhere in the cache directory."""
+    return [
+        os.path.join(directory, name)
+        for directory, _, names in os.walk(base_dir)
+        for name in names
+        if layout.TEMP_PREFIX in name
+    ]
+
+
+def foreign_files(base_dir: str) -> list[str]:
+    """Files under data/ that are neither entries nor temp files."""
+    return [
+        os.path.join(directory, name)
+        for directory, _, names in os.walk(os.path.join(base_dir, layout.DATA_DIR))
+        for name in names
+        if layout.split_entry_name(name) is None and not layout.is_temp_name(name)
+    ]
+
+
+def snapshot(root: str) -> dict[str, tuple]:
+    """Names, kinds, sizes, modes, times and contents of everything under ``root``."""
+    found = {}
+    for directory, dirnames, names in os.walk(root):
+        for name in dirnames + names:
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            content = None
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as handle:
+                    content = handle.read()
+            elif os.path.islink(path):
+                content = os.readlink(path)
+            found[os.path.relpath(path, root)] = (
+                info.st_mode,
+                info.st_size,
+                info.st_mtime_ns,
+                info.st_ino,
+                content,
+            )
+    return found
+
+
+def entry_path(backend: Any, key: str) -> str:
+    return backend.store.layout.entry_path(layout.key_digest(layout.encode_key(key)))
+
+
+def data_paths(backend: Any, key: str) -> list[str]:
+    digest = layout.key_digest(layout.encode_key(key))
+    return [path for path, _ in backend.store.data_files(digest)]
+
+
+def wait_until_reconcile_due(backend: Any, timeout: float = 30.0) -> None:
+    """Wait (bounded) until the automatic reconciliation is due for ``backend``."""
+    deadline = time.monotonic() + timeout
+    while not backend.store.reconcile_due():
+        if time.monotonic() > deadline:
+            raise AssertionError("reconciliation never became due")
+        time.sleep(0.01)
+
+
+# -- processes and crash points -----------------------------------------------------
+
+
+def kill_at(target: Callable, nth: int = 1) -> None:
+    """SIGKILL this process when ``target`` is called for the ``nth`` time.
+
+    ``target`` is a Python function (matched by code object) or a builtin such
+    as ``os.replace`` (matched by identity).  The code under test runs
+    unchanged; only the moment of death is chosen.
+    """
+    code = getattr(target, "__code__", None)
+    calls = 0
+
+    def hook(frame, event, arg):
+        nonlocal calls
+        if (event == "call" and code is not None and frame.f_code is code) or (
+            event == "c_call" and code is None and arg is target
+        ):
+            calls += 1
+            if calls == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.setprofile(hook)
+
+
+def fork_child(body: Callable[[], Any], error_file: str | None = None) -> int:
+    """Fork a child that runs ``body`` and exits 0, or 3 after writing its error.
+
+    The child never returns into the caller (the test runner) whatever happens.
+    """
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 3
+    try:
+        body()
+        code = 0
+    except BaseException:
+        if error_file:
+            import traceback
+
+            with contextlib.suppress(Exception), open(error_file, "a") as handle:
+                handle.write(f"pid {os.getpid()}:\n{traceback.format_exc()}\n")
+    finally:
+        os._exit(code)
+
+
+def reap(pid: int, timeout: float = 60.0) -> int:
+    """Wait (bounded) for a child; its wait status.  A child still alive is killed and fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child {pid} did not finish within {timeout} s")
+        time.sleep(0.002)
+
+
+def in_child(func: Callable[..., Any], *args: Any, timeout: float = 60.0) -> Any:
+    """Run ``func(*args)`` in a forked child and return its (picklable) result.
+
+    For what must not happen in the test runner itself: dropping privileges,
+    lowering resource limits, or holding descriptors on a mount that the test
+    unmounts.  An exception in the child is re-raised here with its traceback.
+    """
+    import pickle
+    import select
+    import traceback
+
+    read_end, write_end = os.pipe()
+
+    def body() -> None:
+        os.close(read_end)
+        try:
+            outcome = ("ok", func(*args))
+        except BaseException:
+            outcome = ("error", traceback.format_exc())
+        data = pickle.dumps(outcome)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(write_end, view) :]
+
+    pid = fork_child(body)
+    os.close(write_end)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([read_end], [], [], remaining)[0]:
+                break
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+    status = reap(pid, max(1.0, deadline - time.monotonic()))
+    if not chunks:
+        raise AssertionError(f"child ended without a result (wait status {status})")
+    kind, result = pickle.loads(b"".join(chunks))
+    if kind == "error":
+        raise AssertionError(f"child failed:\n{result}")
+    return result
+
+
+def read_text(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# -- mounts (root only; tests skip when the machine does not allow them) ------------
+
+
+def try_mount(*args: str) -> str | None:
+    """Run ``mount ARGS``; None on success, else why it failed."""
+    if os.geteuid() != 0:
+        return "mounting needs root"
+    try:
+        result = subprocess.run(
+            ["mount", *args], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"mount is not available: {exc}"
+    if result.returncode:
+        return f"mount {' '.join(args)} is not permitted here: {result.stderr.strip()}"
+    return None
+
+
+def unmount(path: str) -> None:
+    """Unmount ``path``; lazily if something (a leaked descriptor) keeps it busy."""
+    result = subprocess.run(["umount", path], capture_output=True, timeout=30, check=False)
+    if result.returncode:
+        subprocess.run(["umount", "-l", path], capture_output=True, timeout=30, check=False)
+
+
+@contextlib.contextmanager
+def mounted(*args: str, target: str) -> Iterator[None]:
+    import pytest
+
+    problem = try_mount(*args, target)
+    if problem:
+        pytest.skip(problem)
+    try:
+        yield
+    finally:
+        unmount(target)
