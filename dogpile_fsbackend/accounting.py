@@ -21,6 +21,8 @@ import mmap
 import os
 import struct
 
+from .files import open_shared
+
 MAGIC = b"DFSA"
 VERSION = 1
 HEADER_SIZE = 64
@@ -28,6 +30,7 @@ _HEADER = struct.Struct("<4sII")
 _RECONCILED = struct.Struct("<d")
 _RECONCILED_OFFSET = 16
 _SHARD = struct.Struct("<qq")
+_EXISTING_FLAGS = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class NeedsReset(Exception):
@@ -44,9 +47,8 @@ class AccountingFile:
         self.shard_count = shard_count
         size = HEADER_SIZE + _SHARD.size * shard_count
         header = _HEADER.pack(MAGIC, VERSION, shard_count)
-        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if may_reset else 0)
         try:
-            fd = os.open(path, flags, mode)
+            fd = open_shared(path, mode) if may_reset else os.open(path, _EXISTING_FLAGS)
         except FileNotFoundError as exc:
             raise NeedsReset(path) from exc
         try:

@@ -243,11 +243,16 @@ class RawFSBackend(_FSBackendBase):
         try:
             try:
                 size, position = rawfiles.stage(
-                    fileobj, data_temp, data_fd, self.settings.file_movable
+                    fileobj,
+                    data_temp,
+                    data_fd,
+                    movable=self.settings.file_movable,
+                    data_dir=self.store.layout.data_dir,
+                    file_mode=self.settings.file_mode,
                 )
-                self.store.sync_if_asked(data_fd)
             finally:
                 os.close(data_fd)
+            self.store.sync_path_if_asked(data_temp)  # by path: it may be the caller's file now
             token = secrets.token_hex(8)
             meta = records.RawMeta(token, size, position, metadata, filename, content_type)
             record = records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)

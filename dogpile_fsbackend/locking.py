@@ -36,6 +36,8 @@ from collections.abc import Hashable, Iterator
 
 from dogpile.cache.api import CacheMutex
 
+from .files import open_shared
+
 EVICTION_OFFSET = 0
 SHARD_BASE_OFFSET = 1
 KEY_BASE_OFFSET = SHARD_BASE_OFFSET + 16**3  # room for the widest shard layout
@@ -85,9 +87,7 @@ class LockFile:
                 existing = cls._instances.get(_identity(os.stat(path)))
                 if existing is not None:
                     return existing
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-            if mode & 0o077:  # the umask may have stripped what was asked
-                os.fchmod(fd, mode)
+            fd = open_shared(path, mode)
             identity = _identity(os.fstat(fd))
             existing = cls._instances.get(identity)
             if existing is not None:  # the file moved under us: keep fd open, never close it

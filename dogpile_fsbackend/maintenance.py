@@ -14,6 +14,7 @@ an entry rewritten or read during the scan survives.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -109,6 +110,12 @@ def _evict_remembered(store: Store, result: PruneResult) -> bool:
     target = int(store.settings.cache_size * store.settings.eviction_low_water)
     total = store.totals()[0]
     remembered = store.eviction_order
+    if store.settings.expiration_time is not None:  # entries expired since the scan go first
+        now = time.time()
+        expired = [e for e in remembered if store.is_expired(e.created_ns / 1e9, now)]
+        if expired:
+            live = [e for e in remembered if not store.is_expired(e.created_ns / 1e9, now)]
+            remembered = store.eviction_order = collections.deque(expired + live)
     while remembered and total > target:
         entry = remembered.popleft()
         if freed := store.discard(entry.digest, entry.inode, entry.used_ns):

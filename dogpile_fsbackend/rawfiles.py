@@ -133,12 +133,15 @@ def unwrap(value: Any) -> tuple[Any, str | None, str | None]:
     return value, filename, content_type
 
 
-def stage(value: Any, temp_path: str, temp_fd: int, movable: bool) -> tuple[int, int]:
+def stage(
+    value: Any, temp_path: str, temp_fd: int, *, movable: bool, data_dir: str, file_mode: int
+) -> tuple[int, int]:
     """Put the bytes of ``value`` into the (empty, open) temp file: (size, position).
 
-    With ``movable`` and a named file on the same filesystem the temp file is
-    replaced by the caller's file itself (rename, or hard link for a
-    self-deleting ``NamedTemporaryFile``); otherwise the bytes are copied.
+    With ``movable`` and a named file on the same filesystem, outside the
+    cache's ``data_dir``, the temp file is replaced by the caller's file itself
+    (rename, or hard link for a self-deleting ``NamedTemporaryFile``), which
+    then gets ``file_mode``; otherwise the bytes are copied.
     """
     position = _tell(value)
     with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
@@ -147,7 +150,8 @@ def stage(value: Any, temp_path: str, temp_fd: int, movable: bool) -> tuple[int,
     source_fd = _fileno(value)
     if source_fd is not None and stat.S_ISREG(os.fstat(source_fd).st_mode):
         size = os.fstat(source_fd).st_size
-        if movable and _move_into(value, source_fd, temp_path, temp_fd):
+        if movable and _move_into(value, source_fd, temp_path, temp_fd, data_dir):
+            os.fchmod(source_fd, file_mode)
             return size, min(position, size)
         return _kernel_copy(source_fd, temp_fd, size), min(position, size)
     if position is None:  # a stream: store what is left, read back from the start
@@ -164,10 +168,16 @@ def stage(value: Any, temp_path: str, temp_fd: int, movable: bool) -> tuple[int,
     return size, min(position, size)
 
 
-def _move_into(value: Any, source_fd: int, temp_path: str, temp_fd: int) -> bool:
-    """Rename (or link) the caller's file over our temp file, if that is possible."""
+def _move_into(value: Any, source_fd: int, temp_path: str, temp_fd: int, data_dir: str) -> bool:
+    """Rename (or link) the caller's file over our temp file, if that is possible.
+
+    Never a file inside ``data_dir``: that is another entry's data (a cache hit
+    stored again), and moving it would steal it from under its shard lock.
+    """
     name = getattr(value, "name", None)
     if not isinstance(name, str):
+        return False
+    if os.path.realpath(name).startswith(os.path.realpath(data_dir) + os.sep):
         return False
     source = os.fstat(source_fd)
     try:
@@ -189,7 +199,11 @@ def _move_into(value: Any, source_fd: int, temp_path: str, temp_fd: int) -> bool
         if deletes_itself:  # link, as its own close() removes the original name
             link_path = f"{temp_path}-link"  # a temp name too, reclaimed if we die here
             os.link(name, link_path)
-            os.replace(link_path, temp_path)
+            try:
+                os.replace(link_path, temp_path)
+            except OSError:
+                os.unlink(link_path)
+                raise
         else:
             os.replace(name, temp_path)
     except OSError:
@@ -200,7 +214,7 @@ def _move_into(value: Any, source_fd: int, temp_path: str, temp_fd: int) -> bool
 def _kernel_copy(source_fd: int, target_fd: int, size: int) -> int:
     """Copy ``size`` bytes from offset 0 without moving the source's position."""
     offset = 0
-    use_copy_range = True
+    use_copy_range = hasattr(os, "copy_file_range")  # Linux only
     while offset < size:
         try:
             if use_copy_range:

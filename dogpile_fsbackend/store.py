@@ -32,6 +32,7 @@ from . import records
 from .accounting import AccountingFile, NeedsReset
 from .config import Settings
 from .exceptions import ConfigError
+from .files import make_dir, open_shared
 from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
     would drop this process's ``lockf`` locks.
     """
     path = os.path.join(base_dir, paths.MAINTENANCE_LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    fd = open_shared(path, mode)
     with os.fdopen(fd, "r+b") as handle:
         portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE)
         try:
@@ -102,8 +103,11 @@ class Store:
     def _prepare_base_dir(self) -> None:
         base_dir = self.settings.base_dir
         try:
-            os.makedirs(base_dir, mode=self.settings.dir_mode, exist_ok=True)
-            os.makedirs(self.layout.data_dir, mode=self.settings.dir_mode, exist_ok=True)
+            for directory in (base_dir, self.layout.data_dir):
+                if not os.path.isdir(directory):
+                    os.makedirs(os.path.dirname(directory), exist_ok=True)
+                    with contextlib.suppress(FileExistsError):  # another process made it
+                        make_dir(directory, self.settings.dir_mode)
         except (FileExistsError, NotADirectoryError) as exc:
             raise ConfigError(
                 "base_dir", "a directory (or a path where one can be made)", base_dir
@@ -152,6 +156,7 @@ class Store:
             temp_path = f"{marker_path}{paths.TEMP_PREFIX}{os.getpid()}"
             remove_quietly(temp_path)  # a leftover, or a symlink planted to redirect this write
             fd = os.open(temp_path, _CREATE_FLAGS, self.settings.file_mode)
+            os.fchmod(fd, self.settings.file_mode)
             with open(fd, "w") as handle:
                 json.dump(wanted, handle, indent=2)
             os.replace(temp_path, marker_path)
@@ -285,7 +290,7 @@ class Store:
             level = os.path.join(level, part)
             for _ in range(3):  # another process may be repairing the same path
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(level, self.settings.dir_mode)
+                    make_dir(level, self.settings.dir_mode)
                     break
                 with contextlib.suppress(FileNotFoundError):
                     if stat.S_ISDIR(os.lstat(level).st_mode):
@@ -317,6 +322,14 @@ class Store:
     def sync_if_asked(self, fd: int) -> None:
         if self.settings.fsync:
             os.fsync(fd)
+
+    def sync_path_if_asked(self, path: str) -> None:
+        if self.settings.fsync:
+            fd = os.open(path, _READ_FLAGS)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def publish(
         self, digest: str, record_temp: str, size: int, data_temp: str = "", token: str = ""
@@ -383,11 +396,31 @@ class Store:
             size = os.lstat(self.layout.entry_path(digest)).st_size
             existed = 1
         data = []
-        if self.kind == records.KIND_RAW:
-            for data_path, data_size in self.data_files(digest):
+        if self.kind == records.KIND_RAW and existed:  # without a record, leftovers are scans' job
+            for data_path, data_size in self._live_data_file(digest) or self.data_files(digest):
                 size += data_size
                 data.append(data_path)
         return size, existed, data
+
+    def _live_data_file(self, digest: str) -> list[tuple[str, int]]:
+        """(path, size) of the data file a raw record names; [] if that cannot be read.
+
+        Cheaper than listing the directory, which a caller falls back to.
+        """
+        entry_path = self.layout.entry_path(digest)
+        try:
+            fd = os.open(entry_path, _READ_FLAGS)
+            try:
+                blob = _read_exactly(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+            key = records.stored_key(blob)
+            if key is None:
+                return []
+            token = records.RawMeta.from_bytes(records.decode(blob, self.kind, key).payload).token
+            return [(f"{entry_path}.{token}", os.lstat(f"{entry_path}.{token}").st_size)]
+        except (OSError, records.DamagedRecord):
+            return []
 
     def data_files(self, digest: str) -> list[tuple[str, int]]:
         """(path, size) of every ``<digest>.<token>`` data file beside an entry."""

@@ -488,3 +488,17 @@ def test_dropped_reader_closes_quietly(raw_region, recwarn):
     gc.collect()
     assert not open_as_fd()
     assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
+def test_a_cache_hit_stored_again_with_file_movable_is_copied_not_taken(raw_region):
+    """A hit is named after another entry's data file: moving it would steal that entry."""
+    region = raw_region(file_movable=True)
+    region.set("one", io.BytesIO(b"payload"))
+    with region.get("one") as hit:
+        region.set("two", hit)
+    for key in ("one", "two"):
+        with region.get(key) as cached:
+            assert cached.read() == b"payload"
+    report = region.backend.verify()
+    assert report.accounting_drift == 0
+    assert region.backend.stats()["entries"] == 2

@@ -125,12 +125,6 @@ def test_entry_file_mode_wins_over_a_restrictive_umask(tmp_path, kind):
     assert stat.S_IMODE(os.stat(faultkit.entry_path(region.backend, "key")).st_mode) == 0o640
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dir_mode and the modes of lock, accounting and maintenance.lock are passed to "
-    "mkdir/open and so reduced by the umask; only entry files are fchmod'ed to file_mode. "
-    "A group-shared cache (0o660/0o770) under the usual umask 022 gets 0o640/0o750.",
-)
 def test_group_shared_modes_survive_the_usual_umask(tmp_path):
     base_dir = tmp_path / "cache"
     with umask(0o022):
@@ -139,6 +133,20 @@ def test_group_shared_modes_survive_the_usual_umask(tmp_path):
     for path, bits in modes(base_dir).items():
         expected = 0o770 if os.path.isdir(base_dir / path) else 0o660
         assert bits == expected, (path, oct(bits))
+
+
+def test_a_file_moved_in_takes_file_mode(tmp_path):
+    """A caller's file renamed into the cache becomes an entry file like any other."""
+    base_dir = tmp_path / "cache"
+    region = make("raw", base_dir, file_movable=True, file_mode=0o640)
+    source = base_dir / "made-by-the-app"
+    source.write_bytes(b"payload")
+    os.chmod(source, 0o600)
+    with open(source, "rb") as handle:
+        region.set("key", handle)
+    assert not source.exists()  # moved, not copied
+    for data in faultkit.data_paths(region.backend, "key"):
+        assert stat.S_IMODE(os.stat(data).st_mode) == 0o640
 
 
 # -- planted symlinks ----------------------------------------------------------------------
