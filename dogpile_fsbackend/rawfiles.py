@@ -53,19 +53,6 @@ class CachedFile:
         return getattr(self.fileobj, name)
 
 
-class _CachedFileIO(io.FileIO):
-    """The descriptor under a CachedFileReader, closed without an "unclosed file" warning.
-
-    dogpile fetches a value, finds it stale (region expiration or
-    invalidation) and drops it without closing it; the file is closed when
-    collected (at once in CPython), so the warning would only be noise the
-    application cannot prevent.
-    """
-
-    def _dealloc_warn(self, source: object) -> None:
-        pass
-
-
 class CachedFileReader(io.BufferedReader):
     """What a cached raw get returns: a read-only binary file, plus its metadata.
 
@@ -90,7 +77,7 @@ class CachedFileReader(io.BufferedReader):
 def open_cached(data_path: str, meta: RawMeta, created: float) -> CachedFileReader:
     """Open a data file read-only at the creator's position; FileNotFoundError if gone."""
     try:
-        raw = _CachedFileIO(data_path, "rb", opener=_nofollow_opener)
+        raw = io.FileIO(data_path, "rb", opener=_nofollow_opener)
     except OSError as exc:  # ELOOP: a symlink planted in place of the data file
         if exc.errno != errno.ELOOP:
             raise
