@@ -235,6 +235,9 @@ class RawFSBackend(_FSBackendBase):
         if isinstance(value, CachedValue):
             value, metadata = value.payload, value.metadata
         fileobj, filename, content_type = rawfiles.unwrap(value)
+        known_size = rawfiles.file_size(fileobj)
+        if known_size is not None and not self._fits(key, known_size):
+            return  # refused before a byte is copied or the caller's file is moved
         key_bytes = layout.encode_key(key)
         digest = layout.key_digest(key_bytes)
         created = time.time()

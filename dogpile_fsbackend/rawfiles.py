@@ -219,6 +219,15 @@ def _kernel_copy(source_fd: int, target_fd: int, size: int) -> int:
     return offset
 
 
+def file_size(value: Any) -> int | None:
+    """The size of a value backed by a regular file, without reading it; None otherwise."""
+    source_fd = _fileno(value)
+    if source_fd is None:
+        return None
+    info = os.fstat(source_fd)
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
 def _tell(value: Any) -> int | None:
     seekable = getattr(value, "seekable", None)
     if callable(seekable) and not seekable():

@@ -819,7 +819,8 @@ def test_value_larger_than_the_cache_is_not_cached_with_a_warning(tmp_path, kind
         region.set("key", value)
     assert "larger than cache_size" in caplog.text
     if kind != "pickled":
-        value.seek(0)  # the caller's file still reads whole, moved or not
+        assert big.exists()  # refused before the caller's file was moved in
+        value.seek(0)  # the caller's file still reads whole
         assert faultkit.check_blob("key", value.read()) is None
         value.close()
     assert region.get("key") is NO_VALUE  # never the value this set replaced
