@@ -25,6 +25,7 @@ from .locking import FileMutex
 from .store import Store, remove_quietly
 
 log = logging.getLogger(__name__)
+_TOKEN_LENGTH = 16  # hex digits naming a raw entry's data file; new for every write
 
 
 class _FSBackendBase(CacheBackend):
@@ -235,12 +236,19 @@ class RawFSBackend(_FSBackendBase):
         if isinstance(value, CachedValue):
             value, metadata = value.payload, value.metadata
         fileobj, filename, content_type = rawfiles.unwrap(value)
-        known_size = rawfiles.file_size(fileobj)
-        if known_size is not None and not self._fits(key, known_size):
-            return  # refused before a byte is copied or the caller's file is moved
         key_bytes = layout.encode_key(key)
         digest = layout.key_digest(key_bytes)
         created = time.time()
+
+        def encode_record(token: str, size: int, position: int) -> bytes:
+            meta = records.RawMeta(token, size, position, metadata, filename, content_type)
+            return records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)
+
+        known_size = rawfiles.file_size(fileobj)
+        if known_size is not None:  # refuse before a byte is copied or the caller's file moved
+            largest_record = encode_record("0" * _TOKEN_LENGTH, known_size, known_size)
+            if not self._fits(key, known_size + len(largest_record)):
+                return
         data_fd, data_temp = self.store.open_temp(digest)
         record_temp = None
         try:
@@ -256,10 +264,9 @@ class RawFSBackend(_FSBackendBase):
             finally:
                 os.close(data_fd)
             self.store.sync_path_if_asked(data_temp)  # by path: it may be the caller's file now
-            token = secrets.token_hex(8)
-            meta = records.RawMeta(token, size, position, metadata, filename, content_type)
-            record = records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)
-            if not self._fits(key, size + len(record)):
+            token = secrets.token_hex(_TOKEN_LENGTH // 2)
+            record = encode_record(token, size, position)
+            if not self._fits(key, size + len(record)):  # a stream, or a file that grew
                 remove_quietly(data_temp)
                 return
             record_temp = self.store.write_temp(digest, record)

@@ -27,4 +27,8 @@ def open_shared(path: str, mode: int) -> int:
 def make_dir(path: str, mode: int) -> None:
     """``os.mkdir`` with exactly ``mode``; FileExistsError if something is there."""
     os.mkdir(path, mode)
-    os.chmod(path, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # by descriptor: never chmod through a symlink swapped in meanwhile
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)

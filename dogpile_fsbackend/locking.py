@@ -21,6 +21,7 @@ lock file resets its in-process state (``os.register_at_fork``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -52,11 +53,14 @@ _FLOCK = struct.Struct("qqihh" if _FLOCK_BSD else "hhqqi4x")
 
 
 class _NameLock:
-    __slots__ = ("lock", "users")
+    __slots__ = ("holder_bytes", "lock", "users")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.users = 0
+        # The acquiring thread's byte counts, so that a release from any thread
+        # (dogpile's async_creation_runner releases elsewhere) updates them.
+        self.holder_bytes: collections.Counter[int] | None = None
 
 
 class _ByteLock:
@@ -110,7 +114,7 @@ class LockFile:
     @classmethod
     def _reset_all_after_fork(cls) -> None:
         cls._instances_guard = threading.Lock()
-        _thread_state.held = set()  # the forking thread's bytes stay with the parent
+        _thread_state.held = collections.Counter()  # the forking thread's bytes stay behind
         for lock_file in list(cls._all):
             lock_file._reset()
 
@@ -131,6 +135,9 @@ class LockFile:
                 finally:
                     if not acquired:
                         entry.lock.release()
+                if acquired:
+                    entry.holder_bytes = _held_by_thread()
+                    entry.holder_bytes[offset] += 1
         finally:
             if not acquired:
                 self._drop_name(name, entry)
@@ -146,7 +153,11 @@ class LockFile:
             byte.holders -= 1
             if byte.holders == 0:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
-                _held_by_thread().discard(offset)
+            if entry.holder_bytes is not None:
+                entry.holder_bytes[offset] -= 1
+                if entry.holder_bytes[offset] <= 0:
+                    del entry.holder_bytes[offset]
+                entry.holder_bytes = None
             entry.lock.release()
         self._drop_name(name, entry)
 
@@ -218,14 +229,13 @@ class LockFile:
         while True:
             try:
                 fcntl.lockf(self.fd, flags, 1, offset)
-                _held_by_thread().add(offset)
                 return True
             except OSError as exc:
                 if exc.errno in _CONTENTION_ERRNOS and not wait:
                     return False
                 if exc.errno != errno.EDEADLK:
                     raise
-                if _held_by_thread() - {offset}:
+                if any(held != offset for held in list(_held_by_thread())):
                     give_up = give_up or time.monotonic() + _DEADLOCK_GIVE_UP
                     if time.monotonic() > give_up:
                         raise OSError(
@@ -241,11 +251,11 @@ class LockFile:
 _thread_state = threading.local()
 
 
-def _held_by_thread() -> set[int]:
-    """Lock bytes this thread took from the kernel (a hint for EDEADLK handling only)."""
+def _held_by_thread() -> collections.Counter[int]:
+    """Lock bytes this thread holds, with counts (a hint for EDEADLK handling only)."""
     held = getattr(_thread_state, "held", None)
     if held is None:
-        held = _thread_state.held = set()
+        held = _thread_state.held = collections.Counter()
     return held
 
 

@@ -43,6 +43,8 @@ FORMAT_VERSION = 1
 KIND_NAMES = {records.KIND_PICKLED: "pickled", records.KIND_RAW: "raw"}
 # O_NONBLOCK: a FIFO planted where an entry belongs must not hang the reader.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# A path that is missing, or runs through something planted (a file, a symlink loop).
+_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -207,10 +209,11 @@ class Store:
             fd = os.open(path, _READ_FLAGS)
         except FileNotFoundError:
             return None
-        except OSError:  # ELOOP: a symlink planted where an entry belongs
-            if not os.path.islink(path):
+        except OSError as exc:  # ELOOP: a symlink planted in an entry's or a directory's place
+            if exc.errno not in _PATH_ERRNOS:
                 raise
-            self.discard(digest, os.lstat(path).st_ino)
+            if os.path.islink(path):
+                self.discard(digest, os.lstat(path).st_ino)
             return None
         try:
             info = os.fstat(fd)
@@ -263,7 +266,9 @@ class Store:
         """
         try:
             info = os.stat(directory)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError as exc:  # missing, or a planted symlink loop (ELOOP)
+            if exc.errno not in _PATH_ERRNOS:
+                raise
             return False
         identity = (info.st_dev, info.st_ino)
         if self._known_dirs.get(directory) == identity:
@@ -393,8 +398,9 @@ class Store:
         """(total bytes, 1 if the record exists else 0, data file paths) of an entry."""
         size = existed = 0
         with contextlib.suppress(FileNotFoundError):
-            size = os.lstat(self.layout.entry_path(digest)).st_size
-            existed = 1
+            info = os.lstat(self.layout.entry_path(digest))
+            if stat.S_ISREG(info.st_mode):  # a planted symlink was never counted
+                size, existed = info.st_size, 1
         data = []
         if self.kind == records.KIND_RAW and existed:  # without a record, leftovers are scans' job
             for data_path, data_size in self._live_data_file(digest) or self.data_files(digest):
@@ -418,7 +424,10 @@ class Store:
             if key is None:
                 return []
             token = records.RawMeta.from_bytes(records.decode(blob, self.kind, key).payload).token
-            return [(f"{entry_path}.{token}", os.lstat(f"{entry_path}.{token}").st_size)]
+            info = os.lstat(f"{entry_path}.{token}")
+            if not stat.S_ISREG(info.st_mode):
+                return []
+            return [(f"{entry_path}.{token}", info.st_size)]
         except (OSError, records.DamagedRecord):
             return []
 

@@ -928,3 +928,16 @@ def test_cached_value_metadata_round_trips_for_hostile_keys(tmp_path):
         assert found.metadata == {"ct": 1.0, "v": 2}
         with found.payload as hit:
             assert hit.read() == b"bytes"
+
+
+def test_movable_file_just_under_the_room_but_over_it_with_its_record_stays_put(tmp_path):
+    """The record counts too: a file that fits alone but not with its record is refused
+    before it is moved, never moved in and then deleted."""
+    base_dir = tmp_path / "cache"
+    region = raw(base_dir, cache_size=10_000, file_movable=True)
+    source = base_dir / "made-by-the-app"
+    source.write_bytes(b"z" * 9_000)  # the room is 9,000 bytes (0.9 x 10,000)
+    with open(source, "rb") as handle, pytest.warns(CacheSizeWarning):
+        region.set("key", handle)
+    assert source.read_bytes() == b"z" * 9_000
+    assert region.get("key") is NO_VALUE

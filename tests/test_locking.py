@@ -16,6 +16,7 @@ from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import CacheMutex
 
+from dogpile_fsbackend import locking
 from dogpile_fsbackend.locking import FileMutex, key_slot
 
 FORK = multiprocessing.get_context("fork")
@@ -481,3 +482,29 @@ def test_only_one_lock_file_whatever_the_number_of_keys(cache_dir):
     assert outside_data == ["accounting", "fsbackend.json", "lock", "maintenance.lock"]
     assert len([path for path in everything if "lock" in os.path.basename(path)]) == 2
     assert len([p for p in everything if p.startswith("data" + os.sep)]) == 60  # record + data
+
+
+def test_a_new_backend_on_the_same_directory_keeps_this_process_locks(cache_dir):
+    """Opening the lock file again and closing that descriptor would drop every lockf lock."""
+    mutex = raw_backend(cache_dir).get_mutex("foo")
+    mutex.acquire()
+    try:
+        raw_backend(cache_dir)
+        raw_backend(cache_dir, distributed_lock=False)
+        assert not try_in_another_process(cache_dir, "foo")
+    finally:
+        mutex.release()
+    assert try_in_another_process(cache_dir, "foo")
+
+
+def test_a_mutex_released_by_another_thread_leaves_no_trace_in_the_acquirer(cache_dir):
+    """dogpile's async_creation_runner releases in its own thread; the acquiring thread
+    must not go on believing it holds the byte (that would turn a spurious EDEADLK into
+    a give-up instead of a retry)."""
+    mutex = raw_backend(cache_dir).get_mutex("foo")
+    mutex.acquire()
+    assert sum(locking._held_by_thread().values()) == 1
+    releaser = threading.Thread(target=mutex.release)
+    releaser.start()
+    releaser.join(WAIT)
+    assert not locking._held_by_thread()

@@ -499,3 +499,20 @@ def test_signing_or_json_serializer_turns_a_forged_entry_into_a_miss(
         assert region.get("key") is NO_VALUE
         assert region.get_or_create("key", lambda: value) == value
     assert not proof.exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_symlink_loop_planted_as_a_shard_directory_is_a_miss_and_repaired(tmp_path, kind):
+    """A loop makes every path through it fail with ELOOP: a miss, never an exception."""
+    base_dir = tmp_path / "cache"
+    region = make(kind, base_dir)
+    put(region, kind, "key")
+    shard = os.path.dirname(os.path.dirname(faultkit.entry_path(region.backend, "key")))
+    shutil.rmtree(shard)
+    os.symlink(os.path.basename(shard), shard)  # data/x -> x
+    assert region.get("key") is NO_VALUE
+    region.backend.prune()
+    region.backend.verify()
+    put(region, kind, "key")  # the write replaces the loop with a real directory
+    assert not os.path.islink(shard)
+    assert writer_of(region, kind, "key") == 0
