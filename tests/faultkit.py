@@ -20,10 +20,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from conftest import WAIT
 from dogpile.cache.api import NO_VALUE, CachedValue
 
 from dogpile_fsbackend import layout
@@ -353,3 +355,13 @@ def mounted(*args: str, target: str) -> Iterator[None]:
         yield
     finally:
         unmount(target)
+
+
+def run_bounded(func, *args):
+    """``func(*args)`` in a thread, failing (instead of hanging the suite) if it blocks."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(func(*args)), daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    assert result, f"{func.__name__} blocked"
+    return result[0]

@@ -32,7 +32,6 @@ from unittest import mock
 
 import faultkit
 import pytest
-from conftest import WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE, CachedValue
 
@@ -217,22 +216,12 @@ def test_raw_data_file_of_the_wrong_length_is_a_miss_and_removed(tmp_path, damag
     else:
         os.unlink(data_path)
         os.mkfifo(data_path)
-    assert run_bounded(region.get, "victim") is NO_VALUE
+    assert faultkit.run_bounded(region.get, "victim") is NO_VALUE
     assert not os.path.exists(faultkit.entry_path(region.backend, "victim"))
     assert not os.path.exists(data_path)
     assert faultkit.check_raw_hit("bystander", region.get("bystander")) is None
     region.backend.verify()
     assert_consistent(region, base_dir)
-
-
-def run_bounded(func, *args):
-    """``func(*args)`` in a thread, failing (instead of hanging the suite) if it blocks."""
-    result = []
-    thread = threading.Thread(target=lambda: result.append(func(*args)), daemon=True)
-    thread.start()
-    thread.join(WAIT)
-    assert result, f"{func.__name__} blocked"
-    return result[0]
 
 
 @pytest.mark.parametrize("kind", ["pickled", "raw"])

@@ -29,7 +29,6 @@ import stat
 
 import faultkit
 import pytest
-from conftest import WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE, CantDeserializeException
 
@@ -61,6 +60,15 @@ def writer_of(region, kind, key):
     blob = faultkit.read_raw(found)
     assert faultkit.check_blob(key, blob) is None
     return json.loads(blob.partition(b"\n")[0])[1]
+
+
+def vacate(region, key):
+    """Remove a key's files and return the path of its entry, free for something planted."""
+    entry = faultkit.entry_path(region.backend, key)
+    for data in faultkit.data_paths(region.backend, key):
+        os.unlink(data)
+    os.unlink(entry)
+    return entry
 
 
 def modes(base_dir):
@@ -318,13 +326,10 @@ def test_fifo_planted_as_an_entry_is_a_miss_not_a_hang(tmp_path, kind):
     base_dir = tmp_path / "cache"
     region = make(kind, base_dir)
     put(region, kind, "key")
-    entry = faultkit.entry_path(region.backend, "key")
-    for data in faultkit.data_paths(region.backend, "key"):
-        os.unlink(data)
-    os.unlink(entry)
+    entry = vacate(region, "key")
     os.mkfifo(entry)
     try:
-        assert _bounded(region.get, "key") is NO_VALUE
+        assert faultkit.run_bounded(region.get, "key") is NO_VALUE
     finally:
         with contextlib.suppress(OSError):  # unblock a hung reader, if any
             os.close(os.open(entry, os.O_WRONLY | os.O_NONBLOCK))
@@ -334,17 +339,6 @@ def test_fifo_planted_as_an_entry_is_a_miss_not_a_hang(tmp_path, kind):
     assert writer_of(region, kind, "key") == 1
 
 
-def _bounded(func, *args):
-    import threading
-
-    result = []
-    thread = threading.Thread(target=lambda: result.append(func(*args)), daemon=True)
-    thread.start()
-    thread.join(WAIT)
-    assert result, f"{func.__name__} blocked"
-    return result[0]
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_directory_planted_as_an_entry(tmp_path, kind):
     """A get is a miss; a set of that key raises IsADirectoryError and leaves no temp file."""
@@ -352,10 +346,7 @@ def test_directory_planted_as_an_entry(tmp_path, kind):
     region = make(kind, base_dir)
     put(region, kind, "key")
     put(region, kind, "other")
-    entry = faultkit.entry_path(region.backend, "key")
-    for data in faultkit.data_paths(region.backend, "key"):
-        os.unlink(data)
-    os.unlink(entry)
+    entry = vacate(region, "key")
     os.mkdir(entry)
     assert region.get("key") is NO_VALUE
     with pytest.raises(IsADirectoryError):
@@ -372,10 +363,7 @@ def test_hard_link_planted_as_an_entry_never_changes_the_linked_file(tmp_path, k
     base_dir = tmp_path / "cache"
     region = make(kind, base_dir)
     put(region, kind, "key")
-    entry = faultkit.entry_path(region.backend, "key")
-    for data in faultkit.data_paths(region.backend, "key"):
-        os.unlink(data)
-    os.unlink(entry)
+    entry = vacate(region, "key")
     before = faultkit.snapshot(str(outside))
     os.link(outside / "precious", entry)
     assert region.get("key") is NO_VALUE
