@@ -54,7 +54,7 @@ class Settings:
     file_movable: bool = False
     shard_depth: int = 2
     shard_width: int = 1
-    lock_slots: int = 4096
+    lock_slots: int = 2**32  # sparse: an unlocked byte of the lock file costs nothing
     file_mode: int = 0o600
     dir_mode: int = 0o700
     fsync: bool = False
@@ -162,7 +162,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "file_movable": parse_bool,
     "shard_depth": _int_in(1, 4),
     "shard_width": _int_in(1, 3),
-    "lock_slots": _int_in(1, 1 << 20),
+    "lock_slots": _int_in(1, 1 << 48),
     "file_mode": parse_mode,
     "dir_mode": parse_mode,
     "fsync": parse_bool,

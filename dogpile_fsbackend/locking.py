@@ -2,8 +2,9 @@
 
 Every lock is one byte of the cache's lock file: byte 0 guards eviction, the
 next bytes guard the accounting shards, and the key mutexes hash onto
-``lock_slots`` bytes after those.  No lock file is ever created or deleted per
-key.
+``lock_slots`` bytes after those (2**32 by default: a lock file is sparse, an
+unlocked byte costs nothing, so distinct keys practically never share a byte).
+No lock file is ever created or deleted per key.
 
 POSIX record locks belong to the *process*: two threads never exclude each
 other through them, and closing *any* descriptor of the file drops *all* of the
@@ -21,7 +22,6 @@ lock file resets its in-process state (``os.register_at_fork``).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import fcntl
@@ -45,7 +45,6 @@ KEY_BASE_OFFSET = SHARD_BASE_OFFSET + 16**3  # room for the widest shard layout
 
 _CONTENTION_ERRNOS = frozenset({errno.EACCES, errno.EAGAIN})
 _DEADLOCK_BACKOFF_MAX = 0.05
-_DEADLOCK_GIVE_UP = 10.0  # seconds of EDEADLK before a thread holding other bytes gives up
 # struct flock for F_GETLK.  Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding);
 # the BSDs and macOS: l_start, l_len, l_pid, l_type, l_whence.
 _FLOCK_BSD = sys.platform == "darwin" or "bsd" in sys.platform
@@ -53,22 +52,20 @@ _FLOCK = struct.Struct("qqihh" if _FLOCK_BSD else "hhqqi4x")
 
 
 class _NameLock:
-    __slots__ = ("holder_bytes", "lock", "users")
+    __slots__ = ("lock", "users")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.users = 0
-        # The acquiring thread's byte counts, so that a release from any thread
-        # (dogpile's async_creation_runner releases elsewhere) updates them.
-        self.holder_bytes: collections.Counter[int] | None = None
 
 
 class _ByteLock:
-    __slots__ = ("gate", "holders")
+    __slots__ = ("gate", "holders", "users")
 
     def __init__(self) -> None:
         self.gate = threading.Lock()  # one thread at a time asks the kernel
         self.holders = 0  # names of this process that hold the byte
+        self.users = 0  # threads holding or asking for it; forgotten at 0 (slots are sparse)
 
 
 class LockFile:
@@ -114,7 +111,6 @@ class LockFile:
     @classmethod
     def _reset_all_after_fork(cls) -> None:
         cls._instances_guard = threading.Lock()
-        _thread_state.held = collections.Counter()  # the forking thread's bytes stay behind
         for lock_file in list(cls._all):
             lock_file._reset()
 
@@ -135,9 +131,6 @@ class LockFile:
                 finally:
                     if not acquired:
                         entry.lock.release()
-                if acquired:
-                    entry.holder_bytes = _held_by_thread()
-                    entry.holder_bytes[offset] += 1
         finally:
             if not acquired:
                 self._drop_name(name, entry)
@@ -153,11 +146,7 @@ class LockFile:
             byte.holders -= 1
             if byte.holders == 0:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
-            if entry.holder_bytes is not None:
-                entry.holder_bytes[offset] -= 1
-                if entry.holder_bytes[offset] <= 0:
-                    del entry.holder_bytes[offset]
-                entry.holder_bytes = None
+            self._forget_byte_user(offset, byte)
             entry.lock.release()
         self._drop_name(name, entry)
 
@@ -196,36 +185,43 @@ class LockFile:
             byte = self._bytes.get(offset)
             if byte is None:
                 byte = self._bytes[offset] = _ByteLock()
+            byte.users += 1
             if byte.holders:
                 byte.holders += 1
                 return True
-        if not byte.gate.acquire(wait):
-            return False
+        acquired = False
         try:
-            with self._guard:
-                if byte.holders:
-                    byte.holders += 1
-                    return True
-            if not self._lockf(offset, wait):
+            if not byte.gate.acquire(wait):
                 return False
-            with self._guard:
-                byte.holders = 1
-            return True
+            try:
+                with self._guard:
+                    if byte.holders:
+                        byte.holders += 1
+                        acquired = True
+                        return True
+                if not self._lockf(offset, wait):
+                    return False
+                with self._guard:
+                    byte.holders = 1
+                acquired = True
+                return True
+            finally:
+                byte.gate.release()
         finally:
-            byte.gate.release()
+            if not acquired:
+                with self._guard:
+                    self._forget_byte_user(offset, byte)
+
+    def _forget_byte_user(self, offset: int, byte: _ByteLock) -> None:
+        """One thread less holds or asks for ``byte`` (the guard is held)."""
+        byte.users -= 1
+        if byte.users == 0 and self._bytes.get(offset) is byte:
+            del self._bytes[offset]
 
     def _lockf(self, offset: int, wait: bool) -> bool:
-        """Ask the kernel for the byte, retrying a spurious EDEADLK.
-
-        The kernel sees processes, not threads: a wait-for cycle through
-        different threads is no real deadlock and clears, so it is retried.
-        But a thread that already holds another byte may be in a real cycle
-        (two keys sharing a byte make one out of nested ``get_or_create``
-        calls): it gives up after ``_DEADLOCK_GIVE_UP`` seconds, raising.
-        """
+        """Ask the kernel for the byte; retry when it reports a (thread-induced) EDEADLK."""
         flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
         backoff = 0.001
-        give_up = None
         while True:
             try:
                 fcntl.lockf(self.fd, flags, 1, offset)
@@ -235,28 +231,12 @@ class LockFile:
                     return False
                 if exc.errno != errno.EDEADLK:
                     raise
-                if any(held != offset for held in list(_held_by_thread())):
-                    give_up = give_up or time.monotonic() + _DEADLOCK_GIVE_UP
-                    if time.monotonic() > give_up:
-                        raise OSError(
-                            errno.EDEADLK,
-                            f"deadlock on byte {offset} of {self.path}: this thread holds "
-                            "another lock byte that the other process waits for "
-                            "(keys sharing a byte? raise lock_slots)",
-                        ) from exc
+            # The kernel sees processes, not threads: a wait-for cycle through
+            # different threads of one process is not a real deadlock, so back
+            # off and retry.  (A real one would need two keys on one byte:
+            # with 2**32 sparse slots by default, practically never.)
             time.sleep(backoff * (1 + random.random()))
             backoff = min(backoff * 2, _DEADLOCK_BACKOFF_MAX)
-
-
-_thread_state = threading.local()
-
-
-def _held_by_thread() -> collections.Counter[int]:
-    """Lock bytes this thread holds, with counts (a hint for EDEADLK handling only)."""
-    held = getattr(_thread_state, "held", None)
-    if held is None:
-        held = _thread_state.held = collections.Counter()
-    return held
 
 
 os.register_at_fork(after_in_child=LockFile._reset_all_after_fork)

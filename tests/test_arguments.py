@@ -289,7 +289,7 @@ BAD_VALUES = {
     "file_movable": ["perhaps", 2, 0.0, {}],
     "shard_depth": [0, 5, -1, "x", 1.5, "2.0", True, None],
     "shard_width": [0, 4, "wide", 2.0, False, None],
-    "lock_slots": [0, -1, 2**20 + 1, "many", 3.0, True, None],
+    "lock_slots": [0, -1, 2**48 + 1, "many", 3.0, True, None],
     "file_mode": [-1, 0o1000, "999", "rw-r--r--", True, None, 6.0],
     "dir_mode": [-1, 0o7777, "8", "rwx", False, None, 7.0],
     "fsync": ["sometimes", 2, [], 1.0],

@@ -17,7 +17,10 @@ from dogpile.cache import make_region
 from dogpile.cache.api import CacheMutex
 
 from dogpile_fsbackend import locking
+from dogpile_fsbackend.config import Settings
 from dogpile_fsbackend.locking import FileMutex, key_slot
+
+SLOTS = Settings.lock_slots  # the default
 
 FORK = multiprocessing.get_context("fork")
 
@@ -182,7 +185,7 @@ def _try_acquire(base_dir, key, lock_slots, results) -> None:
         mutex.release()
 
 
-def try_in_another_process(base_dir, key, lock_slots=4096) -> bool:
+def try_in_another_process(base_dir, key, lock_slots=SLOTS) -> bool:
     results = SPAWN.Queue()
     child = SPAWN.Process(target=_try_acquire, args=(base_dir, key, lock_slots, results))
     child.start()
@@ -196,7 +199,7 @@ def try_in_another_process(base_dir, key, lock_slots=4096) -> bool:
 def test_locked_is_true_while_another_process_holds_it(cache_dir):
     mutex = raw_backend(cache_dir).get_mutex("foo")
     held, release = SPAWN.Event(), SPAWN.Event()
-    child = SPAWN.Process(target=_hold, args=(cache_dir, "foo", 4096, held, release))
+    child = SPAWN.Process(target=_hold, args=(cache_dir, "foo", SLOTS, held, release))
     child.start()
     try:
         assert held.wait(WAIT)
@@ -230,7 +233,7 @@ def test_mutex_excludes_a_second_process(cache_dir):
     try:
         assert attempting.wait(WAIT)
         lock_path = os.path.join(cache_dir, "lock")
-        assert wait_until_blocked(child.pid, lock_path, key_slot(b"foo", 4096))
+        assert wait_until_blocked(child.pid, lock_path, key_slot(b"foo", SLOTS))
         assert results.empty()
         released_at = time.monotonic()
     finally:
@@ -244,7 +247,7 @@ def test_mutex_excludes_a_second_process(cache_dir):
 def test_a_waiting_thread_is_woken_when_another_process_releases(cache_dir):
     mutex = raw_backend(cache_dir).get_mutex("foo")
     held, release = SPAWN.Event(), SPAWN.Event()
-    child = SPAWN.Process(target=_hold, args=(cache_dir, "foo", 4096, held, release))
+    child = SPAWN.Process(target=_hold, args=(cache_dir, "foo", SLOTS, held, release))
     child.start()
     assert held.wait(WAIT)
     acquired = threading.Event()
@@ -258,7 +261,7 @@ def test_a_waiting_thread_is_woken_when_another_process_releases(cache_dir):
     try:
         # The kernel reports the waiting thread under its process id.
         assert wait_until_blocked(
-            os.getpid(), os.path.join(cache_dir, "lock"), key_slot(b"foo", 4096)
+            os.getpid(), os.path.join(cache_dir, "lock"), key_slot(b"foo", SLOTS)
         )
         assert not acquired.is_set()
     finally:
@@ -291,7 +294,7 @@ def test_a_killed_holder_releases_the_mutex(cache_dir):
 
 
 def test_keys_in_different_slots_do_not_exclude_each_other(cache_dir):
-    assert key_slot(b"foo", 4096) != key_slot(b"bar", 4096)
+    assert key_slot(b"foo", SLOTS) != key_slot(b"bar", SLOTS)
     mutex = raw_backend(cache_dir).get_mutex("foo")
     mutex.acquire()
     try:
@@ -466,7 +469,7 @@ def test_only_one_lock_file_whatever_the_number_of_keys(cache_dir):
             pass
     held_slots = {mutex._offset for mutex in held}
     child_keys = [f"child {i}" for i in range(1000)]
-    child_keys = [k for k in child_keys if key_slot(k.encode(), 4096) not in held_slots][:300]
+    child_keys = [k for k in child_keys if key_slot(k.encode(), SLOTS) not in held_slots][:300]
     child = SPAWN.Process(target=_lock_many, args=(cache_dir, child_keys))
     child.start()
     child.join(WAIT)
@@ -497,14 +500,65 @@ def test_a_new_backend_on_the_same_directory_keeps_this_process_locks(cache_dir)
     assert try_in_another_process(cache_dir, "foo")
 
 
-def test_a_mutex_released_by_another_thread_leaves_no_trace_in_the_acquirer(cache_dir):
-    """dogpile's async_creation_runner releases in its own thread; the acquiring thread
-    must not go on believing it holds the byte (that would turn a spurious EDEADLK into
-    a give-up instead of a retry)."""
+def test_a_mutex_released_by_another_thread_is_free_for_everyone(cache_dir):
+    """dogpile's async_creation_runner releases the mutex in its own thread."""
     mutex = raw_backend(cache_dir).get_mutex("foo")
     mutex.acquire()
-    assert sum(locking._held_by_thread().values()) == 1
     releaser = threading.Thread(target=mutex.release)
     releaser.start()
     releaser.join(WAIT)
-    assert not locking._held_by_thread()
+    assert not mutex.locked()
+    assert try_in_another_process(cache_dir, "foo")
+    assert mutex.acquire(False)
+    mutex.release()
+    assert not locking.LockFile.for_path(os.path.join(cache_dir, "lock"))._bytes  # forgotten
+
+
+def _cross_holder(base_dir, holding_b, done) -> None:
+    """Hold "b" in one thread while another waits for "a" (held by the parent)."""
+    backend = raw_backend(base_dir)
+    mutex_a, mutex_b = backend.get_mutex("a"), backend.get_mutex("b")
+    mutex_b.acquire()
+    holding_b.set()
+    waiter = threading.Thread(target=mutex_a.acquire)
+    waiter.start()
+    waiter.join(WAIT)
+    mutex_a.release()
+    mutex_b.release()
+    done.set()
+
+
+def test_a_thread_induced_edeadlk_is_retried_never_raised(cache_dir):
+    """The kernel sees processes: here it reports a cycle that threads make (we hold "a"
+    and want "b"; the child holds "b" and waits for "a") though it clears once we release
+    "a". The waiting thread must retry, not fail."""
+    backend = raw_backend(cache_dir)
+    mutex_a = backend.get_mutex("a")
+    mutex_a.acquire()
+    holding_b, done = SPAWN.Event(), SPAWN.Event()
+    child = SPAWN.Process(target=_cross_holder, args=(cache_dir, holding_b, done))
+    child.start()
+    outcome = []
+    try:
+        assert holding_b.wait(WAIT)
+        lock_path = os.path.join(cache_dir, "lock")
+        assert wait_until_blocked(child.pid, lock_path, key_slot(b"a", SLOTS))
+
+        def take_b() -> None:
+            try:
+                outcome.append(backend.get_mutex("b").acquire())
+            except OSError as exc:  # EDEADLK surfacing is the failure under test
+                outcome.append(exc)
+
+        taker = threading.Thread(target=take_b)
+        taker.start()
+        taker.join(0.5)
+        assert not outcome  # "b" is held by the child: nothing to report yet
+    finally:
+        mutex_a.release()
+    taker.join(WAIT)
+    assert outcome == [True]
+    assert done.wait(WAIT)
+    backend.get_mutex("b").release()
+    child.join(WAIT)
+    assert child.exitcode == 0
