@@ -140,17 +140,6 @@ def test_mutex_reentrant_across_keys(cache_dir):
             m1.release()
 
 
-def test_any_thread_may_release(cache_dir):
-    mutex = raw_backend(cache_dir).get_mutex("foo")
-    mutex.acquire()
-    releaser = threading.Thread(target=mutex.release)
-    releaser.start()
-    releaser.join(WAIT)
-    assert not mutex.locked()
-    assert mutex.acquire(False)
-    mutex.release()
-
-
 def test_two_backends_in_one_process_share_the_locks(cache_dir):
     first, second = raw_backend(cache_dir), raw_backend(cache_dir)
     mutex = first.get_mutex("foo")
@@ -500,7 +489,7 @@ def test_a_new_backend_on_the_same_directory_keeps_this_process_locks(cache_dir)
     assert try_in_another_process(cache_dir, "foo")
 
 
-def test_a_mutex_released_by_another_thread_is_free_for_everyone(cache_dir):
+def test_any_thread_may_release_and_then_the_mutex_is_free_for_everyone(cache_dir):
     """dogpile's async_creation_runner releases the mutex in its own thread."""
     mutex = raw_backend(cache_dir).get_mutex("foo")
     mutex.acquire()
