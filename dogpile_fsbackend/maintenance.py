@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from .store import Store
 
 Progress = Callable[[int], None]  # called with the number of shards just finished
-_O_NOATIME = getattr(os, "O_NOATIME", 0)
 _EVICTION_PASSES = 3  # judgements of one eviction, when reads keep outdating them
 _REMEMBERED_MAX = 50_000  # eviction candidates kept between scans (about 10 MB at most)
 
@@ -279,7 +278,7 @@ def _check_entry(
     path = os.path.join(directory, digest)
     size = info.st_size
     if store.kind == records.KIND_RAW or deep:
-        live = _live_data(store, path, digest, data, deep) if (deep or len(data) != 1) else data
+        live = _live_data(store, path, digest, data) if (deep or len(data) != 1) else data
         if live is None:
             for doomed in (path, *(p for p, _ in data)):
                 remove_quietly(doomed)
@@ -293,16 +292,11 @@ def _check_entry(
 
 
 def _live_data(
-    store: Store, path: str, digest: str, data: list[tuple[str, os.stat_result]], deep: bool
+    store: Store, path: str, digest: str, data: list[tuple[str, os.stat_result]]
 ) -> list[tuple[str, os.stat_result]] | None:
     """Read a record to learn which data file is live; None if the entry is damaged."""
     try:
-        with open(path, "rb", opener=_nofollow_opener) as handle:
-            blob = handle.read()
-        key = records.stored_key(blob)
-        if key is None or paths.key_digest(key) != digest:
-            return None
-        record = records.decode(blob, store.kind, key)
+        record = store.peek_record(digest)
         if store.kind != records.KIND_RAW:
             return []
         meta = records.RawMeta.from_bytes(record.payload)
@@ -310,20 +304,6 @@ def _live_data(
         return None
     live = [(p, i) for p, i in data if p == f"{path}.{meta.token}" and i.st_size == meta.size]
     return live or None
-
-
-def _nofollow_opener(path: str, flags: int) -> int:
-    """Open without following symlinks and without touching atime.
-
-    atime holds the creation time that expiry is judged by, and under
-    ``relatime`` any read would set it to now.  O_NOATIME needs the file's
-    owner; anyone else falls back to a plain open.
-    """
-    flags |= os.O_NOFOLLOW
-    try:
-        return os.open(path, flags | _O_NOATIME)
-    except PermissionError:
-        return os.open(path, flags)
 
 
 def _leaf_dirs(store: Store, shard: int) -> list[str]:

@@ -45,6 +45,7 @@ KIND_NAMES = {records.KIND_PICKLED: "pickled", records.KIND_RAW: "raw"}
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # A path that is missing, or runs through something planted (a file, a symlink loop).
 _PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -413,23 +414,31 @@ class Store:
 
         Cheaper than listing the directory, which a caller falls back to.
         """
-        entry_path = self.layout.entry_path(digest)
         try:
-            fd = os.open(entry_path, _READ_FLAGS)
-            try:
-                blob = _read_exactly(fd, os.fstat(fd).st_size)
-            finally:
-                os.close(fd)
-            key = records.stored_key(blob)
-            if key is None:
-                return []
-            token = records.RawMeta.from_bytes(records.decode(blob, self.kind, key).payload).token
-            info = os.lstat(f"{entry_path}.{token}")
-            if not stat.S_ISREG(info.st_mode):
-                return []
-            return [(f"{entry_path}.{token}", info.st_size)]
+            token = records.RawMeta.from_bytes(self.peek_record(digest).payload).token
+            data_path = f"{self.layout.entry_path(digest)}.{token}"
+            info = os.lstat(data_path)
         except (OSError, records.DamagedRecord):
             return []
+        return [(data_path, info.st_size)] if stat.S_ISREG(info.st_mode) else []
+
+    def peek_record(self, digest: str) -> records.Record:
+        """The record stored at ``digest``, checked but not used (for publish and scans).
+
+        Its stored key must hash to ``digest``.  It is opened without following
+        symlinks and, where we own it, without touching atime, which holds the
+        creation time that expiry is judged by.  Raises OSError or DamagedRecord.
+        """
+        path = self.layout.entry_path(digest)
+        try:
+            fd = os.open(path, _READ_FLAGS | _O_NOATIME)
+        except PermissionError:  # O_NOATIME needs the file's owner
+            fd = os.open(path, _READ_FLAGS)
+        try:
+            data = _read_exactly(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        return records.decode(data, self.kind, _key_of(data, digest))
 
     def data_files(self, digest: str) -> list[tuple[str, int]]:
         """(path, size) of every ``<digest>.<token>`` data file beside an entry."""
