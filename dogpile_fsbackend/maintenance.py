@@ -127,11 +127,8 @@ def _evict_remembered(store: Store, result: PruneResult) -> bool:
 
 def prune(store: Store, progress: Progress | None = None) -> PruneResult:
     """Remove expired entries, evict down to the low-water mark if over the limit, reconcile."""
-    store.acquire_eviction_lock(wait=True)
-    try:
+    with store.evicting():
         return _prune_locked(store, progress)
-    finally:
-        store.release_eviction_lock()
 
 
 def _prune_locked(
@@ -348,38 +345,33 @@ def _temp_is_abandoned(name: str, info: os.stat_result, max_age: float) -> bool:
 
 def verify(store: Store, progress: Progress | None = None) -> ScanReport:
     """Read and check every entry, remove damaged ones, fix the accounting."""
-    with maintenance_lock(store.settings.base_dir, store.settings.file_mode):
-        store.acquire_eviction_lock(wait=True)
-        try:
-            return scan(store, deep=True, progress=progress)[1]
-        finally:
-            store.release_eviction_lock()
+    with maintenance_lock(store.settings.base_dir, store.settings.file_mode), store.evicting():
+        return scan(store, deep=True, progress=progress)[1]
 
 
 def clear(store: Store, progress: Progress | None = None) -> PruneResult:
     """Remove every entry, shard by shard, while other processes keep using the cache."""
     result = PruneResult()
-    with maintenance_lock(store.settings.base_dir, store.settings.file_mode):
-        store.acquire_eviction_lock(wait=True)
-        try:
-            for shard in range(store.layout.shard_count):
-                with store.shard_locked(shard):
-                    for directory in _leaf_dirs(store, shard):
-                        with os.scandir(directory) as listing:
-                            for item in listing:
-                                if paths.is_temp_name(item.name) or item.is_dir(
-                                    follow_symlinks=False
-                                ):
-                                    continue
-                                with contextlib.suppress(FileNotFoundError):
-                                    size = item.stat(follow_symlinks=False).st_size
-                                    os.unlink(item.path)
-                                    result.removed_bytes += size
-                                    parsed = paths.split_entry_name(item.name)
-                                    result.removed += bool(parsed and parsed[1] is None)
-                    store.accounting.set(shard, 0, 0)
-                if progress:
-                    progress(1)
-        finally:
-            store.release_eviction_lock()
+    with maintenance_lock(store.settings.base_dir, store.settings.file_mode), store.evicting():
+        for shard in range(store.layout.shard_count):
+            with store.shard_locked(shard):
+                for directory in _leaf_dirs(store, shard):
+                    _clear_directory(directory, result)
+                store.accounting.set(shard, 0, 0)
+            if progress:
+                progress(1)
     return result
+
+
+def _clear_directory(directory: str, result: PruneResult) -> None:
+    """Unlink every entry and data file of one directory (its shard lock is held)."""
+    with os.scandir(directory) as listing:
+        for item in listing:
+            if paths.is_temp_name(item.name) or item.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                size = item.stat(follow_symlinks=False).st_size
+                os.unlink(item.path)
+                result.removed_bytes += size
+                parsed = paths.split_entry_name(item.name)
+                result.removed += bool(parsed and parsed[1] is None)

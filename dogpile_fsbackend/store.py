@@ -195,6 +195,10 @@ class Store:
     def release_eviction_lock(self) -> None:
         self.lock_file.release(("evict",), EVICTION_OFFSET)
 
+    def evicting(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the eviction lock (waiting for it): one full scan at a time."""
+        return self.lock_file.held(("evict",), EVICTION_OFFSET)
+
     # -- reading --------------------------------------------------------------
 
     def read_record(self, digest: str, key_bytes: bytes | None) -> Found | None:
