@@ -32,7 +32,6 @@ import struct
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Hashable, Iterator
 
 from dogpile.cache.api import CacheMutex
@@ -73,7 +72,6 @@ class LockFile:
 
     _instances: dict[tuple[int, int], LockFile] = {}
     _instances_guard = threading.Lock()
-    _all: weakref.WeakSet[LockFile] = weakref.WeakSet()
     _spare_fds: list[int] = []
 
     @classmethod
@@ -95,7 +93,6 @@ class LockFile:
                 cls._spare_fds.append(fd)
                 return existing
             existing = cls._instances[identity] = cls(path, fd)
-            cls._all.add(existing)
             return existing
 
     def __init__(self, path: str, fd: int) -> None:
@@ -111,7 +108,7 @@ class LockFile:
     @classmethod
     def _reset_all_after_fork(cls) -> None:
         cls._instances_guard = threading.Lock()
-        for lock_file in list(cls._all):
+        for lock_file in list(cls._instances.values()):
             lock_file._reset()
 
     # -- public API -----------------------------------------------------------
