@@ -9,6 +9,7 @@ Configure them by entry-point name; importing this package is not needed::
 
 from .backends import PickleFSBackend, RawFSBackend
 from .exceptions import CacheSizeWarning, ConfigError, FSBackendError, NotACacheError
+from .invalidation import SharedInvalidation
 from .rawfiles import CachedFile, CachedFileReader
 from .wsgi import CacheFileApp, mount
 
@@ -22,6 +23,7 @@ __all__ = [
     "NotACacheError",
     "PickleFSBackend",
     "RawFSBackend",
+    "SharedInvalidation",
     "mount",
 ]
 __version__ = "0.1.0"

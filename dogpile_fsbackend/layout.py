@@ -11,7 +11,13 @@ Top-level layout of ``base_dir``::
     lock               byte-range lock file (see locking.py); never deleted
     accounting         per-shard byte and entry counters (see accounting.py)
     maintenance.lock   whole-file lock for init/clear/verify (portalocker)
+    invalidation       region invalidation times shared by every process (see
+                       invalidation.py; only once ``SharedInvalidation`` wrote one),
+                       with invalidation.lock (flock) and invalidation.tmp beside it
     data/a/b/<hash>    one entry (raw entries add <hash>.<token> for the bytes)
+
+Scans and ``clear`` look only under ``data/``: the top-level files are never
+deleted by them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ MARKER_NAME = "fsbackend.json"
 LOCK_NAME = "lock"
 ACCOUNTING_NAME = "accounting"
 MAINTENANCE_LOCK_NAME = "maintenance.lock"
+INVALIDATION_NAME = "invalidation"
+INVALIDATION_LOCK_NAME = "invalidation.lock"
+INVALIDATION_TEMP_NAME = "invalidation.tmp"  # one writer at a time, under the lock
 DATA_DIR = "data"
 TEMP_PREFIX = ".tmp-"
 HASH_HEX_LEN = 64
