@@ -9,6 +9,10 @@ removes damaged and abandoned files and recounts the accounting.
 
 A directory is opened only if its marker file says it is a cache; nothing is
 ever created in one that is not (exit status 2).
+
+``invalidate`` records a soft or hard invalidation that every process using
+``SharedInvalidation`` on the directory honours; it takes any existing
+directory (a cache's, or one shared by several regions) and creates none.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any, TextIO
 from . import maintenance
 from .config import PARSERS, Settings, parse_seconds, parse_size
 from .exceptions import ConfigError, FSBackendError, NotACacheError
-from .layout import MARKER_NAME
+from .invalidation import InvalidationTimes, SharedInvalidation, read_times
+from .layout import INVALIDATION_NAME, MARKER_NAME
 from .maintenance import Progress
 from .store import FORMAT_NAME, FORMAT_VERSION, KIND_NAMES, Store, read_marker
 
@@ -105,11 +110,9 @@ def _stats(store: Store, args: argparse.Namespace, progress: Progress | None) ->
         limit = f"{_size(args.cache_size)}, {100 * size / args.cache_size:.0f}% used"
     else:
         limit = "not given (pass --cache-size to compare)"
-    if reconciled:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(reconciled))
-        recounted = f"{when} ({_duration(time.time() - reconciled)} ago)"
-    else:
-        recounted = "never (prune or verify recounts)"
+    recounted = _moment(reconciled) if reconciled else "never (prune or verify recounts)"
+    times, problem = read_times(store.settings.base_dir)
+    data.update(_invalidation_data(times, problem))
     text = "\n".join(
         (
             f"cache       {data['directory']} ({data['kind']}, {data['shards']} shards)",
@@ -117,6 +120,7 @@ def _stats(store: Store, args: argparse.Namespace, progress: Progress | None) ->
             f"size        {_size(size)} ({size} bytes)",
             f"limit       {limit}",
             f"recounted   {recounted}",
+            f"invalidated {_invalidation_text(times, problem)}",
         )
     )
     return data, text
@@ -218,6 +222,31 @@ _OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+def _run_invalidate(args: argparse.Namespace) -> int:
+    directory = os.path.abspath(args.directory)
+    if not os.path.isdir(directory):  # a mistyped path must not become a new directory
+        print(f"{PROG}: {directory} is not a directory (invalidate creates none)", file=sys.stderr)
+        return EXIT_NOT_A_CACHE
+    kind = "hard" if args.hard else "soft"
+    try:
+        strategy = SharedInvalidation(directory)
+        strategy.invalidate(hard=args.hard)
+        times = strategy.times()
+    except (FSBackendError, OSError) as exc:
+        print(f"{PROG}: invalidate failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    at = times.hard_at if args.hard else times.soft_at
+    data = {"directory": directory, "kind": kind, "invalidated_at": at}
+    data.update(_invalidation_data(times, None))
+    text = (
+        f"{kind} invalidation of {directory} at {_moment(at)}: every process using "
+        f"SharedInvalidation on it treats values created before then as "
+        + ("missing" if args.hard else "stale (served while one process regenerates)")
+    )
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
 def _run_maintenance(args: argparse.Namespace) -> int:
     command = _MAINTENANCE[args.command]
     show_progress = command.scans and (
@@ -258,6 +287,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(
             run=_run_maintenance, cache_size=None, expiration_time=None, progress=None
         )
+    invalidate_help = "invalidate every region that uses SharedInvalidation on DIR"
+    invalidate = commands.add_parser(
+        "invalidate",
+        help=invalidate_help,
+        description=f"{invalidate_help}: soft by default, like region.invalidate(hard=False); "
+        "soft needs an expiration_time on the regions (dogpile raises without one).",
+    )
+    invalidate.add_argument(
+        "directory", metavar="DIR", help="the directory given to SharedInvalidation (base_dir)"
+    )
+    invalidate.add_argument(
+        "--hard",
+        action="store_true",
+        help="hard: every process regenerates before using a value again",
+    )
+    invalidate.add_argument("--json", action="store_true", help="print the result as JSON")
+    invalidate.set_defaults(run=_run_invalidate)
     demo = commands.add_parser(
         "demo", help="tour both backends in a temp directory, printing hits, misses and timings"
     )
@@ -327,6 +373,30 @@ class _LineProgress:
                 file=self.stream,
                 flush=True,
             )
+
+
+def _invalidation_data(times: InvalidationTimes | None, problem: str | None) -> dict[str, Any]:
+    return {
+        "soft_invalidated": times.soft_at if times else None,
+        "hard_invalidated": times.hard_at if times else None,
+        "invalidation_problem": problem,
+    }
+
+
+def _invalidation_text(times: InvalidationTimes | None, problem: str | None) -> str:
+    if problem:
+        return f"unknown: {INVALIDATION_NAME} {problem} (processes honour it as hard)"
+    if not times or not times.latest_ns:
+        return "never"
+    kinds = [(at, kind) for at, kind in ((times.hard_at, "hard"), (times.soft_at, "soft")) if at]
+    return "; ".join(f"{kind} {_moment(at)}" for at, kind in sorted(kinds, reverse=True))
+
+
+def _moment(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    return f"{when} ({_duration(time.time() - timestamp)} ago)"
 
 
 def _cleanup_line(report: maintenance.ScanReport) -> str:
