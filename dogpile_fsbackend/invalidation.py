@@ -36,14 +36,18 @@ also sees a file that anyone deleted or replaced.
 
 What a reader makes of what it finds (``README``, "Shared invalidation"):
 
-* no file: no invalidation, or, when this process already honours some, it
+* no file: no invalidation; or, when this process already honours some, it
   keeps them and writes them back, so that a tmp cleaner or a stray ``rm``
   cannot revive old values in processes started later;
 * anything that is not a valid record (damaged, truncated, huge, foreign, a
   newer format, a FIFO, a symlink, unreadable): a hard invalidation at the
-  moment this process first saw it, logged once;
+  moment this process first saw it, logged once.  The process then writes
+  what it honours over it, so that later processes agree -- unless the file
+  is not ours to replace (foreign content, a newer format, a directory);
 * a time in the future (another host's clock, a clock stepped back): the
   moment this process first saw it.
+
+What a process honours never moves back: it is merged with every file read.
 """
 
 from __future__ import annotations
@@ -400,8 +404,8 @@ class SharedInvalidation(RegionInvalidationStrategy):
             os.makedirs(os.path.dirname(self.directory), exist_ok=True)
             with contextlib.suppress(FileExistsError):  # another process made it
                 make_dir(self.directory, self.dir_mode)
-        merged = self._publish(times, restoring=False)
-        assert merged is not None  # only a restore gives up
+        merged = self._publish(times)
+        assert merged is not None  # only a rewrite gives up
         return merged
 
     # -- reading --------------------------------------------------------------
@@ -442,8 +446,9 @@ class SharedInvalidation(RegionInvalidationStrategy):
                 times = times.merged(InvalidationTimes(hard_ns=now))
             self._seen = seen = _Seen.of(found.identity, times, found.fd)
             _close(previous.fd)
-        if found.identity == _MISSING and times.latest_ns:
-            self._restore()
+        gone = found.identity == _MISSING and times.latest_ns
+        if (gone or found.problem is not None) and found.refusal is None:
+            self._rewrite(found.identity)
         return seen
 
     def _honour(self, times: InvalidationTimes) -> None:
@@ -451,30 +456,36 @@ class SharedInvalidation(RegionInvalidationStrategy):
             seen = self._seen
             self._seen = _Seen.of(seen.identity, seen.times.merged(times), seen.fd)
 
-    def _restore(self) -> None:
-        """Write back what this process honours when the file is gone (best effort)."""
+    def _rewrite(self, judged: tuple[Any, ...]) -> None:
+        """Write what this process honours over a deleted or damaged file.
+
+        Processes started later then honour the same times instead of their
+        own reading of the damage.  Best effort, and it never waits: another
+        writer that holds the lock, or a file that changed since it was
+        judged, is left alone.
+        """
         try:
-            restored = self._publish(InvalidationTimes(), restoring=True)
+            if self._publish(InvalidationTimes(), only_over=judged) is not None:
+                log.warning("%s rewritten with the invalidations this process honours", self.path)
         except (OSError, FSBackendError) as exc:
-            log.warning("%s was deleted and could not be written back: %s", self.path, exc)
-        else:
-            if restored is not None:
-                log.warning("%s was deleted; wrote back the invalidations honoured", self.path)
+            log.warning("%s could not be rewritten: %s", self.path, exc)
 
     # -- writing --------------------------------------------------------------
 
-    def _publish(self, times: InvalidationTimes, restoring: bool) -> InvalidationTimes | None:
+    def _publish(
+        self, times: InvalidationTimes, only_over: tuple[Any, ...] | None = None
+    ) -> InvalidationTimes | None:
         """Under the lock: merge ``times`` and what we honour into the file.
 
-        A restore gives up (None) if another writer holds the lock or the
-        file is back.
+        With ``only_over`` (the identity of what was judged), give up (None)
+        rather than wait for the lock, or if the file is no longer that one.
         """
-        with self._locked(wait=not restoring) as locked:
+        with self._locked(wait=only_over is None) as locked:
             if not locked:
                 return None
             found = _read(self.path)
             _close(found.fd)
-            if restoring and found.identity != _MISSING:
+            if only_over is not None and found.identity != only_over:
                 return None
             if found.refusal:
                 raise FSBackendError(
