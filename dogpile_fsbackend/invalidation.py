@@ -45,7 +45,7 @@ What a reader makes of what it finds (``README``, "Shared invalidation"):
   what it honours over it, so that later processes agree -- unless the file
   is not ours to replace (foreign content, a newer format, a directory);
 * a time in the future (another host's clock, a clock stepped back): the
-  moment this process first saw it.
+  moment this process first saw it, written down the same way.
 
 What a process honours never moves back: it is merged with every file read.
 """
@@ -433,8 +433,9 @@ class SharedInvalidation(RegionInvalidationStrategy):
                 return previous
             now = time.time_ns()
             times = previous.times
+            future = found.times is not None and found.times.latest_ns > now
             if found.times is not None:
-                if found.times.latest_ns > now:
+                if future:
                     log.warning(
                         "%s holds an invalidation time in the future (another clock?); "
                         "honoured as of now",
@@ -447,7 +448,7 @@ class SharedInvalidation(RegionInvalidationStrategy):
             self._seen = seen = _Seen.of(found.identity, times, found.fd)
             _close(previous.fd)
         gone = found.identity == _MISSING and times.latest_ns
-        if (gone or found.problem is not None) and found.refusal is None:
+        if (gone or future or found.problem is not None) and found.refusal is None:
             self._rewrite(found.identity)
         return seen
 
@@ -544,7 +545,8 @@ class SharedInvalidation(RegionInvalidationStrategy):
             os.unlink(temp)  # left by a writer that died (we hold the lock), or planted
         if replacing is not None and not stat.S_ISREG(replacing.st_mode):
             replacing = None
-        mode = stat.S_IMODE(replacing.st_mode) if replacing else self._new_file_mode()
+        # A replaced file's mode is kept, but never one that would lock us out of it.
+        mode = stat.S_IMODE(replacing.st_mode) | 0o600 if replacing else self._new_file_mode()
         fd = os.open(temp, _CREATE_FLAGS, mode)
         try:
             try:
