@@ -52,6 +52,10 @@ class Params:
     evict_limit: int = 4 * MiB
     evict_writes: int = 2_000
     evict_budget_s: float = 25.0  # per backend
+    # 6. shared invalidation
+    invalidation_rounds: int = 6
+    invalidation_batch: int = 500
+    invalidation_traced_hits: tuple[int, int] = (1_000, 5_000)  # strace runs: N, then M hits
 
     def growth_cap(self, backend: str) -> int | None:
         return dict(self.growth_caps).get(backend)
@@ -75,6 +79,9 @@ QUICK = Params(
     evict_limit=1 * MiB,
     evict_writes=300,
     evict_budget_s=4.0,
+    invalidation_rounds=2,
+    invalidation_batch=100,
+    invalidation_traced_hits=(200, 1_000),
 )
 
 

@@ -111,6 +111,21 @@ def targets(results: dict[str, WorkloadResult]) -> list[Target]:
                 spread < 8 and max(growths) < 16,
             )
         )
+    invalidation = results.get("invalidation")
+    if invalidation:
+        added = {
+            r["op"]: r["added_syscalls"]
+            for r in invalidation.records
+            if r["backend"] == OURS and r["strategy"] == "shared, invalidated"
+        }
+        known = [x for x in added.values() if x is not None]
+        found.append(
+            Target(
+                "SharedInvalidation: at most one more syscall per hit than the default",
+                ", ".join(f"{op}: +{fmt_num(x, 2)}" for op, x in added.items()),
+                all(x <= 1.01 for x in known) if len(known) == len(added) else None,
+            )
+        )
     return found
 
 

@@ -1074,7 +1074,7 @@ def count_syscalls(strategy: str, op: str, count: int, workdir: str) -> int:
     out = os.path.join(base_dir, "strace.out")
     arguments = (strategy, op, str(count), base_dir)
     subprocess.run(
-        ["strace", "-f", "-c", "-o", out, sys.executable, "-c", _COUNTED, *arguments],
+        ["strace", "-f", "-c", "-o", out, sys.executable, "-B", "-c", _COUNTED, *arguments],
         check=True,
         timeout=WAIT,
         capture_output=True,
