@@ -310,6 +310,46 @@ def in_child(func: Callable[..., Any], *args: Any, timeout: float = 60.0) -> Any
     return result
 
 
+NOBODY = 65534  # the unprivileged user of the tests that run as root
+
+
+def in_child_as_nobody(func: Callable[..., Any], *args: Any) -> Any:
+    """:func:`in_child`, with the child dropped to 'nobody' first (the test runs as root).
+
+    'nobody' may not read the interpreter's own files, so dogpile's backend plugins
+    are looked up here first (the lookup scans sys.path once, then is cached).
+    """
+    import tempfile
+
+    from dogpile.cache import make_region
+
+    with tempfile.TemporaryDirectory() as warm_up:
+        make_region().configure("dogpile_fsbackend.pickled", arguments={"base_dir": warm_up})
+    return in_child(_as_nobody, func, *args)
+
+
+def _as_nobody(func: Callable[..., Any], *args: Any) -> Any:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    return func(*args)
+
+
+@contextlib.contextmanager
+def nobody_dir(prefix: str) -> Iterator[str]:
+    """A fresh directory that 'nobody' owns (pytest's tmp_path is private to root)."""
+    import shutil
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix=f"dogpile-fsbackend-{prefix}-")
+    try:
+        os.chown(top, NOBODY, NOBODY)
+        os.chmod(top, 0o755)
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def read_text(path: str) -> str:
     with open(path) as handle:
         return handle.read()

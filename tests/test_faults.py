@@ -23,7 +23,6 @@ import logging
 import os
 import pickle
 import resource
-import shutil
 import signal
 import stat
 import tempfile
@@ -37,7 +36,7 @@ from dogpile.cache.api import NO_VALUE, CachedValue
 
 from dogpile_fsbackend import CacheSizeWarning, layout, records
 
-NOBODY = 65534
+NOBODY = faultkit.NOBODY
 
 
 def pickled(base_dir, **arguments):
@@ -576,9 +575,6 @@ def test_read_only_mount(tmp_path):
 
 
 def _unwritable_directory_child(base_dir: str) -> dict:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
     region = pickled(base_dir)
     old = faultkit.make_value("key", 0, 0, 200)
     region.set("key", old)
@@ -604,14 +600,11 @@ def _unwritable_directory_child(base_dir: str) -> dict:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
 def test_permission_denied_for_an_unprivileged_user():
     """EACCES cannot be provoked as root, so a forked child drops to 'nobody' first."""
-    top = tempfile.mkdtemp(prefix="dogpile-fsbackend-eacces-")
-    try:
-        os.chown(top, NOBODY, NOBODY)
-        os.chmod(top, 0o755)
-        errors = faultkit.in_child(_unwritable_directory_child, os.path.join(top, "cache"))
-        assert errors == {"set": errno.EACCES, "delete": errno.EACCES}
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+    with faultkit.nobody_dir("eacces") as top:
+        errors = faultkit.in_child_as_nobody(
+            _unwritable_directory_child, os.path.join(top, "cache")
+        )
+    assert errors == {"set": errno.EACCES, "delete": errno.EACCES}
 
 
 def _out_of_descriptors_child(base_dir: str, source: str) -> dict:

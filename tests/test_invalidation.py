@@ -50,7 +50,7 @@ from dogpile_fsbackend.invalidation import (
 )
 
 LOGGER = "dogpile_fsbackend.invalidation"
-NOBODY = 65534
+NOBODY = faultkit.NOBODY
 KEYS = ("a", "b", "c")
 
 
@@ -796,9 +796,6 @@ def test_a_time_from_the_future_counts_as_now(tmp_path, caplog):
 
 
 def _unreadable_as_nobody(base_dir: str) -> dict:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
     region = region_on(base_dir, SharedInvalidation(base_dir))
     region.invalidate(hard=False)
     region.set("old", "old")
@@ -813,13 +810,8 @@ def _unreadable_as_nobody(base_dir: str) -> dict:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
 def test_an_unreadable_file_is_a_hard_invalidation_now():
-    top = tempfile.mkdtemp(prefix="dogpile-fsbackend-unreadable-")
-    try:
-        os.chown(top, NOBODY, NOBODY)
-        os.chmod(top, 0o755)
-        outcome = faultkit.in_child(_unreadable_as_nobody, os.path.join(top, "cache"))
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+    with faultkit.nobody_dir("unreadable") as top:
+        outcome = faultkit.in_child_as_nobody(_unreadable_as_nobody, os.path.join(top, "cache"))
     assert outcome == {"old": "NO_VALUE", "new": "new", "mode": 0o600, "later": "new"}
 
 
@@ -1014,10 +1006,11 @@ def test_cli_invalidate_refuses_what_it_must_not_touch(tmp_path):
     assert stats.returncode == 2  # not a cache: stats refuses it as before
 
 
+def _set_as_nobody(base_dir: str) -> None:
+    region_on(base_dir, SharedInvalidation(base_dir)).set("k", 1)
+
+
 def _app_as_nobody(base_dir: str) -> dict:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
     region = region_on(base_dir, SharedInvalidation(base_dir))
     outcome = {"after root": _shown(region.get("k"))}
     region.invalidate(hard=False)  # the app can still write: the files are its own
@@ -1027,23 +1020,14 @@ def _app_as_nobody(base_dir: str) -> dict:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
 def test_root_running_the_cli_leaves_files_the_application_can_use():
-    top = tempfile.mkdtemp(prefix="dogpile-fsbackend-root-cli-")
-    try:
-        os.chmod(top, 0o755)
+    with faultkit.nobody_dir("root-cli") as top:
         base_dir = os.path.join(top, "cache")
-        os.mkdir(base_dir)
-        os.chown(base_dir, NOBODY, NOBODY)
-        region_on(base_dir, DefaultInvalidationStrategy()).set("k", 1)
-        for directory, _, names in os.walk(base_dir):
-            for name in [*names, "."]:
-                os.chown(os.path.join(directory, name), NOBODY, NOBODY)
-        assert _cli("invalidate", base_dir, "--hard").returncode == 0
+        faultkit.in_child_as_nobody(_set_as_nobody, base_dir)  # the application's cache
+        assert _cli("invalidate", base_dir, "--hard").returncode == 0  # sudo, after a deploy
         for name in (layout.INVALIDATION_NAME, layout.INVALIDATION_LOCK_NAME):
             info = os.stat(os.path.join(base_dir, name))
             assert (info.st_uid, info.st_gid) == (NOBODY, NOBODY)
-        outcome = faultkit.in_child(_app_as_nobody, base_dir)
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+        outcome = faultkit.in_child_as_nobody(_app_as_nobody, base_dir)
     assert outcome == {"after root": "NO_VALUE", "own": True}
 
 
