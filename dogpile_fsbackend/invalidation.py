@@ -96,6 +96,7 @@ _UNREADABLE_ERRNOS = frozenset(
 # dogpile's get_or_create asks is_hard_invalidated(ct), then is_soft_invalidated(ct):
 # the second answer comes from the first one's check if it follows within this time.
 _PAIR_NS = 10_000_000
+_RETRY_FIRST, _RETRY_MAX = 0.001, 0.05  # seconds between tries of a taken lock
 _MISSING: tuple[Any, ...] = ("missing",)
 _NOT_LOOKED: tuple[Any, ...] = ("not looked yet",)
 
@@ -503,25 +504,35 @@ class SharedInvalidation(RegionInvalidationStrategy):
     def _locked(self, wait: bool) -> Iterator[bool]:
         """Hold the writers' lock; yields False if ``wait`` is false and it is taken.
 
-        ``_WRITING`` keeps ``fork()`` out while the ``flock`` is held: a child
-        would inherit the locked descriptor and keep it locked.
+        ``_WRITING`` is held from each try of the ``flock`` to its release, and
+        ``fork()`` waits for it: a child forked meanwhile would inherit the locked
+        descriptor and keep it locked.  The ``flock`` itself never blocks, so a
+        fork waits for this process's own write, never for another process.
         """
-        if not _WRITING.acquire(blocking=wait):
-            yield False
-            return
-        try:
-            fd = self._open_lock_file()
+        delay = _RETRY_FIRST
+        while True:
+            if not _WRITING.acquire(blocking=wait):
+                yield False
+                return
             try:
+                fd = self._open_lock_file()
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    locked = True
-                except BlockingIOError:
-                    locked = False
-                yield locked
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        pass
+                    else:
+                        yield True
+                        return
+                finally:
+                    os.close(fd)  # drops the flock
             finally:
-                os.close(fd)  # drops the flock
-        finally:
-            _WRITING.release()
+                _WRITING.release()
+            if not wait:
+                yield False
+                return
+            time.sleep(delay)  # another process is writing: a few ms at most
+            delay = min(2 * delay, _RETRY_MAX)
 
     def _open_lock_file(self) -> int:
         path = os.path.join(self.directory, layout.INVALIDATION_LOCK_NAME)

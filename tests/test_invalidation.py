@@ -626,6 +626,32 @@ def test_fork_waits_for_a_writer_holding_the_lock(tmp_path):
     assert outcome == {"waited": True, "child": 0}
 
 
+def _fork_while_a_writer_waits_for_another_process(directory: str) -> dict:
+    invalidator = SharedInvalidation(directory)
+    invalidator.invalidate()
+    lock_fd = os.open(os.path.join(directory, layout.INVALIDATION_LOCK_NAME), os.O_RDONLY)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)  # as if another process were writing
+    writer = threading.Thread(target=invalidator.invalidate, kwargs={"hard": False})
+    writer.start()
+    deadline = time.monotonic() + WAIT
+    while not _waits_in(writer, "_locked"):
+        assert time.monotonic() < deadline, "the writer never tried the lock"
+        time.sleep(0.001)
+    try:
+        forked = faultkit.in_child(os.getpid, timeout=WAIT / 3)  # must not wait for it
+    finally:
+        os.close(lock_fd)
+    writer.join(WAIT)
+    return {"forked": forked != os.getpid(), "written": invalidator.was_soft_invalidated()}
+
+
+def test_fork_never_waits_for_another_process_writing(tmp_path):
+    outcome = faultkit.in_child(
+        _fork_while_a_writer_waits_for_another_process, str(tmp_path / "shared")
+    )
+    assert outcome == {"forked": True, "written": True}
+
+
 # -- nothing on disk fools it -----------------------------------------------------------
 
 
