@@ -52,12 +52,11 @@ _CHILD = "import sys; sys.path.insert(0, sys.argv[1]); import shared_invalidatio
 def hit_region(backend: str, strategy: str, directory: str) -> CacheRegion:
     """A region holding ``KEY``, with dogpile's default invalidation or SharedInvalidation."""
     os.makedirs(directory, exist_ok=True)
-    options = {} if strategy == DEFAULT else {"region_invalidator": SharedInvalidation(directory)}
     region = make_region().configure(
         BACKENDS[backend],
         expiration_time=3600,
         arguments={"base_dir": directory} if backend == OURS else {},
-        **options,
+        region_invalidator=None if strategy == DEFAULT else SharedInvalidation(directory),
     )
     if strategy == "shared, invalidated":
         region.invalidate()
