@@ -7,6 +7,8 @@ Configure them by entry-point name; importing this package is not needed::
     )
 """
 
+__version__ = "0.1.0"  # the one version source: setup.cfg reads it (attr:)
+
 from .backends import PickleFSBackend, RawFSBackend
 from .exceptions import CacheSizeWarning, ConfigError, FSBackendError, NotACacheError
 from .rawfiles import CachedFile, CachedFileReader
@@ -24,4 +26,3 @@ __all__ = [
     "RawFSBackend",
     "mount",
 ]
-__version__ = "0.1.0"
