@@ -7,7 +7,7 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dogpile.cache.api import (
@@ -59,7 +59,7 @@ class _FSBackendBase(CacheBackend):
     def delete(self, key: str) -> None:
         self.store.delete(_digest(key))
 
-    def delete_multi(self, keys: Sequence[str]) -> None:
+    def delete_multi(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.delete(key)
 
@@ -148,7 +148,7 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         self._count(found is not None)
         return found.record.payload if found else NO_VALUE
 
-    def get_serialized_multi(self, keys: Sequence[str]) -> list[bytes | NoValueType]:
+    def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]
 
     def set_serialized(self, key: str, value: bytes) -> None:
@@ -228,7 +228,7 @@ class RawFSBackend(_FSBackendBase):
             return reader
         return CachedValue(reader, meta.metadata)
 
-    def get_multi(self, keys: Sequence[str]) -> list[Any]:
+    def get_multi(self, keys: Iterable[str]) -> list[Any]:
         return [self.get(key) for key in keys]
 
     def set(self, key: str, value: Any) -> None:

@@ -58,7 +58,7 @@ def open_cache(
         ) from None
     except OSError as exc:
         raise NotACacheError(f"{base_dir} cannot be opened as a cache: {exc.strerror}") from exc
-    kind = _KINDS.get((marker or {}).get("kind"))
+    kind = _KINDS.get(str((marker or {}).get("kind")))
     if not marker or marker.get("format") != FORMAT_NAME or kind is None:
         raise NotACacheError(
             f"{base_dir} is not a dogpile_fsbackend cache ({MARKER_NAME} is foreign or damaged)"
@@ -278,7 +278,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dogpile_fsbackend`` and ``dogpile-fsbackend``."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    status: int = args.run(args)
+    return status
 
 
 # -- helpers --------------------------------------------------------------------

@@ -136,7 +136,8 @@ class CacheFileApp:
             reader.seek(plan.start)
             file_wrapper = environ.get("wsgi.file_wrapper")
             if file_wrapper is not None and plan.start + plan.length == reader.content_length:
-                return file_wrapper(reader, _CHUNK)
+                body: Iterable[bytes] = file_wrapper(reader, _CHUNK)
+                return body
             return _Chunks(reader, plan.length)
         except BaseException:
             reader.close()
@@ -178,7 +179,8 @@ class CacheFileApp:
         ):
             value.payload.close()
             return None
-        return value.payload
+        reader: CachedFileReader = value.payload
+        return reader
 
     def _plan(self, reader: CachedFileReader, environ: WSGIEnvironment) -> _Plan:
         size = reader.content_length
