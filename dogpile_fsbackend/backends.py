@@ -8,21 +8,18 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dogpile.cache.api import (
-    NO_VALUE,
-    BytesBackend,
-    CacheBackend,
-    CachedValue,
-    NoValueType,
-)
+from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CachedValue
 
 from . import layout, maintenance, rawfiles, records
 from .config import SETTING_NAMES, parse_arguments
 from .exceptions import CacheSizeWarning
 from .locking import FileMutex
 from .store import Store, remove_quietly
+
+if TYPE_CHECKING:  # dogpile.cache 1.3.3+ only; at run time we support 1.3.0
+    from dogpile.cache.api import NoValueType
 
 log = logging.getLogger(__name__)
 _TOKEN_LENGTH = 16  # hex digits naming a raw entry's data file; new for every write

@@ -27,7 +27,7 @@ from datetime import timezone
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import quote
 
-from dogpile.cache.api import NO_VALUE, CachedValue, NoValueType
+from dogpile.cache.api import NO_VALUE, CachedValue
 from dogpile.cache.region import CacheRegion
 
 from .backends import RawFSBackend
@@ -35,6 +35,7 @@ from .rawfiles import CachedFileReader
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from dogpile.cache.api import NoValueType  # dogpile.cache 1.3.3+ only
 
 _CHUNK = 256 * 1024
 _PATH = re.compile(r"/([0-9a-f]{64})/([0-9a-f]{1,64})")
