@@ -10,12 +10,12 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CachedValue
+from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CachedValue, CacheMutex
 
 from . import layout, maintenance, rawfiles, records
 from .config import SETTING_NAMES, parse_arguments
 from .exceptions import CacheSizeWarning
-from .locking import FileMutex
+from .lookups import LookupTracker, RecheckingMutex, ThreadMutexes
 from .store import Store, remove_quietly
 
 if TYPE_CHECKING:  # dogpile.cache 1.3.3+ only; at run time we support 1.3.0
@@ -34,6 +34,8 @@ class _FSBackendBase(CacheBackend):
     def __init__(self, arguments: Mapping[str, Any]) -> None:
         self.settings = parse_arguments(arguments, self._accepted_arguments)
         self.store = Store(self.settings, self._kind)
+        self._lookups = LookupTracker()
+        self._thread_mutexes = ThreadMutexes()  # for distributed_lock=False
 
     @classmethod
     def from_config_dict(cls, config_dict: Mapping[str, Any], prefix: str) -> _FSBackendBase:
@@ -48,10 +50,14 @@ class _FSBackendBase(CacheBackend):
                 arguments[name] = str(value)
         return cls(arguments)
 
-    def get_mutex(self, key: str) -> FileMutex | None:
-        if not self.settings.distributed_lock:
-            return None
-        return self.store.key_mutex(layout.encode_key(key))
+    def get_mutex(self, key: str) -> RecheckingMutex:
+        """The key's mutex: across processes (a byte of the lock file), or among this
+        process's threads only with ``distributed_lock=False``."""
+        if self.settings.distributed_lock:
+            mutex: CacheMutex = self.store.key_mutex(layout.encode_key(key))
+        else:
+            mutex = self._thread_mutexes.get(key)
+        return RecheckingMutex(mutex, self._lookups, key)
 
     def delete(self, key: str) -> None:
         self.store.delete(_digest(key))
@@ -75,7 +81,12 @@ class _FSBackendBase(CacheBackend):
         return maintenance.clear(self.store)
 
     def stats(self) -> dict[str, int]:
-        """Shared size figures plus hits, misses, writes and evictions of this instance."""
+        """Shared size figures plus hits, misses, writes and evictions of this instance.
+
+        A lookup counts once: a ``get_or_create`` (``cache_on_arguments``) call is
+        one miss when its creator runs and one hit when it returns a cached value
+        (see lookups.py); every ``get`` and every key of ``get_multi`` is one.
+        """
         size, entries = self.store.totals()
         return {
             "entries": entries,
@@ -108,8 +119,12 @@ class _FSBackendBase(CacheBackend):
         warnings.warn(message, CacheSizeWarning, stacklevel=4)
         return False
 
-    def _count(self, found: bool) -> None:
-        if found:
+    def _count(self, key: str | None, found: bool) -> None:
+        if self._lookups.is_recheck(key, found):  # the first look counted a miss
+            if found:
+                self.store.misses -= 1
+                self.store.hits += 1
+        elif found:
             self.store.hits += 1
         else:
             self.store.misses += 1
@@ -142,7 +157,7 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
     def get_serialized(self, key: str) -> bytes | NoValueType:
         key_bytes = layout.encode_key(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
-        self._count(found is not None)
+        self._count(key, found is not None)
         return found.record.payload if found else NO_VALUE
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
@@ -192,7 +207,7 @@ class RawFSBackend(_FSBackendBase):
         key_bytes = layout.encode_key(key)
         digest = layout.key_digest(key_bytes)
         value = self._open(digest, key_bytes)
-        self._count(value is not NO_VALUE)
+        self._count(key, value is not NO_VALUE)
         return value
 
     def get_by_digest(self, digest: str) -> CachedValue | Any:
@@ -205,7 +220,7 @@ class RawFSBackend(_FSBackendBase):
             value = NO_VALUE
         else:
             value = self._open(digest, None)
-        self._count(value is not NO_VALUE)
+        self._count(None, value is not NO_VALUE)
         return value
 
     def _open(self, digest: str, key_bytes: bytes | None) -> Any:

@@ -22,7 +22,6 @@ from dogpile.cache.api import NO_VALUE
 
 from dogpile_fsbackend import CacheSizeWarning, ConfigError, layout, records
 from dogpile_fsbackend.config import SETTING_NAMES
-from dogpile_fsbackend.locking import FileMutex
 
 BACKENDS = ["dogpile_fsbackend.pickled", "dogpile_fsbackend.raw"]
 
@@ -252,15 +251,30 @@ def test_distributed_lock_on_returns_our_mutex(backend, cache_dir, value):
     if value != "default":
         arguments["distributed_lock"] = value
     mutex = configure(backend, arguments).backend.get_mutex("key")
-    assert isinstance(mutex, FileMutex)
+    mutex.acquire()
+    try:  # a byte of the lock file: every backend on the directory sees it
+        assert configure(backend, {"base_dir": cache_dir}).backend.get_mutex("key").locked()
+    finally:
+        mutex.release()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [False, None, "false", "no", "0", 0, "off"], ids=repr)
-def test_distributed_lock_off_returns_none(backend, cache_dir, value):
+def test_distributed_lock_off_locks_among_this_backends_threads_only(backend, cache_dir, value):
     region = configure(backend, {"base_dir": cache_dir, "distributed_lock": value})
-    assert region.backend.get_mutex("key") is None
-    if backend.endswith("pickled"):  # dogpile falls back to its own lock
+    mutex = region.backend.get_mutex("key")
+    assert mutex.acquire()
+    try:
+        assert region.backend.get_mutex("key").locked()  # the same lock for the same key
+        assert not region.backend.get_mutex("key").acquire(False)
+        assert region.backend.get_mutex("other").acquire(False)
+        region.backend.get_mutex("other").release()
+        other_backend = configure(backend, {"base_dir": cache_dir}).backend
+        assert other_backend.get_mutex("key").acquire(False)  # no lock file involved
+        other_backend.get_mutex("key").release()
+    finally:
+        mutex.release()
+    if backend.endswith("pickled"):
         assert region.get_or_create("key", lambda: "created") == "created"
 
 
@@ -438,7 +452,6 @@ def test_ini_style_strings_via_configure_from_config(backend, cache_dir):
     assert settings.cache_size == 512 * 1024**2
     assert settings.expiration_time == 30.0
     assert settings.distributed_lock is False
-    assert region.backend.get_mutex("k") is None
     assert settings.fsync is True
     assert settings.file_mode == 0o640
     assert settings.dir_mode == 0o750
