@@ -208,8 +208,9 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     },
     "--expiration-time": {
         "type": lambda text: _parse_option(parse_seconds, "expiration_time", text),
-        "metavar": "SECONDS",
-        "help": "the applications' expiration_time (prune removes older entries)",
+        "metavar": "DURATION",
+        "help": "the applications' expiration_time, e.g. 86400, 90m, 1h or 7d "
+        "(prune removes older entries)",
     },
     "--progress": {
         "action": argparse.BooleanOptionalAction,

@@ -39,6 +39,15 @@ _SIZE_UNITS = {
     "tb": 1000**4,
     "tib": 1024**4,
 }
+_DURATION_UNITS = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
+    **dict.fromkeys(("w", "week", "weeks"), 7 * 86400),
+}
+_DURATION = re.compile(r"(?:\s*\d+(?:\.\d+)?\s*[a-z]+)+\s*")  # "90s", "1h30m", "2 days"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", "none", ""}
 
@@ -65,34 +74,54 @@ class Settings:
 
 def parse_size(name: str, value: Any) -> int:
     """Bytes as an int, or a string such as ``"1073741824"``, ``"512MiB"``, ``"2 GB"``."""
+    size = value
     if isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-        if match and match.group(2).lower() in _SIZE_UNITS:
-            value = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-        else:
-            raise ConfigError(
-                name, "a positive number of bytes such as 1073741824 or '1GiB'", value
-            )
+        unit = match.group(2).lower() if match else None
+        size = float(match.group(1)) * _SIZE_UNITS[unit] if match and unit in _SIZE_UNITS else None
     # at least one whole byte (0.5 would truncate to 0), and finite (int() of nan/inf raises)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 1 <= size < math.inf:
         raise ConfigError(name, "a positive number of bytes such as 1073741824 or '1GiB'", value)
-    return int(value)
+    return int(size)
+
+
+def parse_duration(name: str, value: Any) -> float:
+    """Seconds from a number, a ``timedelta`` or a string: ``"3600"``, ``"90s"``, ``"15m"``,
+    ``"1h"``, ``"7d"``, ``"2w"``, or several parts such as ``"1h30m"``."""
+    seconds = value
+    if isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, str):
+        seconds = _duration_seconds(value.strip().lower())
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not 0 < seconds < math.inf
+    ):
+        raise ConfigError(
+            name, "a positive duration: seconds, a timedelta, or '90s', '15m', '1h', '7d'", value
+        )
+    return float(seconds)
+
+
+def _duration_seconds(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if not _DURATION.fullmatch(text):
+        return None
+    parts = _DURATION_PART.findall(text)
+    if any(unit not in _DURATION_UNITS for _, unit in parts):
+        return None
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
 def parse_seconds(name: str, value: Any) -> float | None:
-    """Seconds as a number, numeric string or ``timedelta``; ``None`` means never."""
+    """A duration as :func:`parse_duration` reads it, or ``None`` (or ``"none"``): never."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
         return None
-    if isinstance(value, datetime.timedelta):
-        value = value.total_seconds()
-    elif isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            value = None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(name, "a positive number of seconds, a timedelta or None", value)
-    return float(value)
+    return parse_duration(name, value)
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -121,14 +150,15 @@ def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
 
 def parse_mode(name: str, value: Any) -> int:
     """Permission bits as an int (``0o640``) or an octal string (``"640"``, ``"0o640"``)."""
+    mode = value
     if isinstance(value, str):
         try:
-            value = int(value.strip().removeprefix("0o"), 8)
+            mode = int(value.strip().removeprefix("0o"), 8)
         except ValueError:
-            value = None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+            mode = None
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
         raise ConfigError(name, "permission bits from 0o000 to 0o777, e.g. 0o600 or '600'", value)
-    return value
+    return mode
 
 
 def parse_ratio(name: str, value: Any) -> float:
@@ -147,13 +177,6 @@ def parse_base_dir(name: str, value: Any) -> str:
     return os.path.abspath(os.fspath(value))
 
 
-def _positive_seconds(name: str, value: Any) -> float:
-    seconds = parse_seconds(name, value)
-    if seconds is None:
-        raise ConfigError(name, "a positive number of seconds", value)
-    return seconds
-
-
 PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "base_dir": parse_base_dir,
     "cache_size": parse_size,
@@ -168,7 +191,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "fsync": parse_bool,
     "eviction_low_water": parse_ratio,
     "reconcile_interval": parse_seconds,
-    "temp_max_age": _positive_seconds,
+    "temp_max_age": parse_duration,
 }
 
 

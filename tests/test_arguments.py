@@ -230,6 +230,44 @@ def test_expiration_time_in_real_time(cache_dir):
     assert backend.get_serialized("k") is NO_VALUE
 
 
+DURATIONS = [
+    (600, 600),
+    (1.5, 1.5),
+    ("600", 600),
+    ("90s", 90),
+    ("15m", 900),
+    ("1h", 3600),
+    ("7d", 7 * 86400),
+    ("2w", 14 * 86400),
+    ("1.5h", 5400),
+    ("1h30m", 5400),
+    ("1d 12h", 36 * 3600),
+    (" 2 Days ", 2 * 86400),
+    ("45 seconds", 45),
+    ("10min", 600),
+    (datetime.timedelta(hours=2), 7200),
+]
+
+
+@pytest.mark.parametrize("name", ["expiration_time", "reconcile_interval", "temp_max_age"])
+@pytest.mark.parametrize(("value", "seconds"), DURATIONS, ids=repr)
+def test_durations_accept_units_and_timedeltas(cache_dir, name, value, seconds):
+    backend = configure(BACKENDS[1], {"base_dir": cache_dir, name: value}).backend
+    assert getattr(backend.settings, name) == seconds
+
+
+@pytest.mark.parametrize("name", ["expiration_time", "reconcile_interval", "temp_max_age"])
+@pytest.mark.parametrize(
+    "value", ["1y", "h", "1h-30m", "-1h", "0s", "1 parsec", "1hh", "inf", "h1", "1e3s"]
+)
+def test_bad_duration_names_the_argument_and_the_value_given(cache_dir, name, value):
+    with pytest.raises(ConfigError) as info:
+        configure(BACKENDS[1], {"base_dir": cache_dir, name: value})
+    assert info.value.argument == name
+    assert f"got {value!r}" in str(info.value)
+    assert "'1h'" in str(info.value)  # says what is allowed
+
+
 @pytest.mark.parametrize("expiration_time", [None, "none", ""], ids=repr)
 def test_no_expiration_time_keeps_entries(cache_dir, expiration_time):
     backend = configure(
@@ -329,6 +367,7 @@ def test_bad_value_raises_config_error_naming_the_argument(tmp_path, name, value
     assert isinstance(info.value, ValueError)
     assert info.value.argument == name
     assert repr(name) in str(info.value)
+    assert str(info.value).endswith(f"got {value!r}")  # the value given, not a parsed one
     if name != "base_dir":
         assert not (tmp_path / "cache").exists()  # nothing touched before validation
 

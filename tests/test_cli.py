@@ -99,6 +99,25 @@ def test_prune_removes_expired_entries_when_told_the_expiration_time(filled, cac
     assert not os.path.exists(old)
 
 
+@pytest.mark.parametrize("duration", ["1h", "60m", "3600s", "1h0m"])
+def test_prune_takes_the_expiration_time_with_units(filled, cache_dir, duration):
+    old = _entry_path(filled, "k00")
+    two_hours_ago = time.time_ns() - 7200 * 10**9
+    os.utime(old, ns=(two_hours_ago, two_hours_ago))
+    data = _json("prune", cache_dir, "--expiration-time", duration)
+    assert (data["removed"], data["expired"]) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--expiration-time", "1y"), ("--cache-size", "2 parsecs")]
+)
+def test_a_bad_option_value_is_quoted_in_the_error(filled, cache_dir, option, value):
+    done = _cli("prune", cache_dir, option, value)
+    assert done.returncode == 2
+    assert f"got {value!r}" in done.stderr
+    assert os.path.exists(_entry_path(filled, "k00"))
+
+
 def test_prune_without_limits_only_cleans_up(filled, cache_dir):
     directory = os.path.dirname(_entry_path(filled, "k00"))
     debris = [
