@@ -3,7 +3,9 @@
 Values may come from Python code or, through ``configure_from_config``, from an
 ini file as strings; every parser accepts both.  A bad value raises
 :class:`ConfigError` naming the argument; an unknown argument is only logged,
-because dogpile's conformance suite passes arbitrary extra ones.
+because dogpile's conformance suite passes arbitrary extra ones, and only once
+per process and name: wrappers such as oslo.cache inject arguments the user
+cannot remove, and a warning on every backend created would drown the logs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,6 +52,8 @@ _DURATION_UNITS = {
 _DURATION = re.compile(r"(?:\s*\d+(?:\.\d+)?\s*[a-z]+)+\s*")  # "90s", "1h30m", "2 days"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
 _TRUE = {"1", "true", "yes", "on"}
+_warned_unknown: set[str] = set()  # argument names already logged in this process
+_warned_unknown_guard = threading.Lock()
 _FALSE = {"0", "false", "no", "off", "none", ""}
 
 
@@ -199,13 +204,22 @@ def parse_arguments(arguments: Mapping[str, Any], accepted: frozenset[str]) -> S
     """Validate ``arguments`` (never modified) into :class:`Settings`."""
     if "base_dir" not in arguments:
         raise ConfigError("base_dir", "given: the directory that holds the cache", None)
-    unknown = sorted(set(arguments) - accepted)
-    if unknown:
-        log.warning("dogpile_fsbackend ignores unknown arguments: %s", ", ".join(unknown))
+    _warn_unknown(set(arguments) - accepted)
     values = {
         name: PARSERS[name](name, value) for name, value in arguments.items() if name in accepted
     }
     return Settings(**values)
+
+
+def _warn_unknown(names: set[str]) -> None:
+    with _warned_unknown_guard:
+        new = sorted(names - _warned_unknown)
+        _warned_unknown.update(new)
+    if new:
+        log.warning(
+            "dogpile_fsbackend ignores unknown arguments: %s (said once per process)",
+            ", ".join(new),
+        )
 
 
 SETTING_NAMES = frozenset(field.name for field in dataclasses.fields(Settings))

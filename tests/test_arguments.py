@@ -20,7 +20,7 @@ from conftest import WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
 
-from dogpile_fsbackend import CacheSizeWarning, ConfigError, layout, records
+from dogpile_fsbackend import CacheSizeWarning, ConfigError, config, layout, records
 from dogpile_fsbackend.config import SETTING_NAMES
 
 BACKENDS = ["dogpile_fsbackend.pickled", "dogpile_fsbackend.raw"]
@@ -410,8 +410,20 @@ def test_directory_of_the_other_kind_is_a_config_error(cache_dir):
 # -- unknown arguments, immutability, ini files ---------------------------------------
 
 
+@pytest.fixture
+def fresh_process_warnings(monkeypatch):
+    """Forget the unknown arguments other tests of this process were warned about."""
+    monkeypatch.setattr(config, "_warned_unknown", set())
+
+
+def _unknown_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "unknown argument" in r.getMessage()]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unknown_argument_is_a_warning_naming_it(backend, cache_dir, caplog):
+def test_unknown_argument_is_a_warning_naming_it(
+    backend, cache_dir, caplog, fresh_process_warnings
+):
     with caplog.at_level(logging.WARNING, logger="dogpile_fsbackend"):
         region = configure(backend, {"base_dir": cache_dir, "colour_of_cache": "blue"})
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -419,7 +431,25 @@ def test_unknown_argument_is_a_warning_naming_it(backend, cache_dir, caplog):
     assert region.backend.get_mutex("k") is not None  # the backend is usable
 
 
-def test_file_movable_is_unknown_to_the_pickled_backend(cache_dir, caplog):
+def test_unknown_argument_is_warned_once_per_process_and_name(
+    cache_dir, caplog, fresh_process_warnings
+):
+    injected = {"memcached_expire_time": 600, "memcache_servers": "a:11211"}  # as oslo.cache
+    with caplog.at_level(logging.WARNING, logger="dogpile_fsbackend"):
+        for backend in BACKENDS * 3:
+            configure(backend, {"base_dir": f"{cache_dir}-{backend}", **injected})
+        assert _unknown_warnings(caplog) == [
+            "dogpile_fsbackend ignores unknown arguments: memcache_servers, "
+            "memcached_expire_time (said once per process)"
+        ]
+        caplog.clear()
+        configure(BACKENDS[0], {"base_dir": cache_dir, **injected, "another_one": 1})
+        assert _unknown_warnings(caplog) == [
+            "dogpile_fsbackend ignores unknown arguments: another_one (said once per process)"
+        ]
+
+
+def test_file_movable_is_unknown_to_the_pickled_backend(cache_dir, caplog, fresh_process_warnings):
     with caplog.at_level(logging.WARNING, logger="dogpile_fsbackend"):
         configure("dogpile_fsbackend.pickled", {"base_dir": cache_dir, "file_movable": True})
     assert "file_movable" in caplog.text
