@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Maintain a dogpile_fsbackend cache directory, or run the demo.",
-        epilog=f"Exit status: 0 done, {EXIT_ERROR} failed, "
-        f"{EXIT_NOT_A_CACHE} not a cache directory or bad usage.",
+        epilog=f"Exit status: 0 done, {EXIT_ERROR} failed or not confirmed, "
+        f"{EXIT_NOT_A_CACHE} no such directory, not a cache directory or bad usage.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
