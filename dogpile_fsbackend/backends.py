@@ -196,7 +196,8 @@ class RawFSBackend(_FSBackendBase):
             return f
 
     A hit returns a new read-only :class:`CachedFileReader` positioned where the
-    creator left its file.  With ``file_movable=True`` a named file on the
+    creator left its file.  The call that runs the creator gets the creator's own
+    object back from dogpile, not a reader.  With ``file_movable=True`` a named file on the
     cache's filesystem is renamed into the cache instead of copied.
     """
 

@@ -24,7 +24,7 @@ from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE, CachedValue
 
-from dogpile_fsbackend import CachedFile, CacheFileApp, RawFSBackend, mount
+from dogpile_fsbackend import CachedFile, CachedFileReader, CacheFileApp, RawFSBackend, mount
 from dogpile_fsbackend.layout import encode_key, key_digest
 
 MiB = 1 << 20
@@ -472,6 +472,90 @@ def test_serve_lets_an_application_choose_its_own_urls(region, serve):
     assert fetch(port, "/7").body == DATA
     assert fetch(port, "/7", Range="bytes=-1").body == DATA[-1:]
     assert fetch(port, "/8").status == 404
+
+
+def _creators(directory: str):
+    """What raw creators return: the first call of a cached function gets this back."""
+
+    def temporary(data):
+        out = tempfile.NamedTemporaryFile(dir=directory, suffix=".pdf")  # noqa: SIM115
+        out.write(data)
+        out.seek(0)
+        return out
+
+    def plain(data):
+        path = os.path.join(directory, f"plain-{len(data)}.pdf")
+        with open(path, "wb") as out:
+            out.write(data)
+        return open(path, "rb")
+
+    def wrapped(data):
+        return CachedFile(temporary(data), filename="report.pdf")
+
+    return {"named_temporary_file": temporary, "open_rb": plain, "cached_file": wrapped}
+
+
+@pytest.mark.parametrize("movable", [True, False], ids=["movable", "copied"])
+@pytest.mark.parametrize("kind", ["named_temporary_file", "open_rb", "cached_file"])
+def test_serve_takes_the_creators_own_file_on_the_first_call(
+    raw_region, cache_dir, serve, kind, movable
+):
+    region = raw_region(file_movable=movable)
+    os.makedirs(cache_dir, exist_ok=True)
+    create = _creators(cache_dir)[kind]
+    files = CacheFileApp(region)
+    firsts = []
+
+    @region.cache_on_arguments()
+    def report(number):
+        return create(DATA[: 1000 * number])
+
+    def reports(environ, start_response):
+        value = report(int(environ["PATH_INFO"].strip("/")))
+        firsts.append(not isinstance(getattr(value, "fileobj", value), CachedFileReader))
+        return files.serve(value, environ, start_response)
+
+    port = serve(reports)
+    for path in ("/7", "/7", "/8", "/8"):
+        size = 1000 * int(path[1:])
+        whole = fetch(port, path)
+        assert (whole.status, whole.body) == (200, DATA[:size])
+        assert whole.headers["Content-Length"] == str(size)
+        assert whole.headers["Content-Type"] == "application/pdf"
+        assert whole.headers["Accept-Ranges"] == "bytes"
+        part = fetch(port, path, Range="bytes=100-199")
+        assert (part.status, part.body) == (206, DATA[100:200])
+        assert part.headers["Content-Range"] == f"bytes 100-199/{size}"
+        again = fetch(port, path, If_None_Match=part.headers["ETag"])
+        assert again.status == 304
+    assert firsts.count(True) == 2  # one creator's file for each report, then cached ones
+    if kind == "cached_file":
+        assert 'filename="report.pdf"' in whole.headers["Content-Disposition"]
+
+
+def test_serve_refuses_what_is_not_an_open_binary_regular_file(region, tmp_path):
+    files = CacheFileApp(region)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+    path = tmp_path / "text.txt"
+    path.write_text("text")
+    read_end, write_end = os.pipe()
+    with open(path) as text, os.fdopen(read_end, "rb") as pipe, os.fdopen(write_end, "wb"):
+        for value, said in (
+            (io.BytesIO(DATA), "got BytesIO"),
+            (b"bytes", "got bytes"),
+            (text, "got a text file"),
+            (pipe, "got a file that is not a regular file"),
+        ):
+            with pytest.raises(TypeError) as info:
+                files.serve(value, environ, lambda status, headers: None)
+            assert "serve() takes a cached raw value (CachedFileReader) or an open binary" in str(
+                info.value
+            )
+            assert said in str(info.value)
+    closed = open(path, "rb")  # noqa: SIM115
+    closed.close()
+    with pytest.raises(ValueError, match="closed file"):
+        files.serve(closed, environ, lambda status, headers: None)
 
 
 # -- sendfile ---------------------------------------------------------------------------
