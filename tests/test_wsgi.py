@@ -639,6 +639,96 @@ def test_readme_example(cache_dir, serve):
     assert not [name for name in os.listdir(cache_dir) if name.endswith(".png")]  # moved in
 
 
+def test_readme_flask_example(cache_dir, serve):
+    """The README's Flask recipe, verbatim, behind a real HTTP server."""
+    from flask import Flask, abort, redirect, request, send_file
+    from werkzeug.exceptions import RequestedRangeNotSatisfiable
+
+    charts = make_region().configure(
+        "dogpile_fsbackend.raw",
+        arguments={"base_dir": cache_dir, "file_movable": True, "cache_size": "1GiB"},
+    )
+    files = CacheFileApp(charts, prefix="/files")
+    renders = []
+
+    @charts.cache_on_arguments()
+    def chart(shade: int) -> CachedFile:
+        renders.append(shade)
+        out = tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".png")  # noqa: SIM115
+        out.write(png(640, 480, shade))
+        out.seek(0)
+        return CachedFile(out, filename=f"chart-{shade}.png")
+
+    chart_key = charts.function_key_generator(None, chart)
+
+    # -- from the README --
+    app = Flask(__name__)
+    app.wsgi_app = mount(app.wsgi_app, files)  # /files/... as above
+
+    @app.route("/chart/<int:shade>")
+    def chart_page(shade):
+        chart(shade).close()
+        return redirect(request.script_root + files.url_for(chart_key(shade)))
+
+    def send_cached(reader):
+        """send_file for a CachedFileReader, with Content-Length, Range and 304."""
+        reader.seek(0)  # a reader starts where the creator left its file
+        response = send_file(
+            reader,
+            mimetype=reader.content_type or "application/octet-stream",
+            download_name=reader.filename,
+            etag=reader.etag.strip('"'),
+            last_modified=reader.last_modified,
+            conditional=False,
+        )
+        response.content_length = reader.content_length
+        try:
+            return response.make_conditional(
+                request, accept_ranges=True, complete_length=reader.content_length
+            )
+        except RequestedRangeNotSatisfiable:  # Flask answers 416
+            reader.close()
+            raise
+
+    @app.route("/chart/<int:shade>.png")
+    def chart_png(shade):
+        chart(shade).close()  # cached now (the first call returns the creator's own file)
+        reader = charts.get(chart_key(shade))
+        if reader is NO_VALUE:  # evicted or cleared in between
+            abort(404)
+        return send_cached(reader)
+
+    # -- end of the README's code --
+    port = serve(app)
+    image = png(640, 480, 5)
+    whole = fetch(port, "/chart/5.png")
+    assert (whole.status, whole.body) == (200, image)
+    assert whole.headers["Content-Length"] == str(len(image))
+    assert "Transfer-Encoding" not in whole.headers
+    assert whole.headers["Content-Type"] == "image/png"
+    assert whole.headers["Accept-Ranges"] == "bytes"
+    assert whole.headers["Content-Disposition"] == "inline; filename=chart-5.png"
+    etag = whole.headers["ETag"]
+    with charts.get(chart_key(5)) as reader:
+        assert etag == reader.etag
+    part = fetch(port, "/chart/5.png", Range="bytes=100-1099")
+    assert (part.status, part.body) == (206, image[100:1100])
+    assert part.headers["Content-Length"] == "1000"
+    assert part.headers["Content-Range"] == f"bytes 100-1099/{len(image)}"
+    tail = fetch(port, "/chart/5.png", Range="bytes=-10")
+    assert (tail.status, tail.body) == (206, image[-10:])
+    resumed = fetch(port, "/chart/5.png", Range="bytes=1000-", If_Range=etag)
+    assert (resumed.status, resumed.body) == (206, image[1000:])
+    assert fetch(port, "/chart/5.png", If_None_Match=etag).status == 304
+    assert fetch(port, "/chart/5.png", Range=f"bytes={len(image)}-").status == 416
+    assert fetch(port, "/chart/5.png", "HEAD").headers["Content-Length"] == str(len(image))
+    redirected = fetch(port, "/chart/6")
+    assert redirected.status == 302
+    location = redirected.headers["Location"].removeprefix(f"http://127.0.0.1:{port}")
+    assert fetch(port, location).body == png(640, 480, 6)
+    assert renders == [5, 6]
+
+
 # -- a 1 GiB file with flat memory ---------------------------------------------------------
 
 BIG_BLOCKS = 1024  # of 1 MiB
