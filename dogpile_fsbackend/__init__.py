@@ -11,9 +11,11 @@ __version__ = "0.1.0"  # the one version source: setup.cfg reads it (attr:)
 
 from .backends import PickleFSBackend, RawFSBackend
 from .exceptions import CacheSizeWarning, ConfigError, FSBackendError, NotACacheError
+from .maintenance import PruneResult, ScanReport
 from .rawfiles import CachedFile, CachedFileReader
 from .wsgi import CacheFileApp, mount
 
+# The public API, all of it; the modules behind it are internal.
 __all__ = [
     "CacheFileApp",
     "CacheSizeWarning",
@@ -23,6 +25,8 @@ __all__ = [
     "FSBackendError",
     "NotACacheError",
     "PickleFSBackend",
+    "PruneResult",
     "RawFSBackend",
+    "ScanReport",
     "mount",
 ]

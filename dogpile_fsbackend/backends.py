@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CachedValue, CacheMutex
 
 from . import layout, maintenance, rawfiles, records
-from .config import SETTING_NAMES, parse_arguments
+from .config import SETTING_NAMES, documented, parse_arguments
 from .exceptions import CacheSizeWarning
 from .lookups import LookupTracker, RecheckingMutex, ThreadMutexes
 from .store import Store, remove_quietly
@@ -147,8 +147,10 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
             arguments={"base_dir": "/var/cache/myapp", "cache_size": "2GiB"},
         )
 
-    Arguments are listed in the README ("Arguments").  Region ``serializer=``
-    and ``deserializer=`` are honoured; the default is pickle.
+    Region ``serializer=`` and ``deserializer=`` are honoured; the default is
+    pickle.  Every argument (``:param:`` below, from ``config.ARGUMENT_DOCS``)
+    may also be an ini string (``configure_from_config``); a bad one raises
+    :class:`ConfigError`, an unknown one is logged once.
     """
 
     _kind = records.KIND_PICKLED
@@ -196,9 +198,11 @@ class RawFSBackend(_FSBackendBase):
             return f
 
     A hit returns a new read-only :class:`CachedFileReader` positioned where the
-    creator left its file.  The call that runs the creator gets the creator's own
-    object back from dogpile, not a reader.  With ``file_movable=True`` a named file on the
-    cache's filesystem is renamed into the cache instead of copied.
+    creator left its file; the call that runs the creator gets the creator's own
+    object back from dogpile, not a reader.  With ``file_movable=True`` a named
+    file on the cache's filesystem is renamed into the cache instead of copied.
+    The arguments (``:param:`` below, from ``config.ARGUMENT_DOCS``) are the
+    pickled backend's plus ``file_movable``.
     """
 
     _kind = records.KIND_RAW
@@ -293,3 +297,7 @@ class RawFSBackend(_FSBackendBase):
     def set_multi(self, mapping: Mapping[str, Any]) -> None:
         for key, value in mapping.items():
             self.set(key, value)
+
+
+for _backend in (PickleFSBackend, RawFSBackend):
+    _backend.__doc__ = documented(_backend.__doc__, _backend._accepted_arguments)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import logging
 import math
 import os
@@ -223,3 +224,44 @@ def _warn_unknown(names: set[str]) -> None:
 
 
 SETTING_NAMES = frozenset(field.name for field in dataclasses.fields(Settings))
+
+# One entry per argument, in Settings order: the backends' ``:param:`` documentation.
+ARGUMENT_DOCS = {
+    "base_dir": "directory of the cache (str or path), created with its parents; one "
+    "directory per backend kind.  Required.",
+    "cache_size": "size limit: the total bytes of the entry files, an int or a string with "
+    "units such as ``'512MiB'`` or ``'2GB'``.  Defaults to ``1073741824`` (1 GiB).",
+    "expiration_time": "a duration (seconds, a ``timedelta``, or ``'90s'``, ``'15m'``, "
+    "``'1h'``, ``'7d'``) after which an entry is a miss and goes first on eviction; "
+    "independent of the region's ``expiration_time``.  Defaults to ``None`` (never).",
+    "distributed_lock": "``get_mutex`` returns a mutex across processes (a byte of the lock "
+    "file); ``False`` or ``None``: a mutex among this process's threads only.  Defaults to "
+    "``True``.",
+    "file_movable": "raw backend only: rename a caller's named file on the cache's "
+    "filesystem into the cache instead of copying it.  Defaults to ``False``.",
+    "shard_depth": "levels of shard directories, 1 to 4; fixed when the directory is "
+    "created.  Defaults to ``2``.",
+    "shard_width": "hex digits per shard level, 1 to 3 (``16**width`` directories per "
+    "level); fixed at creation.  Defaults to ``1``.",
+    "lock_slots": "bytes of the (sparse) lock file that key mutexes hash onto; fixed at "
+    "creation.  Defaults to ``2**32``.",
+    "file_mode": "permissions of entry files, an int or an octal string such as ``'640'``.  "
+    "Defaults to ``0o600``.",
+    "dir_mode": "permissions of shard directories.  Defaults to ``0o700``.",
+    "fsync": "``fsync`` every entry before publishing it (durable across power loss, "
+    "slower).  Defaults to ``False``.",
+    "eviction_low_water": "when the limit is crossed, evict down to this fraction of "
+    "``cache_size``.  Defaults to ``0.9``.",
+    "reconcile_interval": "duration between automatic recounts of the size accounting from "
+    "the files; ``None``: only on eviction or ``prune()``.  Defaults to ``3600``.",
+    "temp_max_age": "duration after which a temp file is reclaimed even if its writer still "
+    "seems alive.  Defaults to ``3600``.",
+}
+
+
+def documented(docstring: str | None, accepted: frozenset[str]) -> str:
+    """A backend's docstring with one ``:param:`` per argument it accepts, in order."""
+    params = "\n".join(
+        f":param {name}: {ARGUMENT_DOCS[name]}" for name in ARGUMENT_DOCS if name in accepted
+    )
+    return f"{inspect.cleandoc(docstring or '')}\n\n{params}\n"
