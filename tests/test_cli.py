@@ -282,6 +282,25 @@ def test_demo_help_describes_it_and_size_must_be_positive():
         assert f"got {bad!r}" in done.stderr
 
 
+def test_demo_runs_counts_one_miss_per_creation_and_cleans_up(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "dogpile_fsbackend", "demo", "--size-mb", "2"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    stats = [line for line in done.stdout.splitlines() if "stats:" in line]
+    assert "'hits': 2, 'misses': 2," in stats[0]  # two squares, each computed once
+    assert "'hits': 1, 'misses': 1," in stats[1]  # the generated file
+    assert "2 MiB, sha256" in done.stdout
+    assert "4 answers {'computed once'}" in done.stdout
+    assert "the value was created 1 time(s)" in done.stdout
+    assert os.listdir(tmp_path) == []
+
+
 def test_version():
     from importlib.metadata import version
 
