@@ -53,9 +53,9 @@ _DURATION_UNITS = {
 _DURATION = re.compile(r"(?:\s*\d+(?:\.\d+)?\s*[a-z]+)+\s*")  # "90s", "1h30m", "2 days"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", "none", ""}
 _warned_unknown: set[str] = set()  # argument names already logged in this process
 _warned_unknown_guard = threading.Lock()
-_FALSE = {"0", "false", "no", "off", "none", ""}
 
 
 @dataclasses.dataclass(frozen=True)
