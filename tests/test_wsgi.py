@@ -597,23 +597,37 @@ def png(width: int, height: int, shade: int) -> bytes:
     return PNG + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
-def test_readme_example(cache_dir, serve):
+class Charts(NamedTuple):
+    """The README example's region, app, memoized chart function and its key function."""
+
+    region: object
+    files: CacheFileApp
+    chart: object
+    chart_key: object
+    renders: list[int]
+
+
+def readme_charts(cache_dir: str, width: int, height: int) -> Charts:
     renders = []
     charts = make_region().configure(
         "dogpile_fsbackend.raw",
         arguments={"base_dir": cache_dir, "file_movable": True, "cache_size": "1GiB"},
     )
-    files = CacheFileApp(charts, prefix="/files")
 
     @charts.cache_on_arguments()
     def chart(shade: int) -> CachedFile:
         renders.append(shade)
         out = tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".png")  # noqa: SIM115
-        out.write(png(64, 48, shade))
+        out.write(png(width, height, shade))
         out.seek(0)
         return CachedFile(out, filename=f"chart-{shade}.png")
 
-    chart_key = charts.function_key_generator(None, chart)
+    files = CacheFileApp(charts, prefix="/files")
+    return Charts(charts, files, chart, charts.function_key_generator(None, chart), renders)
+
+
+def test_readme_example(cache_dir, serve):
+    _, files, chart, chart_key, renders = readme_charts(cache_dir, 64, 48)
 
     def site(environ, start_response):
         match = re.fullmatch(r"/chart/(\d+)", environ["PATH_INFO"])
@@ -644,22 +658,7 @@ def test_readme_flask_example(cache_dir, serve):
     from flask import Flask, abort, redirect, request, send_file
     from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
-    charts = make_region().configure(
-        "dogpile_fsbackend.raw",
-        arguments={"base_dir": cache_dir, "file_movable": True, "cache_size": "1GiB"},
-    )
-    files = CacheFileApp(charts, prefix="/files")
-    renders = []
-
-    @charts.cache_on_arguments()
-    def chart(shade: int) -> CachedFile:
-        renders.append(shade)
-        out = tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".png")  # noqa: SIM115
-        out.write(png(640, 480, shade))
-        out.seek(0)
-        return CachedFile(out, filename=f"chart-{shade}.png")
-
-    chart_key = charts.function_key_generator(None, chart)
+    charts, files, chart, chart_key, renders = readme_charts(cache_dir, 640, 480)
 
     # -- from the README --
     app = Flask(__name__)
