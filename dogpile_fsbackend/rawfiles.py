@@ -114,10 +114,14 @@ def unwrap(value: Any) -> tuple[Any, str | None, str | None]:
     if callable(readable) and not readable():
         raise TypeError(f"the raw backend stores {ACCEPTED}; got a file not open for reading")
     if content_type is None:
-        name = filename or getattr(value, "name", None)
-        if isinstance(name, str):
-            content_type = mimetypes.guess_type(name)[0]
+        content_type = guess_type(value, filename)
     return value, filename, content_type
+
+
+def guess_type(fileobj: Any, filename: str | None) -> str | None:
+    """The content type ``mimetypes`` guesses from ``filename``, else from the file's name."""
+    name = filename or getattr(fileobj, "name", None)
+    return mimetypes.guess_type(name)[0] if isinstance(name, str) else None
 
 
 def stage(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import email.utils
 import hmac
 import io
-import mimetypes
 import os
 import re
 import stat
@@ -34,7 +33,7 @@ from dogpile.cache.api import NO_VALUE, CachedValue
 from dogpile.cache.region import CacheRegion
 
 from .backends import RawFSBackend
-from .rawfiles import CachedFile, CachedFileReader
+from .rawfiles import CachedFile, CachedFileReader, guess_type
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -318,9 +317,7 @@ def _describe(value: Any) -> tuple[IO[bytes], _Served]:
         kind = "a text file" if not is_binary else "a file that is not a regular file"
         raise TypeError(f"serve() takes {_SERVES}; got {kind}")
     if content_type is None:
-        name = filename or getattr(fileobj, "name", None)
-        if isinstance(name, str):
-            content_type = mimetypes.guess_type(name)[0]
+        content_type = guess_type(fileobj, filename)
     etag = f'"{info.st_ino:x}-{info.st_size:x}-{info.st_mtime_ns:x}"'
     return fileobj, _Served(info.st_size, info.st_mtime, etag, filename, content_type)
 
