@@ -10,6 +10,9 @@ the same key marks this thread's next lookup of that key as the re-check,
 whose outcome replaces the first look's instead of adding to it.  A call
 therefore counts one miss when its creator runs, and one hit when it returns
 a cached value, even one that another process created while it waited.
+
+With ``distributed_lock=False`` a :class:`ThreadMutex` of ours stands where
+dogpile's own in-process lock would, so that the re-check is seen there too.
 """
 
 from __future__ import annotations
