@@ -7,12 +7,16 @@ Configure them by entry-point name; importing this package is not needed::
     )
 """
 
+__version__ = "0.1.0"  # the one version source: setup.cfg reads it (attr:)
+
 from .backends import PickleFSBackend, RawFSBackend
 from .exceptions import CacheSizeWarning, ConfigError, FSBackendError, NotACacheError
 from .invalidation import SharedInvalidation
+from .maintenance import PruneResult, ScanReport
 from .rawfiles import CachedFile, CachedFileReader
 from .wsgi import CacheFileApp, mount
 
+# The public API, all of it; the modules behind it are internal.
 __all__ = [
     "CacheFileApp",
     "CacheSizeWarning",
@@ -22,8 +26,9 @@ __all__ = [
     "FSBackendError",
     "NotACacheError",
     "PickleFSBackend",
+    "PruneResult",
     "RawFSBackend",
+    "ScanReport",
     "SharedInvalidation",
     "mount",
 ]
-__version__ = "0.1.0"

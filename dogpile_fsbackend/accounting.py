@@ -80,7 +80,8 @@ class AccountingFile:
 
     @property
     def last_reconcile(self) -> float:
-        return _RECONCILED.unpack_from(self._map, _RECONCILED_OFFSET)[0]
+        when: float = _RECONCILED.unpack_from(self._map, _RECONCILED_OFFSET)[0]
+        return when
 
     @last_reconcile.setter
     def last_reconcile(self, when: float) -> None:

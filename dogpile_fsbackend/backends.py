@@ -7,22 +7,19 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from dogpile.cache.api import (
-    NO_VALUE,
-    BytesBackend,
-    CacheBackend,
-    CachedValue,
-    NoValueType,
-)
+from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CachedValue, CacheMutex
 
 from . import layout, maintenance, rawfiles, records
-from .config import SETTING_NAMES, parse_arguments
+from .config import SETTING_NAMES, documented, parse_arguments
 from .exceptions import CacheSizeWarning
-from .locking import FileMutex
+from .lookups import LookupTracker, RecheckingMutex, ThreadMutexes
 from .store import Store, remove_quietly
+
+if TYPE_CHECKING:  # dogpile.cache 1.3.3+ only; at run time we support 1.3.0
+    from dogpile.cache.api import NoValueType
 
 log = logging.getLogger(__name__)
 _TOKEN_LENGTH = 16  # hex digits naming a raw entry's data file; new for every write
@@ -37,6 +34,8 @@ class _FSBackendBase(CacheBackend):
     def __init__(self, arguments: Mapping[str, Any]) -> None:
         self.settings = parse_arguments(arguments, self._accepted_arguments)
         self.store = Store(self.settings, self._kind)
+        self._lookups = LookupTracker()
+        self._thread_mutexes = ThreadMutexes()  # for distributed_lock=False
 
     @classmethod
     def from_config_dict(cls, config_dict: Mapping[str, Any], prefix: str) -> _FSBackendBase:
@@ -51,15 +50,19 @@ class _FSBackendBase(CacheBackend):
                 arguments[name] = str(value)
         return cls(arguments)
 
-    def get_mutex(self, key: str) -> FileMutex | None:
-        if not self.settings.distributed_lock:
-            return None
-        return self.store.key_mutex(layout.encode_key(key))
+    def get_mutex(self, key: str) -> RecheckingMutex:
+        """The key's mutex: across processes (a byte of the lock file), or among this
+        process's threads only with ``distributed_lock=False``."""
+        if self.settings.distributed_lock:
+            mutex: CacheMutex = self.store.key_mutex(layout.encode_key(key))
+        else:
+            mutex = self._thread_mutexes.get(key)
+        return RecheckingMutex(mutex, self._lookups, key)
 
     def delete(self, key: str) -> None:
         self.store.delete(_digest(key))
 
-    def delete_multi(self, keys: Sequence[str]) -> None:
+    def delete_multi(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.delete(key)
 
@@ -78,7 +81,12 @@ class _FSBackendBase(CacheBackend):
         return maintenance.clear(self.store)
 
     def stats(self) -> dict[str, int]:
-        """Shared size figures plus hits, misses, writes and evictions of this instance."""
+        """Shared size figures plus hits, misses, writes and evictions of this instance.
+
+        A lookup counts once: a ``get_or_create`` (``cache_on_arguments``) call is
+        one miss when its creator runs and one hit when it returns a cached value
+        (see lookups.py); every ``get`` and every key of ``get_multi`` is one.
+        """
         size, entries = self.store.totals()
         return {
             "entries": entries,
@@ -111,8 +119,12 @@ class _FSBackendBase(CacheBackend):
         warnings.warn(message, CacheSizeWarning, stacklevel=4)
         return False
 
-    def _count(self, found: bool) -> None:
-        if found:
+    def _count(self, key: str | None, found: bool) -> None:
+        if self._lookups.is_recheck(key, found):  # the first look counted a miss
+            if found:
+                self.store.misses -= 1
+                self.store.hits += 1
+        elif found:
             self.store.hits += 1
         else:
             self.store.misses += 1
@@ -135,8 +147,10 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
             arguments={"base_dir": "/var/cache/myapp", "cache_size": "2GiB"},
         )
 
-    Arguments are listed in the README ("Arguments").  Region ``serializer=``
-    and ``deserializer=`` are honoured; the default is pickle.
+    Region ``serializer=`` and ``deserializer=`` are honoured; the default is
+    pickle.  Every argument (``:param:`` below, from ``config.ARGUMENT_DOCS``)
+    may also be an ini string (``configure_from_config``); a bad one raises
+    :class:`ConfigError`, an unknown one is logged once.
     """
 
     _kind = records.KIND_PICKLED
@@ -145,10 +159,10 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
     def get_serialized(self, key: str) -> bytes | NoValueType:
         key_bytes = layout.encode_key(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
-        self._count(found is not None)
+        self._count(key, found is not None)
         return found.record.payload if found else NO_VALUE
 
-    def get_serialized_multi(self, keys: Sequence[str]) -> list[bytes | NoValueType]:
+    def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]
 
     def set_serialized(self, key: str, value: bytes) -> None:
@@ -184,8 +198,11 @@ class RawFSBackend(_FSBackendBase):
             return f
 
     A hit returns a new read-only :class:`CachedFileReader` positioned where the
-    creator left its file.  With ``file_movable=True`` a named file on the
-    cache's filesystem is renamed into the cache instead of copied.
+    creator left its file; the call that runs the creator gets the creator's own
+    object back from dogpile, not a reader.  With ``file_movable=True`` a named
+    file on the cache's filesystem is renamed into the cache instead of copied.
+    The arguments (``:param:`` below, from ``config.ARGUMENT_DOCS``) are the
+    pickled backend's plus ``file_movable``.
     """
 
     _kind = records.KIND_RAW
@@ -195,7 +212,7 @@ class RawFSBackend(_FSBackendBase):
         key_bytes = layout.encode_key(key)
         digest = layout.key_digest(key_bytes)
         value = self._open(digest, key_bytes)
-        self._count(value is not NO_VALUE)
+        self._count(key, value is not NO_VALUE)
         return value
 
     def get_by_digest(self, digest: str) -> CachedValue | Any:
@@ -208,7 +225,7 @@ class RawFSBackend(_FSBackendBase):
             value = NO_VALUE
         else:
             value = self._open(digest, None)
-        self._count(value is not NO_VALUE)
+        self._count(None, value is not NO_VALUE)
         return value
 
     def _open(self, digest: str, key_bytes: bytes | None) -> Any:
@@ -228,7 +245,7 @@ class RawFSBackend(_FSBackendBase):
             return reader
         return CachedValue(reader, meta.metadata)
 
-    def get_multi(self, keys: Sequence[str]) -> list[Any]:
+    def get_multi(self, keys: Iterable[str]) -> list[Any]:
         return [self.get(key) for key in keys]
 
     def set(self, key: str, value: Any) -> None:
@@ -280,3 +297,7 @@ class RawFSBackend(_FSBackendBase):
     def set_multi(self, mapping: Mapping[str, Any]) -> None:
         for key, value in mapping.items():
             self.set(key, value)
+
+
+for _backend in (PickleFSBackend, RawFSBackend):
+    _backend.__doc__ = documented(_backend.__doc__, _backend._accepted_arguments)

@@ -24,10 +24,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
-from . import maintenance
+from . import __version__, maintenance
 from .config import PARSERS, Settings, parse_seconds, parse_size
 from .exceptions import ConfigError, FSBackendError, NotACacheError
 from .invalidation import InvalidationTimes, SharedInvalidation, read_times
@@ -53,6 +53,10 @@ def open_cache(
     Raises NotACacheError, and creates nothing, if ``base_dir`` is not a cache.
     """
     base_dir = os.path.abspath(base_dir)
+    if not os.path.lexists(base_dir):
+        raise NotACacheError(f"{base_dir} does not exist")
+    if not os.path.isdir(base_dir):
+        raise NotACacheError(f"{base_dir} is not a directory")
     try:
         marker = read_marker(base_dir)
         marker_mode = os.stat(os.path.join(base_dir, MARKER_NAME)).st_mode
@@ -63,7 +67,7 @@ def open_cache(
         ) from None
     except OSError as exc:
         raise NotACacheError(f"{base_dir} cannot be opened as a cache: {exc.strerror}") from exc
-    kind = _KINDS.get((marker or {}).get("kind"))
+    kind = _KINDS.get(str((marker or {}).get("kind")))
     if not marker or marker.get("format") != FORMAT_NAME or kind is None:
         raise NotACacheError(
             f"{base_dir} is not a dogpile_fsbackend cache ({MARKER_NAME} is foreign or damaged)"
@@ -170,9 +174,18 @@ def _verify(store: Store, args: argparse.Namespace, progress: Progress | None) -
 
 
 def _clear(store: Store, args: argparse.Namespace, progress: Progress | None) -> Outcome:
+    directory = store.settings.base_dir
+    if args.dry_run:
+        size, entries = store.totals()
+        data = {"directory": directory, "dry_run": True, "entries": entries, "bytes": size}
+        text = (
+            f"would remove {_count(entries, 'entry', 'entries')} ({_size(size)}), "
+            "as the shared counters say; nothing was removed (--dry-run)"
+        )
+        return data, text
     result = maintenance.clear(store, progress)
     data = {
-        "directory": store.settings.base_dir,
+        "directory": directory,
         "removed": result.removed,
         "removed_bytes": result.removed_bytes,
     }
@@ -184,37 +197,50 @@ def _clear(store: Store, args: argparse.Namespace, progress: Progress | None) ->
 class _Command:
     help: str
     run: Callable[[Store, argparse.Namespace, Progress | None], Outcome]
-    options: tuple[str, ...] = ()  # names in _OPTIONS
+    options: Mapping[str, str] = dataclasses.field(default_factory=dict)  # name -> its help
     scans: bool = True  # visits every shard, so it can show progress
+    confirms: bool = False  # asks before it starts when run on a terminal
 
 
 _MAINTENANCE = {
     "stats": _Command(
         "entries, size and limit, from the shared counters (no scan)",
         _stats,
-        ("--cache-size",),
+        {"--cache-size": "the applications' cache_size, e.g. 2GiB, to show how full it is"},
         scans=False,
     ),
     "prune": _Command(
         "remove expired and damaged entries, evict down to --cache-size, recount",
         _prune,
-        ("--cache-size", "--expiration-time"),
+        {
+            "--cache-size": "the applications' cache_size, e.g. 2GiB: evict down to 90%% of it",
+            "--expiration-time": "the applications' expiration_time, e.g. 86400, 90m, 1h or "
+            "7d: remove older entries",
+        },
     ),
     "verify": _Command("read and check every entry, remove damaged ones, recount", _verify),
-    "clear": _Command("remove every entry (safe while applications use the cache)", _clear),
+    "clear": _Command(
+        "remove every entry (safe while applications use the cache)",
+        _clear,
+        {
+            "--dry-run": "say how many entries would go, remove nothing",
+            "--yes": "do not ask for confirmation on a terminal",
+        },
+        confirms=True,
+    ),
 }
 
 _OPTIONS: dict[str, dict[str, Any]] = {
     "--cache-size": {
         "type": lambda text: _parse_option(parse_size, "cache_size", text),
         "metavar": "SIZE",
-        "help": "the applications' cache_size, e.g. 2GiB (prune evicts down to it)",
     },
     "--expiration-time": {
         "type": lambda text: _parse_option(parse_seconds, "expiration_time", text),
-        "metavar": "SECONDS",
-        "help": "the applications' expiration_time (prune removes older entries)",
+        "metavar": "DURATION",
     },
+    "--dry-run": {"action": "store_true"},
+    "--yes": {"action": "store_true"},
     "--progress": {
         "action": argparse.BooleanOptionalAction,
         "help": "show progress on stderr (default: when stderr is a terminal)",
@@ -249,11 +275,17 @@ def _run_invalidate(args: argparse.Namespace) -> int:
 
 def _run_maintenance(args: argparse.Namespace) -> int:
     command = _MAINTENANCE[args.command]
-    show_progress = command.scans and (
-        sys.stderr.isatty() if args.progress is None else args.progress
+    show_progress = (
+        command.scans
+        and not args.dry_run
+        and (sys.stderr.isatty() if args.progress is None else args.progress)
     )
     try:
         store = open_cache(args.directory, args.cache_size, args.expiration_time)
+        asks = command.confirms and not (args.dry_run or args.yes) and sys.stdin.isatty()
+        if asks and not _confirm(args.command, store):
+            print(f"{PROG}: {args.command} cancelled; nothing was removed", file=sys.stderr)
+            return EXIT_ERROR
         with _progress(args.command, store.layout.shard_count, show_progress) as progress:
             data, text = command.run(store, args, progress)
     except NotACacheError as exc:
@@ -266,6 +298,17 @@ def _run_maintenance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _confirm(command: str, store: Store) -> bool:
+    """Ask on the terminal before removing every entry; only "y" or "yes" goes ahead."""
+    size, entries = store.totals()
+    question = (
+        f"{command} {store.settings.base_dir}: remove every entry "
+        f"({_count(entries, 'entry', 'entries')}, {_size(size)})? [y/N] "
+    )
+    print(question, end="", file=sys.stderr, flush=True)  # stdout is for the result
+    return sys.stdin.readline().strip().lower() in ("y", "yes")  # "" at end of input
+
+
 # -- parser ---------------------------------------------------------------------
 
 
@@ -273,19 +316,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Maintain a dogpile_fsbackend cache directory, or run the demo.",
-        epilog=f"Exit status: 0 done, {EXIT_ERROR} failed, "
-        f"{EXIT_NOT_A_CACHE} not a cache directory or bad usage.",
+        epilog=f"Exit status: 0 done, {EXIT_ERROR} failed or not confirmed, "
+        f"{EXIT_NOT_A_CACHE} no such directory, not a cache directory or bad usage.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in _MAINTENANCE.items():
         sub = commands.add_parser(name, help=command.help, description=command.help)
         sub.add_argument("directory", metavar="DIR", help="the cache's base_dir")
         sub.add_argument("--json", action="store_true", help="print the result as JSON")
-        options = (*command.options, "--progress") if command.scans else command.options
-        for option in options:
-            sub.add_argument(option, **_OPTIONS[option])
+        for option, help_text in command.options.items():
+            sub.add_argument(option, **_OPTIONS[option], help=help_text)
+        if command.scans:
+            sub.add_argument("--progress", **_OPTIONS["--progress"])
         sub.set_defaults(
-            run=_run_maintenance, cache_size=None, expiration_time=None, progress=None
+            run=_run_maintenance,
+            cache_size=None,
+            expiration_time=None,
+            progress=None,
+            dry_run=False,
+            yes=False,
         )
     invalidate_help = "invalidate every region that uses SharedInvalidation on DIR"
     invalidate = commands.add_parser(
@@ -304,11 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invalidate.add_argument("--json", action="store_true", help="print the result as JSON")
     invalidate.set_defaults(run=_run_invalidate)
+    demo_help = "tour both backends in a temp directory, printing hits, misses and timings"
     demo = commands.add_parser(
-        "demo", help="tour both backends in a temp directory, printing hits, misses and timings"
+        "demo",
+        help=demo_help,
+        description=f"{demo_help[0].upper()}{demo_help[1:]}: a slow function memoized with "
+        "the pickled backend, a generated file memoized with the raw backend, and four "
+        "processes asking for one value at once. Needs SIZE_MB MiB (plus under 1 MiB) of "
+        "free space in the temp directory ($TMPDIR); removes everything when done.",
     )
     demo.add_argument(
-        "--size-mb", type=int, default=256, help="size of the generated file (default 256)"
+        "--size-mb",
+        type=_positive_int,
+        default=256,
+        help="size of the generated file in MiB (default 256)",
     )
     demo.set_defaults(run=_run_demo)
     return parser
@@ -324,7 +383,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dogpile_fsbackend`` and ``dogpile-fsbackend``."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    status: int = args.run(args)
+    return status
 
 
 # -- helpers --------------------------------------------------------------------
@@ -336,6 +396,16 @@ def _parse_option(parse: Callable[[str, Any], Any], name: str, text: str) -> Any
         return parse(name, text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0; got {text!r}")
+    return number
 
 
 @contextlib.contextmanager

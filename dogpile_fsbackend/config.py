@@ -3,17 +3,21 @@
 Values may come from Python code or, through ``configure_from_config``, from an
 ini file as strings; every parser accepts both.  A bad value raises
 :class:`ConfigError` naming the argument; an unknown argument is only logged,
-because dogpile's conformance suite passes arbitrary extra ones.
+because dogpile's conformance suite passes arbitrary extra ones, and only once
+per process and name: wrappers such as oslo.cache inject arguments the user
+cannot remove, and a warning on every backend created would drown the logs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,8 +43,19 @@ _SIZE_UNITS = {
     "tb": 1000**4,
     "tib": 1024**4,
 }
+_DURATION_UNITS = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
+    **dict.fromkeys(("w", "week", "weeks"), 7 * 86400),
+}
+_DURATION = re.compile(r"(?:\s*\d+(?:\.\d+)?\s*[a-z]+)+\s*")  # "90s", "1h30m", "2 days"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", "none", ""}
+_warned_unknown: set[str] = set()  # argument names already logged in this process
+_warned_unknown_guard = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,34 +80,54 @@ class Settings:
 
 def parse_size(name: str, value: Any) -> int:
     """Bytes as an int, or a string such as ``"1073741824"``, ``"512MiB"``, ``"2 GB"``."""
+    size = value
     if isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-        if match and match.group(2).lower() in _SIZE_UNITS:
-            value = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-        else:
-            raise ConfigError(
-                name, "a positive number of bytes such as 1073741824 or '1GiB'", value
-            )
+        unit = match.group(2).lower() if match else None
+        size = float(match.group(1)) * _SIZE_UNITS[unit] if match and unit in _SIZE_UNITS else None
     # at least one whole byte (0.5 would truncate to 0), and finite (int() of nan/inf raises)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 1 <= size < math.inf:
         raise ConfigError(name, "a positive number of bytes such as 1073741824 or '1GiB'", value)
-    return int(value)
+    return int(size)
+
+
+def parse_duration(name: str, value: Any) -> float:
+    """Seconds from a number, a ``timedelta`` or a string: ``"3600"``, ``"90s"``, ``"15m"``,
+    ``"1h"``, ``"7d"``, ``"2w"``, or several parts such as ``"1h30m"``."""
+    seconds = value
+    if isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, str):
+        seconds = _duration_seconds(value.strip().lower())
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not 0 < seconds < math.inf
+    ):
+        raise ConfigError(
+            name, "a positive duration: seconds, a timedelta, or '90s', '15m', '1h', '7d'", value
+        )
+    return float(seconds)
+
+
+def _duration_seconds(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if not _DURATION.fullmatch(text):
+        return None
+    parts = _DURATION_PART.findall(text)
+    if any(unit not in _DURATION_UNITS for _, unit in parts):
+        return None
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
 def parse_seconds(name: str, value: Any) -> float | None:
-    """Seconds as a number, numeric string or ``timedelta``; ``None`` means never."""
+    """A duration as :func:`parse_duration` reads it, or ``None`` (or ``"none"``): never."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
         return None
-    if isinstance(value, datetime.timedelta):
-        value = value.total_seconds()
-    elif isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            value = None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(name, "a positive number of seconds, a timedelta or None", value)
-    return float(value)
+    return parse_duration(name, value)
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -121,14 +156,15 @@ def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
 
 def parse_mode(name: str, value: Any) -> int:
     """Permission bits as an int (``0o640``) or an octal string (``"640"``, ``"0o640"``)."""
+    mode = value
     if isinstance(value, str):
         try:
-            value = int(value.strip().removeprefix("0o"), 8)
+            mode = int(value.strip().removeprefix("0o"), 8)
         except ValueError:
-            value = None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+            mode = None
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
         raise ConfigError(name, "permission bits from 0o000 to 0o777, e.g. 0o600 or '600'", value)
-    return value
+    return mode
 
 
 def parse_ratio(name: str, value: Any) -> float:
@@ -147,13 +183,6 @@ def parse_base_dir(name: str, value: Any) -> str:
     return os.path.abspath(os.fspath(value))
 
 
-def _positive_seconds(name: str, value: Any) -> float:
-    seconds = parse_seconds(name, value)
-    if seconds is None:
-        raise ConfigError(name, "a positive number of seconds", value)
-    return seconds
-
-
 PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "base_dir": parse_base_dir,
     "cache_size": parse_size,
@@ -168,7 +197,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "fsync": parse_bool,
     "eviction_low_water": parse_ratio,
     "reconcile_interval": parse_seconds,
-    "temp_max_age": _positive_seconds,
+    "temp_max_age": parse_duration,
 }
 
 
@@ -176,13 +205,63 @@ def parse_arguments(arguments: Mapping[str, Any], accepted: frozenset[str]) -> S
     """Validate ``arguments`` (never modified) into :class:`Settings`."""
     if "base_dir" not in arguments:
         raise ConfigError("base_dir", "given: the directory that holds the cache", None)
-    unknown = sorted(set(arguments) - accepted)
-    if unknown:
-        log.warning("dogpile_fsbackend ignores unknown arguments: %s", ", ".join(unknown))
+    _warn_unknown(set(arguments) - accepted)
     values = {
         name: PARSERS[name](name, value) for name, value in arguments.items() if name in accepted
     }
     return Settings(**values)
 
 
+def _warn_unknown(names: set[str]) -> None:
+    with _warned_unknown_guard:
+        new = sorted(names - _warned_unknown)
+        _warned_unknown.update(new)
+    if new:
+        log.warning(
+            "dogpile_fsbackend ignores unknown arguments: %s (said once per process)",
+            ", ".join(new),
+        )
+
+
 SETTING_NAMES = frozenset(field.name for field in dataclasses.fields(Settings))
+
+# One entry per argument, in Settings order: the backends' ``:param:`` documentation.
+ARGUMENT_DOCS = {
+    "base_dir": "directory of the cache (str or path), created with its parents; one "
+    "directory per backend kind.  Required.",
+    "cache_size": "size limit: the total bytes of the entry files, an int or a string with "
+    "units such as ``'512MiB'`` or ``'2GB'``.  Defaults to ``1073741824`` (1 GiB).",
+    "expiration_time": "a duration (seconds, a ``timedelta``, or ``'90s'``, ``'15m'``, "
+    "``'1h'``, ``'7d'``) after which an entry is a miss and goes first on eviction; "
+    "independent of the region's ``expiration_time``.  Defaults to ``None`` (never).",
+    "distributed_lock": "``get_mutex`` returns a mutex across processes (a byte of the lock "
+    "file); ``False`` or ``None``: a mutex among this process's threads only.  Defaults to "
+    "``True``.",
+    "file_movable": "raw backend only: rename a caller's named file on the cache's "
+    "filesystem into the cache instead of copying it.  Defaults to ``False``.",
+    "shard_depth": "levels of shard directories, 1 to 4; fixed when the directory is "
+    "created.  Defaults to ``2``.",
+    "shard_width": "hex digits per shard level, 1 to 3 (``16**width`` directories per "
+    "level); fixed at creation.  Defaults to ``1``.",
+    "lock_slots": "bytes of the (sparse) lock file that key mutexes hash onto; fixed at "
+    "creation.  Defaults to ``2**32``.",
+    "file_mode": "permissions of entry files, an int or an octal string such as ``'640'``.  "
+    "Defaults to ``0o600``.",
+    "dir_mode": "permissions of shard directories.  Defaults to ``0o700``.",
+    "fsync": "``fsync`` every entry before publishing it (durable across power loss, "
+    "slower).  Defaults to ``False``.",
+    "eviction_low_water": "when the limit is crossed, evict down to this fraction of "
+    "``cache_size``.  Defaults to ``0.9``.",
+    "reconcile_interval": "duration between automatic recounts of the size accounting from "
+    "the files; ``None``: only on eviction or ``prune()``.  Defaults to ``3600``.",
+    "temp_max_age": "duration after which a temp file is reclaimed even if its writer still "
+    "seems alive.  Defaults to ``3600``.",
+}
+
+
+def documented(docstring: str | None, accepted: frozenset[str]) -> str:
+    """A backend's docstring with one ``:param:`` per argument it accepts, in order."""
+    params = "\n".join(
+        f":param {name}: {ARGUMENT_DOCS[name]}" for name in ARGUMENT_DOCS if name in accepted
+    )
+    return f"{inspect.cleandoc(docstring or '')}\n\n{params}\n"

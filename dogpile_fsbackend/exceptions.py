@@ -10,6 +10,8 @@ Hierarchy::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class FSBackendError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -22,7 +24,8 @@ class ConfigError(FSBackendError, ValueError):
         super().__init__(f"{argument!r} must be {allowed}; got {got!r}")
         self.argument = argument
 
-    def __reduce__(self):  # keep picklable across multiprocessing
+    def __reduce__(self) -> tuple[Callable[[str, str], ConfigError], tuple[str, str]]:
+        # keep picklable across multiprocessing
         return (_rebuild_config_error, (self.args[0], self.argument))
 
 

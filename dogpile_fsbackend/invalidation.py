@@ -422,7 +422,8 @@ class SharedInvalidation(RegionInvalidationStrategy):
         if pair is not None:
             self._pair.after_hard = None
             if pair[0] == timestamp and time.monotonic_ns() < pair[2]:
-                return pair[1]
+                seen: _Seen = pair[1]
+                return seen
         return self._check()
 
     def _refresh(self) -> _Seen:

@@ -74,7 +74,7 @@ class Layout:
     @property
     def shard_count(self) -> int:
         """Number of shards; each has its own counters and byte lock."""
-        return 16 ** (self.shard_levels * self.width)
+        return 1 << (4 * self.shard_levels * self.width)  # 16 ** hex digits
 
     def shard_index(self, digest: str) -> int:
         return int(digest[: self.shard_levels * self.width], 16)

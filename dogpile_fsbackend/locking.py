@@ -159,7 +159,7 @@ class LockFile:
         else:
             query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
             lock_type = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_GETLK, query))[0]
-        return lock_type != fcntl.F_UNLCK
+        return bool(lock_type != fcntl.F_UNLCK)
 
     @contextlib.contextmanager
     def held(self, name: Hashable, offset: int) -> Iterator[None]:

@@ -307,7 +307,7 @@ def _leaf_dirs(store: Store, shard: int) -> list[str]:
     """The entry directories of a shard; a path through a planted symlink is never listed."""
     current = [store.layout.shard_dir(shard)]
     for _ in range(store.layout.depth - store.layout.shard_levels):
-        deeper = []
+        deeper: list[str] = []
         for directory in current:
             with (
                 contextlib.suppress(FileNotFoundError, NotADirectoryError),

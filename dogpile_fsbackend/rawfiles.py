@@ -114,10 +114,14 @@ def unwrap(value: Any) -> tuple[Any, str | None, str | None]:
     if callable(readable) and not readable():
         raise TypeError(f"the raw backend stores {ACCEPTED}; got a file not open for reading")
     if content_type is None:
-        name = filename or getattr(value, "name", None)
-        if isinstance(name, str):
-            content_type = mimetypes.guess_type(name)[0]
+        content_type = guess_type(value, filename)
     return value, filename, content_type
+
+
+def guess_type(fileobj: Any, filename: str | None) -> str | None:
+    """The content type ``mimetypes`` guesses from ``filename``, else from the file's name."""
+    name = filename or getattr(fileobj, "name", None)
+    return mimetypes.guess_type(name)[0] if isinstance(name, str) else None
 
 
 def stage(
@@ -137,10 +141,11 @@ def stage(
     source_fd = _fileno(value)
     if source_fd is not None and stat.S_ISREG(os.fstat(source_fd).st_mode):
         size = os.fstat(source_fd).st_size
+        start = 0 if position is None else position  # no tell(): reads start at the beginning
         if movable and _move_into(value, source_fd, temp_path, temp_fd, data_dir):
             os.fchmod(source_fd, file_mode)
-            return size, min(position, size)
-        return _kernel_copy(source_fd, temp_fd, size), min(position, size)
+            return size, min(start, size)
+        return _kernel_copy(source_fd, temp_fd, size), min(start, size)
     if position is None:  # a stream: store what is left, read back from the start
         with open(temp_fd, "wb", closefd=False) as out:
             shutil.copyfileobj(value, out, _COPY_CHUNK)
@@ -233,16 +238,18 @@ def _tell(value: Any) -> int | None:
     if callable(seekable) and not seekable():
         return None
     try:
-        return value.tell()
+        position: int = value.tell()
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return None
+    return position
 
 
 def _fileno(value: Any) -> int | None:
     try:
-        return value.fileno()
+        fd: int = value.fileno()
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return None
+    return fd
 
 
 def _nofollow_opener(path: str, flags: int) -> int:

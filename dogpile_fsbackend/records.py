@@ -17,6 +17,7 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 MAGIC = b"DFSB"
 VERSION = 1
@@ -76,7 +77,7 @@ class RawMeta:
     token: str  # names the data file <digest>.<token>
     size: int
     position: int  # where the creator left the file; cached gets start here
-    metadata: dict | None  # dogpile's CachedValue metadata (None for a bare file)
+    metadata: dict[str, Any] | None  # dogpile's CachedValue metadata (None for a bare file)
     filename: str | None = None
     content_type: str | None = None
 

@@ -23,7 +23,7 @@ import secrets
 import stat
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import portalocker
 
@@ -66,7 +66,7 @@ def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
             portalocker.unlock(handle)
 
 
-def read_marker(base_dir: str) -> dict | None:
+def read_marker(base_dir: str) -> dict[str, Any] | None:
     """The format marker of a cache directory, or None if there is none."""
     try:
         with open(os.path.join(base_dir, paths.MARKER_NAME), "rb") as handle:

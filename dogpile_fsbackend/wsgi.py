@@ -19,27 +19,45 @@ from __future__ import annotations
 
 import email.utils
 import hmac
+import io
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from datetime import timezone
-from typing import TYPE_CHECKING, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
-from dogpile.cache.api import NO_VALUE, CachedValue, NoValueType
+from dogpile.cache.api import NO_VALUE, CachedValue
 from dogpile.cache.region import CacheRegion
 
 from .backends import RawFSBackend
-from .rawfiles import CachedFileReader
+from .rawfiles import CachedFile, CachedFileReader, guess_type
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from dogpile.cache.api import NoValueType  # dogpile.cache 1.3.3+ only
 
 _CHUNK = 256 * 1024
 _PATH = re.compile(r"/([0-9a-f]{64})/([0-9a-f]{1,64})")
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*", re.IGNORECASE)
 _DEFAULT_TYPE = "application/octet-stream"
+_SERVES = (
+    "a cached raw value (CachedFileReader) or an open binary regular file: open(path, 'rb'), "
+    "tempfile.NamedTemporaryFile(), or either wrapped in CachedFile(...), as a creator "
+    "returns them on the first call"
+)
+
+
+class _Served(NamedTuple):
+    """What the headers say about a file: its own record's, or what ``fstat`` tells."""
+
+    size: int
+    modified: float
+    etag: str
+    filename: str | None
+    content_type: str | None
 
 
 class _Plan(NamedTuple):
@@ -120,23 +138,33 @@ class CacheFileApp:
         return self.serve(reader, environ, start_response)
 
     def serve(
-        self, reader: CachedFileReader, environ: WSGIEnvironment, start_response: StartResponse
+        self,
+        file: CachedFileReader | CachedFile | IO[bytes],
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
     ) -> Iterable[bytes]:
-        """Answer a GET or HEAD with a cached file; the response closes ``reader``.
+        """Answer a GET or HEAD with a whole file; the response closes ``file``.
 
         This is what the app does after resolving a URL, for applications
         that look files up themselves, e.g. by key under routes of their own.
+        ``file`` is what a raw region returns: a :class:`CachedFileReader` on a
+        hit, but on the call that ran the creator, whatever the creator
+        returned.  So any open binary regular file is taken (its size, mtime
+        and inode give Content-Length, Last-Modified and ETag, its name the
+        type), served from its first byte; anything else raises TypeError.
         """
+        reader, served = _describe(file)
         try:
-            plan = self._plan(reader, environ)
+            plan = self._plan(served, environ)
             start_response(plan.status, plan.headers)
             if not plan.has_body or environ.get("REQUEST_METHOD") == "HEAD":
                 reader.close()
                 return []
             reader.seek(plan.start)
             file_wrapper = environ.get("wsgi.file_wrapper")
-            if file_wrapper is not None and plan.start + plan.length == reader.content_length:
-                return file_wrapper(reader, _CHUNK)
+            if file_wrapper is not None and plan.start + plan.length == served.size:
+                body: Iterable[bytes] = file_wrapper(reader, _CHUNK)
+                return body
             return _Chunks(reader, plan.length)
         except BaseException:
             reader.close()
@@ -178,31 +206,32 @@ class CacheFileApp:
         ):
             value.payload.close()
             return None
-        return value.payload
+        reader: CachedFileReader = value.payload
+        return reader
 
-    def _plan(self, reader: CachedFileReader, environ: WSGIEnvironment) -> _Plan:
-        size = reader.content_length
-        modified = int(reader.last_modified)
+    def _plan(self, file: _Served, environ: WSGIEnvironment) -> _Plan:
+        size = file.size
+        modified = int(file.modified)
         headers = [
-            ("ETag", reader.etag),
+            ("ETag", file.etag),
             ("Last-Modified", email.utils.formatdate(modified, usegmt=True)),
             ("Accept-Ranges", "bytes"),
         ]
         if self.cache_control:
             headers.append(("Cache-Control", self.cache_control))
-        if _not_modified(environ, reader.etag, modified):
+        if _not_modified(environ, file.etag, modified):
             return _Plan("304 Not Modified", headers, 0, 0, has_body=False)
         try:
-            byte_range = _byte_range(environ, reader.etag, modified, size)
+            byte_range = _byte_range(environ, file.etag, modified, size)
         except _RangeNotSatisfiable:
             headers += [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")]
             return _Plan("416 Range Not Satisfiable", headers, 0, 0, has_body=False)
         headers += [
-            ("Content-Type", _content_type(reader.content_type)),
+            ("Content-Type", _content_type(file.content_type)),
             ("X-Content-Type-Options", "nosniff"),
         ]
-        if reader.filename:
-            headers.append(("Content-Disposition", _disposition(reader.filename)))
+        if file.filename:
+            headers.append(("Content-Disposition", _disposition(file.filename)))
         if byte_range is None:
             headers.append(("Content-Length", str(size)))
             return _Plan("200 OK", headers, 0, size, has_body=True)
@@ -244,7 +273,7 @@ class _Chunks:
     started, and an unstarted generator would not run its ``finally``.
     """
 
-    def __init__(self, reader: CachedFileReader, length: int) -> None:
+    def __init__(self, reader: IO[bytes], length: int) -> None:
         self._reader = reader
         self._left = length
 
@@ -262,6 +291,35 @@ class _Chunks:
 
     def close(self) -> None:
         self._reader.close()
+
+
+def _describe(value: Any) -> tuple[IO[bytes], _Served]:
+    """The file to send and what its headers say; TypeError for what is not a file."""
+    fileobj, filename, content_type = value, None, None
+    if isinstance(value, CachedFile):
+        fileobj, filename, content_type = value.fileobj, value.filename, value.content_type
+    if isinstance(fileobj, CachedFileReader):
+        return fileobj, _Served(
+            fileobj.content_length,
+            fileobj.last_modified,
+            fileobj.etag,
+            filename or fileobj.filename,
+            content_type or fileobj.content_type,
+        )
+    try:
+        is_binary = isinstance(fileobj.read(0), bytes)
+        info = os.fstat(fileobj.fileno())
+    except (AttributeError, TypeError, OSError, io.UnsupportedOperation):
+        raise TypeError(f"serve() takes {_SERVES}; got {type(fileobj).__name__}") from None
+    except ValueError as exc:  # closed
+        raise ValueError(f"serve() cannot send a closed file: {exc}") from None
+    if not is_binary or not stat.S_ISREG(info.st_mode):
+        kind = "a text file" if not is_binary else "a file that is not a regular file"
+        raise TypeError(f"serve() takes {_SERVES}; got {kind}")
+    if content_type is None:
+        content_type = guess_type(fileobj, filename)
+    etag = f'"{info.st_ino:x}-{info.st_size:x}-{info.st_mtime_ns:x}"'
+    return fileobj, _Served(info.st_size, info.st_mtime, etag, filename, content_type)
 
 
 def _not_modified(environ: WSGIEnvironment, etag: str, modified: int) -> bool:

@@ -20,9 +20,8 @@ from conftest import WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
 
-from dogpile_fsbackend import CacheSizeWarning, ConfigError, layout, records
+from dogpile_fsbackend import CacheSizeWarning, ConfigError, config, layout, records
 from dogpile_fsbackend.config import SETTING_NAMES
-from dogpile_fsbackend.locking import FileMutex
 
 BACKENDS = ["dogpile_fsbackend.pickled", "dogpile_fsbackend.raw"]
 
@@ -231,6 +230,44 @@ def test_expiration_time_in_real_time(cache_dir):
     assert backend.get_serialized("k") is NO_VALUE
 
 
+DURATIONS = [
+    (600, 600),
+    (1.5, 1.5),
+    ("600", 600),
+    ("90s", 90),
+    ("15m", 900),
+    ("1h", 3600),
+    ("7d", 7 * 86400),
+    ("2w", 14 * 86400),
+    ("1.5h", 5400),
+    ("1h30m", 5400),
+    ("1d 12h", 36 * 3600),
+    (" 2 Days ", 2 * 86400),
+    ("45 seconds", 45),
+    ("10min", 600),
+    (datetime.timedelta(hours=2), 7200),
+]
+
+
+@pytest.mark.parametrize("name", ["expiration_time", "reconcile_interval", "temp_max_age"])
+@pytest.mark.parametrize(("value", "seconds"), DURATIONS, ids=repr)
+def test_durations_accept_units_and_timedeltas(cache_dir, name, value, seconds):
+    backend = configure(BACKENDS[1], {"base_dir": cache_dir, name: value}).backend
+    assert getattr(backend.settings, name) == seconds
+
+
+@pytest.mark.parametrize("name", ["expiration_time", "reconcile_interval", "temp_max_age"])
+@pytest.mark.parametrize(
+    "value", ["1y", "h", "1h-30m", "-1h", "0s", "1 parsec", "1hh", "inf", "h1", "1e3s"]
+)
+def test_bad_duration_names_the_argument_and_the_value_given(cache_dir, name, value):
+    with pytest.raises(ConfigError) as info:
+        configure(BACKENDS[1], {"base_dir": cache_dir, name: value})
+    assert info.value.argument == name
+    assert f"got {value!r}" in str(info.value)
+    assert "'1h'" in str(info.value)  # says what is allowed
+
+
 @pytest.mark.parametrize("expiration_time", [None, "none", ""], ids=repr)
 def test_no_expiration_time_keeps_entries(cache_dir, expiration_time):
     backend = configure(
@@ -252,15 +289,30 @@ def test_distributed_lock_on_returns_our_mutex(backend, cache_dir, value):
     if value != "default":
         arguments["distributed_lock"] = value
     mutex = configure(backend, arguments).backend.get_mutex("key")
-    assert isinstance(mutex, FileMutex)
+    mutex.acquire()
+    try:  # a byte of the lock file: every backend on the directory sees it
+        assert configure(backend, {"base_dir": cache_dir}).backend.get_mutex("key").locked()
+    finally:
+        mutex.release()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [False, None, "false", "no", "0", 0, "off"], ids=repr)
-def test_distributed_lock_off_returns_none(backend, cache_dir, value):
+def test_distributed_lock_off_locks_among_this_backends_threads_only(backend, cache_dir, value):
     region = configure(backend, {"base_dir": cache_dir, "distributed_lock": value})
-    assert region.backend.get_mutex("key") is None
-    if backend.endswith("pickled"):  # dogpile falls back to its own lock
+    mutex = region.backend.get_mutex("key")
+    assert mutex.acquire()
+    try:
+        assert region.backend.get_mutex("key").locked()  # the same lock for the same key
+        assert not region.backend.get_mutex("key").acquire(False)
+        assert region.backend.get_mutex("other").acquire(False)
+        region.backend.get_mutex("other").release()
+        other_backend = configure(backend, {"base_dir": cache_dir}).backend
+        assert other_backend.get_mutex("key").acquire(False)  # no lock file involved
+        other_backend.get_mutex("key").release()
+    finally:
+        mutex.release()
+    if backend.endswith("pickled"):
         assert region.get_or_create("key", lambda: "created") == "created"
 
 
@@ -315,6 +367,7 @@ def test_bad_value_raises_config_error_naming_the_argument(tmp_path, name, value
     assert isinstance(info.value, ValueError)
     assert info.value.argument == name
     assert repr(name) in str(info.value)
+    assert str(info.value).endswith(f"got {value!r}")  # the value given, not a parsed one
     if name != "base_dir":
         assert not (tmp_path / "cache").exists()  # nothing touched before validation
 
@@ -357,8 +410,20 @@ def test_directory_of_the_other_kind_is_a_config_error(cache_dir):
 # -- unknown arguments, immutability, ini files ---------------------------------------
 
 
+@pytest.fixture
+def fresh_process_warnings(monkeypatch):
+    """Forget the unknown arguments other tests of this process were warned about."""
+    monkeypatch.setattr(config, "_warned_unknown", set())
+
+
+def _unknown_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "unknown argument" in r.getMessage()]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unknown_argument_is_a_warning_naming_it(backend, cache_dir, caplog):
+def test_unknown_argument_is_a_warning_naming_it(
+    backend, cache_dir, caplog, fresh_process_warnings
+):
     with caplog.at_level(logging.WARNING, logger="dogpile_fsbackend"):
         region = configure(backend, {"base_dir": cache_dir, "colour_of_cache": "blue"})
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -366,7 +431,25 @@ def test_unknown_argument_is_a_warning_naming_it(backend, cache_dir, caplog):
     assert region.backend.get_mutex("k") is not None  # the backend is usable
 
 
-def test_file_movable_is_unknown_to_the_pickled_backend(cache_dir, caplog):
+def test_unknown_argument_is_warned_once_per_process_and_name(
+    cache_dir, caplog, fresh_process_warnings
+):
+    injected = {"memcached_expire_time": 600, "memcache_servers": "a:11211"}  # as oslo.cache
+    with caplog.at_level(logging.WARNING, logger="dogpile_fsbackend"):
+        for backend in BACKENDS * 3:
+            configure(backend, {"base_dir": f"{cache_dir}-{backend}", **injected})
+        assert _unknown_warnings(caplog) == [
+            "dogpile_fsbackend ignores unknown arguments: memcache_servers, "
+            "memcached_expire_time (said once per process)"
+        ]
+        caplog.clear()
+        configure(BACKENDS[0], {"base_dir": cache_dir, **injected, "another_one": 1})
+        assert _unknown_warnings(caplog) == [
+            "dogpile_fsbackend ignores unknown arguments: another_one (said once per process)"
+        ]
+
+
+def test_file_movable_is_unknown_to_the_pickled_backend(cache_dir, caplog, fresh_process_warnings):
     with caplog.at_level(logging.WARNING, logger="dogpile_fsbackend"):
         configure("dogpile_fsbackend.pickled", {"base_dir": cache_dir, "file_movable": True})
     assert "file_movable" in caplog.text
@@ -438,7 +521,6 @@ def test_ini_style_strings_via_configure_from_config(backend, cache_dir):
     assert settings.cache_size == 512 * 1024**2
     assert settings.expiration_time == 30.0
     assert settings.distributed_lock is False
-    assert region.backend.get_mutex("k") is None
     assert settings.fsync is True
     assert settings.file_mode == 0o640
     assert settings.dir_mode == 0o750

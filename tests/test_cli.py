@@ -24,9 +24,12 @@ from dogpile_fsbackend import layout, records
 COMMANDS = ("stats", "prune", "verify", "clear")
 
 
-def _cli(*args: str, stderr: int = subprocess.PIPE) -> subprocess.CompletedProcess:
+def _cli(
+    *args: str, stderr: int = subprocess.PIPE, stdin: int | None = subprocess.DEVNULL
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dogpile_fsbackend", *args],
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
@@ -99,6 +102,25 @@ def test_prune_removes_expired_entries_when_told_the_expiration_time(filled, cac
     assert not os.path.exists(old)
 
 
+@pytest.mark.parametrize("duration", ["1h", "60m", "3600s", "1h0m"])
+def test_prune_takes_the_expiration_time_with_units(filled, cache_dir, duration):
+    old = _entry_path(filled, "k00")
+    two_hours_ago = time.time_ns() - 7200 * 10**9
+    os.utime(old, ns=(two_hours_ago, two_hours_ago))
+    data = _json("prune", cache_dir, "--expiration-time", duration)
+    assert (data["removed"], data["expired"]) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--expiration-time", "1y"), ("--cache-size", "2 parsecs")]
+)
+def test_a_bad_option_value_is_quoted_in_the_error(filled, cache_dir, option, value):
+    done = _cli("prune", cache_dir, option, value)
+    assert done.returncode == 2
+    assert f"got {value!r}" in done.stderr
+    assert os.path.exists(_entry_path(filled, "k00"))
+
+
 def test_prune_without_limits_only_cleans_up(filled, cache_dir):
     directory = os.path.dirname(_entry_path(filled, "k00"))
     debris = [
@@ -139,6 +161,59 @@ def test_clear_removes_every_entry(filled, cache_dir):
     assert _cli("clear", cache_dir).stdout.strip() == "removed 0 entries (0 B)"
 
 
+def test_clear_dry_run_removes_nothing_and_says_what_would_go(filled, cache_dir):
+    size = filled.stats()["bytes"]
+    assert _json("clear", cache_dir, "--dry-run") == {
+        "directory": cache_dir,
+        "dry_run": True,
+        "entries": 40,
+        "bytes": size,
+    }
+    done = _cli("clear", "--dry-run", cache_dir)
+    assert done.stdout.startswith("would remove 40 entries (")
+    assert "nothing was removed" in done.stdout
+    assert done.stderr == ""
+    assert filled.stats()["entries"] == 40
+    assert all(filled.get_serialized(f"k{i:02d}") == b"v" * 1000 for i in range(40))
+
+
+def _clear_on_a_terminal(cache_dir: str, answer: bytes | None, *options: str):
+    """Run clear with its stdin on a pseudo-terminal, typing ``answer`` (None: end of input)."""
+    master, slave = pty.openpty()
+    try:
+        os.write(master, answer if answer is not None else b"\x04")  # ^D: end of input
+        return _cli("clear", cache_dir, *options, stdin=slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+@pytest.mark.parametrize("answer", [b"n\n", b"\n", b"maybe\n", None], ids=repr)
+def test_clear_on_a_terminal_removes_nothing_unless_confirmed(filled, cache_dir, answer):
+    done = _clear_on_a_terminal(cache_dir, answer)
+    assert done.returncode == 1
+    assert f"clear {cache_dir}: remove every entry (40 entries, " in done.stderr
+    assert "[y/N]" in done.stderr
+    assert "cancelled; nothing was removed" in done.stderr
+    assert done.stdout == ""
+    assert filled.stats()["entries"] == 40
+
+
+@pytest.mark.parametrize("answer", [b"y\n", b"YES\n"], ids=repr)
+def test_clear_on_a_terminal_goes_ahead_when_confirmed(filled, cache_dir, answer):
+    done = _clear_on_a_terminal(cache_dir, answer, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["removed"] == 40  # the question went to stderr
+    assert filled.stats()["entries"] == 0
+
+
+def test_clear_yes_does_not_ask_on_a_terminal(filled, cache_dir):
+    done = _clear_on_a_terminal(cache_dir, b"n\n", "--yes")
+    assert done.returncode == 0
+    assert "[y/N]" not in done.stderr
+    assert filled.stats()["entries"] == 0
+
+
 @pytest.mark.parametrize(
     ("name", "marker"),
     [
@@ -167,11 +242,14 @@ def test_a_directory_that_is_not_a_cache_is_refused(tmp_path, name, marker):
 def test_a_missing_directory_or_a_file_is_refused(tmp_path):
     missing, plain = tmp_path / "missing", tmp_path / "file"
     plain.write_text("x")
-    assert "not a dogpile_fsbackend cache" in _cli("verify", str(missing)).stderr
+    for command in COMMANDS:
+        done = _cli(command, str(missing))
+        assert done.returncode == 2
+        assert done.stderr == f"dogpile-fsbackend: {missing} does not exist\n"
+        done = _cli(command, str(plain))
+        assert done.returncode == 2
+        assert done.stderr == f"dogpile-fsbackend: {plain} is not a directory\n"
     assert not missing.exists()
-    done = _cli("stats", str(plain))
-    assert done.returncode == 2
-    assert "Not a directory" in done.stderr
 
 
 def test_bad_option_values_are_usage_errors(filled, cache_dir):
@@ -179,6 +257,59 @@ def test_bad_option_values_are_usage_errors(filled, cache_dir):
     assert done.returncode == 2
     assert "cache_size" in done.stderr
     assert _cli("frobnicate", cache_dir).returncode == 2
+
+
+def _help(command: str) -> str:
+    return " ".join(_cli(command, "--help").stdout.split())  # unwrapped
+
+
+def test_each_commands_help_describes_its_own_options():
+    stats_help = _help("stats")
+    assert "to show how full it is" in stats_help
+    assert "evict" not in stats_help
+    assert "evict down to 90% of it" in _help("prune")
+    clear_help = _help("clear")
+    assert "--dry-run say how many entries would go" in clear_help
+    assert "--yes do not ask for confirmation on a terminal" in clear_help
+
+
+def test_demo_help_describes_it_and_size_must_be_positive():
+    demo_help = _help("demo")
+    assert "pickled backend" in demo_help and "free space" in demo_help
+    for bad in ("-3", "0", "big", "1.5"):
+        done = _cli("demo", "--size-mb", bad)
+        assert done.returncode == 2
+        assert f"got {bad!r}" in done.stderr
+
+
+def test_demo_runs_counts_one_miss_per_creation_and_cleans_up(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "dogpile_fsbackend", "demo", "--size-mb", "2"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    stats = [line for line in done.stdout.splitlines() if "stats:" in line]
+    assert "'hits': 2, 'misses': 2," in stats[0]  # two squares, each computed once
+    assert "'hits': 1, 'misses': 1," in stats[1]  # the generated file
+    assert "2 MiB, sha256" in done.stdout
+    assert "4 answers {'computed once'}" in done.stdout
+    assert "the value was created 1 time(s)" in done.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_version():
+    from importlib.metadata import version
+
+    import dogpile_fsbackend
+
+    done = _cli("--version")
+    assert done.returncode == 0
+    assert done.stdout == f"dogpile-fsbackend {dogpile_fsbackend.__version__}\n"
+    assert version("dogpile_fsbackend") == dogpile_fsbackend.__version__  # one source
 
 
 def test_progress_is_plain_lines_when_asked_for_off_a_terminal(filled, cache_dir):

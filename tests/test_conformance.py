@@ -37,7 +37,7 @@ class PickledSerializerTest(_GenericSerializerTestSuite, _GenericBackendTestSuit
 
 
 class PickledNoDistributedLockTest(_GenericBackendTestSuite):
-    """With distributed_lock=False dogpile falls back to its in-process lock."""
+    """With distributed_lock=False the key mutexes exclude this process's threads only."""
 
     backend = "dogpile_fsbackend.pickled"
     config_args = {"arguments": {**_arguments("nolock")["arguments"], "distributed_lock": False}}

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import queue
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 from conftest import WAIT
@@ -198,3 +202,118 @@ def test_stats_count_entries_and_bytes(pickled_region, count):
     )
     assert stats["entries"] == count
     assert stats["bytes"] == on_disk
+
+
+# -- hits and misses ----------------------------------------------------------------
+
+_COUNTED = pytest.mark.parametrize(
+    ("backend", "distributed_lock"),
+    [(b, lock) for b in ("pickled", "raw") for lock in (True, False)],
+    ids=lambda v: str(v),
+)
+
+
+def _counting_region(backend: str, base_dir: str, distributed_lock: bool):
+    return make_region().configure(
+        f"dogpile_fsbackend.{backend}",
+        arguments={"base_dir": base_dir, "distributed_lock": distributed_lock},
+    )
+
+
+def _value_of(backend: str, text: str):
+    return io.BytesIO(text.encode()) if backend == "raw" else text
+
+
+def _lookups(region) -> tuple[int, int]:
+    stats = region.backend.stats()
+    return stats["misses"], stats["hits"]
+
+
+def _drop(value) -> None:
+    if hasattr(value, "close"):
+        value.close()
+
+
+@_COUNTED
+def test_get_or_create_counts_one_miss_when_it_creates_and_one_hit_when_it_reads(
+    backend, distributed_lock, cache_dir
+):
+    region = _counting_region(backend, cache_dir, distributed_lock)
+
+    @region.cache_on_arguments()
+    def report(day):
+        return _value_of(backend, f"report {day}")
+
+    for day, expected in ((1, (1, 0)), (1, (1, 1)), (2, (2, 1)), (1, (2, 2)), (2, (2, 3))):
+        _drop(report(day))
+        assert _lookups(region) == expected, day
+    _drop(region.get_or_create("plain", lambda: _value_of(backend, "plain")))
+    assert _lookups(region) == (3, 3)
+
+
+@_COUNTED
+def test_every_plain_get_counts(backend, distributed_lock, cache_dir):
+    region = _counting_region(backend, cache_dir, distributed_lock)
+    assert region.get("absent") is NO_VALUE
+    assert region.get("absent") is NO_VALUE
+    region.set("present", _value_of(backend, "v"))
+    _drop(region.get("present"))
+    assert region.get_multi(["absent", "present", "other"])[0] is NO_VALUE
+    assert _lookups(region) == (4, 2)
+
+
+@_COUNTED
+def test_get_or_create_multi_counts_one_miss_per_created_key(backend, distributed_lock, cache_dir):
+    region = _counting_region(backend, cache_dir, distributed_lock)
+    region.set("b", _value_of(backend, "b"))
+
+    def create(*keys):
+        return [_value_of(backend, key) for key in keys]
+
+    for value in region.get_or_create_multi(["a", "b", "c"], create):
+        _drop(value)
+    assert _lookups(region) == (2, 1)
+    assert region.get("absent") is NO_VALUE  # nothing is left marked as a re-check
+    assert _lookups(region) == (3, 1)
+
+
+@_COUNTED
+def test_a_caller_that_waits_for_another_creator_counts_a_hit(
+    backend, distributed_lock, cache_dir
+):
+    """The waiter's first look misses; dogpile looks again once it holds the lock and
+    finds the other thread's value: one hit for it, one miss for the creator."""
+    region = _counting_region(backend, cache_dir, distributed_lock)
+    waiter_looked = threading.Event()
+    results = queue.Queue()
+
+    def slow_creator():
+        deadline = time.monotonic() + WAIT
+        while _lookups(region)[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the waiter's first look has missed (bounded)
+        waiter_looked.set()
+        return _value_of(backend, "created once")
+
+    def call(creator):
+        results.put(region.get_or_create("key", creator))
+
+    creator_thread = threading.Thread(target=call, args=(slow_creator,))
+    creator_thread.start()
+    deadline = time.monotonic() + WAIT
+    while not region.key_is_locked("key") and time.monotonic() < deadline:
+        time.sleep(0.001)  # the creator holds the key's lock
+    waiter = threading.Thread(target=call, args=(lambda: _value_of(backend, "created twice"),))
+    waiter.start()
+    assert waiter_looked.wait(WAIT)
+    creator_thread.join(WAIT)
+    waiter.join(WAIT)
+    assert [_text(results.get(timeout=WAIT)) for _ in range(2)] == ["created once"] * 2
+    assert _lookups(region) == (1, 1)
+
+
+def _text(value) -> str:
+    if isinstance(value, str):
+        return value
+    with value:
+        value.seek(0)
+        return value.read().decode()

@@ -94,6 +94,26 @@ def _buffered_reader_of_bytes_io(tmp_path, content):
     return io.BufferedReader(io.BytesIO(content))
 
 
+class _FilenoWithoutTell:
+    """A minimal wrapper of a regular file: read(), fileno() and close(), no tell()."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def read(self, size=-1):
+        return self._handle.read(size)
+
+    def fileno(self):
+        return self._handle.fileno()
+
+    def close(self):
+        self._handle.close()
+
+
+def _fileno_without_tell(tmp_path, content):
+    return _FilenoWithoutTell(_open_rb(tmp_path, content))
+
+
 SOURCES = {
     "open_rb": _open_rb,
     "io_open": _io_open,
@@ -104,6 +124,7 @@ SOURCES = {
     "named_temporary_delete_false": _named_temporary(False),
     "bytes_io": _bytes_io,
     "buffered_reader": _buffered_reader_of_bytes_io,
+    "fileno_without_tell": _fileno_without_tell,
 }
 
 
@@ -119,6 +140,17 @@ def test_accepted_sources_store_exact_bytes(raw_region, tmp_path, make_source, m
         source.close()  # a self-deleting temporary file must close cleanly
     assert read_cached(region.get("key")) == content
     assert read_cached(region.backend.get("key")) == content
+
+
+def test_a_regular_file_without_tell_is_stored_whole_and_read_from_the_start(raw_region, tmp_path):
+    region = raw_region()
+    handle = open(write_file(tmp_path / "source"), "rb")  # noqa: SIM115
+    handle.read(100)  # the wrapper cannot say where it is, so the position is not kept
+    region.set("key", _FilenoWithoutTell(handle))
+    handle.close()
+    with region.get("key") as cached:
+        assert cached.tell() == 0
+        assert cached.read() == CONTENT
 
 
 def test_named_temporary_file_position_and_content_type(raw_region, tmp_path):

@@ -24,7 +24,7 @@ from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE, CachedValue
 
-from dogpile_fsbackend import CachedFile, CacheFileApp, RawFSBackend, mount
+from dogpile_fsbackend import CachedFile, CachedFileReader, CacheFileApp, RawFSBackend, mount
 from dogpile_fsbackend.layout import encode_key, key_digest
 
 MiB = 1 << 20
@@ -474,6 +474,90 @@ def test_serve_lets_an_application_choose_its_own_urls(region, serve):
     assert fetch(port, "/8").status == 404
 
 
+def _creators(directory: str):
+    """What raw creators return: the first call of a cached function gets this back."""
+
+    def temporary(data):
+        out = tempfile.NamedTemporaryFile(dir=directory, suffix=".pdf")  # noqa: SIM115
+        out.write(data)
+        out.seek(0)
+        return out
+
+    def plain(data):
+        path = os.path.join(directory, f"plain-{len(data)}.pdf")
+        with open(path, "wb") as out:
+            out.write(data)
+        return open(path, "rb")
+
+    def wrapped(data):
+        return CachedFile(temporary(data), filename="report.pdf")
+
+    return {"named_temporary_file": temporary, "open_rb": plain, "cached_file": wrapped}
+
+
+@pytest.mark.parametrize("movable", [True, False], ids=["movable", "copied"])
+@pytest.mark.parametrize("kind", ["named_temporary_file", "open_rb", "cached_file"])
+def test_serve_takes_the_creators_own_file_on_the_first_call(
+    raw_region, cache_dir, serve, kind, movable
+):
+    region = raw_region(file_movable=movable)
+    os.makedirs(cache_dir, exist_ok=True)
+    create = _creators(cache_dir)[kind]
+    files = CacheFileApp(region)
+    firsts = []
+
+    @region.cache_on_arguments()
+    def report(number):
+        return create(DATA[: 1000 * number])
+
+    def reports(environ, start_response):
+        value = report(int(environ["PATH_INFO"].strip("/")))
+        firsts.append(not isinstance(getattr(value, "fileobj", value), CachedFileReader))
+        return files.serve(value, environ, start_response)
+
+    port = serve(reports)
+    for path in ("/7", "/7", "/8", "/8"):
+        size = 1000 * int(path[1:])
+        whole = fetch(port, path)
+        assert (whole.status, whole.body) == (200, DATA[:size])
+        assert whole.headers["Content-Length"] == str(size)
+        assert whole.headers["Content-Type"] == "application/pdf"
+        assert whole.headers["Accept-Ranges"] == "bytes"
+        part = fetch(port, path, Range="bytes=100-199")
+        assert (part.status, part.body) == (206, DATA[100:200])
+        assert part.headers["Content-Range"] == f"bytes 100-199/{size}"
+        again = fetch(port, path, If_None_Match=part.headers["ETag"])
+        assert again.status == 304
+    assert firsts.count(True) == 2  # one creator's file for each report, then cached ones
+    if kind == "cached_file":
+        assert 'filename="report.pdf"' in whole.headers["Content-Disposition"]
+
+
+def test_serve_refuses_what_is_not_an_open_binary_regular_file(region, tmp_path):
+    files = CacheFileApp(region)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+    path = tmp_path / "text.txt"
+    path.write_text("text")
+    read_end, write_end = os.pipe()
+    with open(path) as text, os.fdopen(read_end, "rb") as pipe, os.fdopen(write_end, "wb"):
+        for value, said in (
+            (io.BytesIO(DATA), "got BytesIO"),
+            (b"bytes", "got bytes"),
+            (text, "got a text file"),
+            (pipe, "got a file that is not a regular file"),
+        ):
+            with pytest.raises(TypeError) as info:
+                files.serve(value, environ, lambda status, headers: None)
+            assert "serve() takes a cached raw value (CachedFileReader) or an open binary" in str(
+                info.value
+            )
+            assert said in str(info.value)
+    closed = open(path, "rb")  # noqa: SIM115
+    closed.close()
+    with pytest.raises(ValueError, match="closed file"):
+        files.serve(closed, environ, lambda status, headers: None)
+
+
 # -- sendfile ---------------------------------------------------------------------------
 
 
@@ -513,23 +597,37 @@ def png(width: int, height: int, shade: int) -> bytes:
     return PNG + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
-def test_readme_example(cache_dir, serve):
+class Charts(NamedTuple):
+    """The README example's region, app, memoized chart function and its key function."""
+
+    region: object
+    files: CacheFileApp
+    chart: object
+    chart_key: object
+    renders: list[int]
+
+
+def readme_charts(cache_dir: str, width: int, height: int) -> Charts:
     renders = []
     charts = make_region().configure(
         "dogpile_fsbackend.raw",
         arguments={"base_dir": cache_dir, "file_movable": True, "cache_size": "1GiB"},
     )
-    files = CacheFileApp(charts, prefix="/files")
 
     @charts.cache_on_arguments()
     def chart(shade: int) -> CachedFile:
         renders.append(shade)
         out = tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".png")  # noqa: SIM115
-        out.write(png(64, 48, shade))
+        out.write(png(width, height, shade))
         out.seek(0)
         return CachedFile(out, filename=f"chart-{shade}.png")
 
-    chart_key = charts.function_key_generator(None, chart)
+    files = CacheFileApp(charts, prefix="/files")
+    return Charts(charts, files, chart, charts.function_key_generator(None, chart), renders)
+
+
+def test_readme_example(cache_dir, serve):
+    _, files, chart, chart_key, renders = readme_charts(cache_dir, 64, 48)
 
     def site(environ, start_response):
         match = re.fullmatch(r"/chart/(\d+)", environ["PATH_INFO"])
@@ -553,6 +651,81 @@ def test_readme_example(cache_dir, serve):
     )
     assert renders == [5]
     assert not [name for name in os.listdir(cache_dir) if name.endswith(".png")]  # moved in
+
+
+def test_readme_flask_example(cache_dir, serve):
+    """The README's Flask recipe, verbatim, behind a real HTTP server."""
+    from flask import Flask, abort, redirect, request, send_file
+    from werkzeug.exceptions import RequestedRangeNotSatisfiable
+
+    charts, files, chart, chart_key, renders = readme_charts(cache_dir, 640, 480)
+
+    # -- from the README --
+    app = Flask(__name__)
+    app.wsgi_app = mount(app.wsgi_app, files)  # /files/... as above
+
+    @app.route("/chart/<int:shade>")
+    def chart_page(shade):
+        chart(shade).close()
+        return redirect(request.script_root + files.url_for(chart_key(shade)))
+
+    def send_cached(reader):
+        """send_file for a CachedFileReader, with Content-Length, Range and 304."""
+        reader.seek(0)  # a reader starts where the creator left its file
+        response = send_file(
+            reader,
+            mimetype=reader.content_type or "application/octet-stream",
+            download_name=reader.filename,
+            etag=reader.etag.strip('"'),
+            last_modified=reader.last_modified,
+            conditional=False,
+        )
+        response.content_length = reader.content_length
+        try:
+            return response.make_conditional(
+                request, accept_ranges=True, complete_length=reader.content_length
+            )
+        except RequestedRangeNotSatisfiable:  # Flask answers 416
+            reader.close()
+            raise
+
+    @app.route("/chart/<int:shade>.png")
+    def chart_png(shade):
+        chart(shade).close()  # cached now (the first call returns the creator's own file)
+        reader = charts.get(chart_key(shade))
+        if reader is NO_VALUE:  # evicted or cleared in between
+            abort(404)
+        return send_cached(reader)
+
+    # -- end of the README's code --
+    port = serve(app)
+    image = png(640, 480, 5)
+    whole = fetch(port, "/chart/5.png")
+    assert (whole.status, whole.body) == (200, image)
+    assert whole.headers["Content-Length"] == str(len(image))
+    assert "Transfer-Encoding" not in whole.headers
+    assert whole.headers["Content-Type"] == "image/png"
+    assert whole.headers["Accept-Ranges"] == "bytes"
+    assert whole.headers["Content-Disposition"] == "inline; filename=chart-5.png"
+    etag = whole.headers["ETag"]
+    with charts.get(chart_key(5)) as reader:
+        assert etag == reader.etag
+    part = fetch(port, "/chart/5.png", Range="bytes=100-1099")
+    assert (part.status, part.body) == (206, image[100:1100])
+    assert part.headers["Content-Length"] == "1000"
+    assert part.headers["Content-Range"] == f"bytes 100-1099/{len(image)}"
+    tail = fetch(port, "/chart/5.png", Range="bytes=-10")
+    assert (tail.status, tail.body) == (206, image[-10:])
+    resumed = fetch(port, "/chart/5.png", Range="bytes=1000-", If_Range=etag)
+    assert (resumed.status, resumed.body) == (206, image[1000:])
+    assert fetch(port, "/chart/5.png", If_None_Match=etag).status == 304
+    assert fetch(port, "/chart/5.png", Range=f"bytes={len(image)}-").status == 416
+    assert fetch(port, "/chart/5.png", "HEAD").headers["Content-Length"] == str(len(image))
+    redirected = fetch(port, "/chart/6")
+    assert redirected.status == 302
+    location = redirected.headers["Location"].removeprefix(f"http://127.0.0.1:{port}")
+    assert fetch(port, location).body == png(640, 480, 6)
+    assert renders == [5, 6]
 
 
 # -- a 1 GiB file with flat memory ---------------------------------------------------------
