@@ -8,11 +8,18 @@ Configure them by entry-point name; importing this package is not needed::
 """
 
 from .backends import PickleFSBackend, RawFSBackend
-from .exceptions import CacheSizeWarning, ConfigError, FSBackendError, NotACacheError
+from .exceptions import (
+    BookkeepingError,
+    CacheSizeWarning,
+    ConfigError,
+    FSBackendError,
+    NotACacheError,
+)
 from .rawfiles import CachedFile, CachedFileReader
 from .wsgi import CacheFileApp, mount
 
 __all__ = [
+    "BookkeepingError",
     "CacheFileApp",
     "CacheSizeWarning",
     "CachedFile",

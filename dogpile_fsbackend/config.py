@@ -61,6 +61,7 @@ class Settings:
     eviction_low_water: float = 0.9
     reconcile_interval: float | None = 3600.0
     temp_max_age: float = 3600.0
+    write_errors: str = "raise"  # or "log": a failed write is logged and counted, not raised
 
 
 def parse_size(name: str, value: Any) -> int:
@@ -141,6 +142,16 @@ def parse_ratio(name: str, value: Any) -> float:
     return ratio
 
 
+def _one_of(*choices: str) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise ConfigError(name, " or ".join(repr(choice) for choice in choices), value)
+        return text
+
+    return parse
+
+
 def parse_base_dir(name: str, value: Any) -> str:
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise ConfigError(name, "a directory path (str or os.PathLike)", value)
@@ -169,6 +180,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "eviction_low_water": parse_ratio,
     "reconcile_interval": parse_seconds,
     "temp_max_age": _positive_seconds,
+    "write_errors": _one_of("raise", "log"),
 }
 
 

@@ -28,6 +28,7 @@ MAINTENANCE_LOCK_NAME = "maintenance.lock"
 DATA_DIR = "data"
 TEMP_PREFIX = ".tmp-"
 HASH_HEX_LEN = 64
+WRITER_TOKEN_LEN = 12  # hex digits: a byte of the lock file (see locking.py)
 
 
 def encode_key(key: str | bytes) -> bytes:
@@ -92,12 +93,20 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
 
 
-def temp_owner_pid(name: str) -> int | None:
-    """The pid encoded in a temp file name ``.tmp-<pid>-<token>``, if any."""
-    try:
-        return int(name[len(TEMP_PREFIX) :].split("-", 1)[0])
-    except ValueError:
-        return None
+def temp_name(writer_token: str, number: int) -> str:
+    """``.tmp-<writer token>-<number>``: the writer's token tells scans if it is alive."""
+    return f"{TEMP_PREFIX}{writer_token}-{number:x}"
+
+
+def temp_writer(name: str) -> str | None:
+    """The writer token of a temp file name (see ``temp_name``); None if it has none."""
+    token = name[len(TEMP_PREFIX) :].split("-", 1)[0]
+    return token if len(token) == WRITER_TOKEN_LEN and _is_hex(token) else None
+
+
+def is_legacy_temp_name(name: str) -> bool:
+    """True for ``.tmp-<pid>-<random>``, the temp names of releases before writer tokens."""
+    return name[len(TEMP_PREFIX) :].split("-", 1)[0].isdigit()
 
 
 def split_entry_name(name: str) -> tuple[str, str | None] | None:

@@ -192,6 +192,15 @@ def data_paths(backend: Any, key: str) -> list[str]:
     return [path for path, _ in backend.store.data_files(digest)]
 
 
+def age_temp_files(base_dir: str, seconds: float = 60.0) -> None:
+    """Date every temp file ``seconds`` back: past the grace a scan gives a temp file
+    whose writer's lock is free (see maintenance.TEMP_GRACE), without waiting for it."""
+    when = time.time() - seconds
+    for path in temp_files(base_dir):
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path, (when, when), follow_symlinks=False)
+
+
 def wait_until_reconcile_due(backend: Any, timeout: float = 30.0) -> None:
     """Wait (bounded) until the automatic reconciliation is due for ``backend``."""
     deadline = time.monotonic() + timeout
