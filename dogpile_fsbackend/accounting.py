@@ -41,6 +41,7 @@ import secrets
 import struct
 import time
 
+from . import files
 from .files import open_shared
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ log = logging.getLogger(__name__)
 MAGIC = b"DFSA"
 VERSION = 1
 HEADER_SIZE = 64
-CHECK_INTERVAL = 1.0  # seconds between checks that the path still names our file
-TOUCH_INTERVAL = 3600.0  # seconds between timestamp refreshes, against tmp cleaners
 _HEADER = struct.Struct("<4sII")
 _RECONCILED = struct.Struct("<d")
 _RECONCILED_OFFSET = 16
@@ -78,8 +77,8 @@ class AccountingFile:
         self.seen_reconcile = 0.0  # last_reconcile as the latest table read found it
         self._fd = self._open()
         self._identity = _identity(os.fstat(self._fd))
-        self._next_check = time.monotonic() + CHECK_INTERVAL
-        self._next_touch = time.monotonic() + TOUCH_INTERVAL
+        self._next_check = time.monotonic() + files.CHECK_INTERVAL
+        self._next_touch = time.monotonic()
 
     # -- counters (the caller holds the shard's lock for changes) -------------
 
@@ -135,7 +134,7 @@ class AccountingFile:
     def check_identity(self) -> None:
         """Move to the file now at our path if ours was deleted or replaced."""
         now = time.monotonic()
-        self._next_check = now + CHECK_INTERVAL
+        self._next_check = now + files.CHECK_INTERVAL
         dirty, self._dirty = self._dirty, False
         try:
             current = _identity(os.stat(self.path))
@@ -143,7 +142,7 @@ class AccountingFile:
             current = None
         if current == self._identity:
             if now >= self._next_touch:
-                self._next_touch = now + TOUCH_INTERVAL
+                self._next_touch = now + files.TOUCH_INTERVAL
                 with contextlib.suppress(OSError):
                     os.utime(self._fd)
             return

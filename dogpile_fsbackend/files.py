@@ -21,6 +21,12 @@ from collections.abc import Callable
 
 from .exceptions import BookkeepingError
 
+# Every process checks at most this often (seconds, monotonic) that each bookkeeping file
+# it has open is still the one at its path, and refreshes their timestamps at most every
+# TOUCH_INTERVAL, so that age-based tmp cleaners (systemd-tmpfiles, tmpwatch) leave them.
+CHECK_INTERVAL = 1.0
+TOUCH_INTERVAL = 3600.0
+
 _NO_SURPRISES = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _PROBLEMS = {
     errno.ELOOP: "is a symbolic link (the cache never follows links)",

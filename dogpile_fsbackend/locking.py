@@ -52,6 +52,7 @@ from collections.abc import Hashable, Iterator
 
 from dogpile.cache.api import CacheMutex
 
+from . import files
 from .files import open_shared
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,6 @@ SHARD_BASE_OFFSET = 1
 KEY_BASE_OFFSET = SHARD_BASE_OFFSET + 16**3  # room for the widest shard layout
 WRITER_BASE_OFFSET = 1 << 56  # beyond every key slot (lock_slots <= 2**48)
 WRITER_TOKEN_DIGITS = 12  # hex digits of a writer's byte number (2**48 of them)
-CHECK_INTERVAL = 1.0  # seconds between checks that the lock file is still the one open
-TOUCH_INTERVAL = 3600.0  # seconds between timestamp refreshes, against tmp cleaners
 
 _CONTENTION_ERRNOS = frozenset({errno.EACCES, errno.EAGAIN})
 _DEADLOCK_BACKOFF_MAX = 0.05
@@ -127,7 +126,7 @@ class LockFile:
         self._names: dict[Hashable, _NameLock] = {}
         self._bytes: dict[int, _ByteLock] = {}
         self._writer_slot: int | None = None
-        self._next_check = time.monotonic() + CHECK_INTERVAL
+        self._next_check = time.monotonic() + files.CHECK_INTERVAL
         self._next_touch = time.monotonic()
 
     @classmethod
@@ -196,14 +195,14 @@ class LockFile:
         Locks held meanwhile stay on the old descriptor until released.
         """
         now = time.monotonic()
-        self._next_check = now + CHECK_INTERVAL
+        self._next_check = now + files.CHECK_INTERVAL
         try:
             current = _identity(os.stat(self.path))
         except FileNotFoundError:
             current = None
         if current == self._identity:
             if now >= self._next_touch:
-                self._next_touch = now + TOUCH_INTERVAL
+                self._next_touch = now + files.TOUCH_INTERVAL
                 touch_bookkeeping(self.fd)
             return
         if not self.writable:

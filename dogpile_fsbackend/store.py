@@ -26,21 +26,13 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import portalocker
 
+from . import files, marker, records
 from . import layout as paths
-from . import marker, records
 from .accounting import AccountingFile
 from .config import Settings
 from .exceptions import ConfigError
 from .files import make_dir, open_shared
-from .locking import (
-    CHECK_INTERVAL,
-    EVICTION_OFFSET,
-    SHARD_BASE_OFFSET,
-    TOUCH_INTERVAL,
-    FileMutex,
-    LockFile,
-    touch_bookkeeping,
-)
+from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile, touch_bookkeeping
 
 if TYPE_CHECKING:
     from .maintenance import EntryInfo
@@ -108,13 +100,13 @@ class Store:
             self.layout.path(paths.LOCK_NAME), settings.file_mode, self.writable
         )
         self.accounting = self._open_or_create()
-        self._next_check = time.monotonic() + CHECK_INTERVAL
+        self._next_check = time.monotonic() + files.CHECK_INTERVAL
         self._next_touch = time.monotonic()
 
     # -- set-up ---------------------------------------------------------------
 
     @property
-    def marker(self) -> marker.Marker:
+    def wanted_marker(self) -> marker.Marker:
         settings = self.settings
         return marker.Marker(
             self.kind, settings.shard_depth, settings.shard_width, settings.lock_slots
@@ -164,14 +156,14 @@ class Store:
         mode, count = self.settings.file_mode, self.layout.shard_count
         found = marker.read(self.settings.base_dir)
         if found is not None:
-            marker.check(self.settings.base_dir, found, self.marker)
+            marker.check(self.settings.base_dir, found, self.wanted_marker)
             return AccountingFile(path, count, mode, writable=self.writable)
         if not self.writable:
             raise ConfigError(
                 "base_dir", "an existing cache directory (a read-only one has no marker)", path
             )
         with maintenance_lock(self.settings.base_dir, mode):
-            created = marker.ensure(self.settings.base_dir, self.marker, mode)
+            created = marker.ensure(self.settings.base_dir, self.wanted_marker, mode)
             accounting = AccountingFile(path, count, mode)
             # A new file has last_reconcile 0, so the first write recounts; a new,
             # empty cache has nothing to count.
@@ -185,16 +177,16 @@ class Store:
         now = time.monotonic()
         if now < self._next_check or not self.writable:
             return
-        self._next_check = now + CHECK_INTERVAL
+        self._next_check = now + files.CHECK_INTERVAL
         base_dir = self.settings.base_dir
         if not os.path.lexists(marker.path_of(base_dir)):
             log.warning("%s was deleted; re-writing it", marker.path_of(base_dir))
             with contextlib.suppress(OSError):
-                marker.write(base_dir, self.marker, self.settings.file_mode)
+                marker.write(base_dir, self.wanted_marker, self.settings.file_mode)
         self.lock_file.check_identity()
         self.accounting.check_identity()
         if now >= self._next_touch:
-            self._next_touch = now + TOUCH_INTERVAL
+            self._next_touch = now + files.TOUCH_INTERVAL
             for name in (paths.MARKER_NAME, paths.MAINTENANCE_LOCK_NAME):
                 touch_bookkeeping(self.layout.path(name))
 
