@@ -762,3 +762,323 @@ def test_a_cache_on_a_read_only_filesystem_serves_hits(tmp_path):
         "raw hit": b"raw bytes",
         "stats": 0,
     }
+
+
+# -- 12: tmp cleaners ----------------------------------------------------------------------
+
+
+def _user_of_the_cache(base_dir: str, touch_interval: float, progress, stop) -> None:
+    files.TOUCH_INTERVAL = touch_interval  # hourly in production; shortened for the test
+    region = pickled(base_dir)
+    count = 0
+    while not stop.is_set():
+        region.set(f"k{count % 20}", count)
+        region.get(f"k{count % 20}")
+        count += 1
+        progress.value = count
+
+
+@needs_root
+def test_systemd_tmpfiles_leaves_the_bookkeeping_files_of_a_busy_cache(tmp_path):
+    """Item 12: locking never changes a file's times, so an age-based cleaner took the
+    bookkeeping files of a busy cache.  Now they are refreshed (hourly; every 0.3 s
+    here) and a real ``systemd-tmpfiles --clean`` with a 1 s age keeps them, while it
+    removes an idle file beside them; the README's exclusion line keeps everything."""
+    if shutil.which("systemd-tmpfiles") is None:
+        pytest.skip("systemd-tmpfiles is not installed")
+    base_dir = str(tmp_path / "cache")
+    pickled(base_dir).set("seed", 1)
+    idle = os.path.join(base_dir, "idle-file")
+    with open(idle, "w") as handle:
+        handle.write("nobody touches this")
+    progress, stop = SPAWN.Value("q", 0), SPAWN.Event()
+    user = SPAWN.Process(target=_user_of_the_cache, args=(base_dir, 0.3, progress, stop))
+    user.start()
+    try:
+        started = time.monotonic()
+        wait_for(lambda: time.monotonic() - started > 2.5 and progress.value > 100, "use")
+        config = tmp_path / "cleaner.conf"
+        config.write_text(f"d {base_dir} - - - 1s\n")
+        done = subprocess.run(
+            ["systemd-tmpfiles", "--clean", str(config)], capture_output=True, timeout=WAIT
+        )
+        assert done.returncode == 0, done
+        assert not os.path.exists(idle)  # the cleaner did run, and judged by age
+        for name in (*BOOKKEEPING, layout.MAINTENANCE_LOCK_NAME):
+            assert os.path.exists(os.path.join(base_dir, name)), name
+        # With the exclusion line the README shows, nothing at all is cleaned.
+        with open(idle, "w") as handle:
+            handle.write("idle again")
+        time.sleep(1.5)  # the idle file must be older than the cleaner's 1 s age
+        config.write_text(f"x {base_dir}\nd {tmp_path} - - - 1s\n")
+        done = subprocess.run(
+            ["systemd-tmpfiles", "--clean", str(config)], capture_output=True, timeout=WAIT
+        )
+        assert done.returncode == 0, done
+        assert os.path.exists(idle)
+    finally:
+        stop.set()
+        user.join(WAIT)
+    assert user.exitcode == 0
+
+
+def _mutex_user(base_dir, worker, warmed, deleted, barrier, calls, results):
+    region = pickled(base_dir)
+    region.set(f"warm{worker}", 0)
+    warmed.release()
+    assert deleted.wait(WAIT)
+    started = time.monotonic()
+    count = 0
+    while time.monotonic() - started < 2.5 * files.CHECK_INTERVAL:  # keep using the cache
+        region.set(f"warm{worker}", count)
+        count += 1
+    barrier.wait(WAIT)
+
+    def creator():
+        with calls.get_lock():
+            calls.value += 1
+        time.sleep(0.5)  # long enough that the other process must wait for the mutex
+        return "created once"
+
+    results.put(region.get_or_create("shared", creator))
+
+
+def test_a_deleted_lock_file_is_replaced_and_every_process_moves_to_it(tmp_path):
+    """Item 12: after ``lock`` was deleted, get_or_create ran its creator in two
+    processes at once.  Now each process notices within a second, they converge on the
+    new lock file, and the creator runs once."""
+    base_dir = str(tmp_path / "cache")
+    pickled(base_dir).set("seed", 1)
+    warmed, deleted = SPAWN.Semaphore(0), SPAWN.Event()
+    barrier, calls, results = SPAWN.Barrier(2), SPAWN.Value("i", 0), SPAWN.Queue()
+    procs = [
+        SPAWN.Process(
+            target=_mutex_user,
+            args=(base_dir, w, warmed, deleted, barrier, calls, results),
+        )
+        for w in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        assert warmed.acquire(timeout=WAIT)
+    os.unlink(os.path.join(base_dir, layout.LOCK_NAME))
+    deleted.set()
+    values = [results.get(timeout=WAIT) for _ in procs]
+    for proc in procs:
+        proc.join(WAIT)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert values == ["created once", "created once"]
+    assert calls.value == 1
+    assert os.path.isfile(os.path.join(base_dir, layout.LOCK_NAME))
+
+
+# -- 13: writer liveness across PID namespaces and clock jumps ----------------------------
+
+_WRITER_IN_A_NAMESPACE = textwrap.dedent(
+    """
+    import os, sys
+    from dogpile.cache import make_region
+    region = make_region().configure(
+        "dogpile_fsbackend.raw", arguments={"base_dir": sys.argv[1], "temp_max_age": 1}
+    )
+    print("pid", os.getpid(), flush=True)
+    region.set("key", sys.stdin.buffer)  # a stream: copied as the test writes it
+    print("stored", flush=True)
+    """
+)
+
+
+@needs_root
+def test_a_live_writer_in_another_pid_namespace_keeps_its_temp_file(tmp_path):
+    """Item 13: a prune in another PID namespace judged a live writer dead by its pid and
+    deleted its temp file; a clock jump past temp_max_age did the same.  Now the writer's
+    lock decides: its temp file survives both, its set succeeds, and once it is gone its
+    leftovers go at the next scan."""
+    base_dir = str(tmp_path / "cache")
+    region = raw(base_dir, temp_max_age=1)
+    region.set("seed", io.BytesIO(b"seed"))
+    writer = subprocess.Popen(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", _WRITER_IN_A_NAMESPACE, base_dir],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=False,
+    )
+    try:
+        line = writer.stdout.readline().split()
+        if not line:
+            pytest.skip("unshare --pid is not permitted here")
+        assert line[0] == b"pid" and int(line[1]) <= 2  # pid 1 or 2 of its own namespace
+        first = faultkit.make_blob("key", 0, 0, 100_000)
+        writer.stdin.write(first[:50_000])
+        writer.stdin.flush()
+        wait_for(lambda: faultkit.temp_files(base_dir), "the writer's temp file")
+        (temp,) = faultkit.temp_files(base_dir)
+        a_day_ago = time.time() - 86400  # a forward clock jump: the file looks a day old
+        os.utime(temp, (a_day_ago, a_day_ago))
+        result = region.backend.prune()
+        assert result.scan.temp_files_removed == 0
+        assert os.path.exists(temp)
+        writer.stdin.write(first[50_000:])
+        writer.stdin.close()
+        assert writer.stdout.readline() == b"stored\n"
+        assert writer.wait(WAIT) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(WAIT)
+        writer.stdout.close()
+    assert faultkit.read_raw(region.get("key")) == first
+    # A dead writer's temp file (its lock released by the kernel) goes at once.
+    dead = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, os; from dogpile.cache import make_region; "
+            "store = make_region().configure('dogpile_fsbackend.raw', "
+            "arguments={'base_dir': sys.argv[1]}).backend.store; "
+            "fd, path = store.open_temp('ab' * 32); os.write(fd, b'partial'); print(path)",
+            base_dir,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+    )
+    leftover = dead.stdout.strip()
+    assert os.path.exists(leftover)
+    faultkit.age_temp_files(base_dir)  # past the short grace given to a free lock
+    assert region.backend.prune().scan.temp_files_removed == 1
+    assert not os.path.exists(leftover)
+
+
+# -- 14: clocks that were far ahead ---------------------------------------------------------
+
+
+def test_times_in_the_future_are_taken_for_now(tmp_path):
+    """Item 14: entries stamped under a clock a day ahead outlived newer ones in eviction
+    and never expired; a future last_reconcile stopped the periodic recount."""
+    base_dir = str(tmp_path / "cache")
+    region = pickled(base_dir)
+    keys = [f"k{i}" for i in range(6)]
+    for key in keys:
+        region.set(key, key)
+    tomorrow = time.time() + 86400
+    for key in keys[:2]:  # written while the clock was a day ahead
+        os.utime(faultkit.entry_path(region.backend, key), (tomorrow, tomorrow))
+    region.backend.prune()  # re-dates them to now
+    for key in keys[:2]:
+        assert os.stat(faultkit.entry_path(region.backend, key)).st_mtime < tomorrow - 3600
+    newer = [f"new{i}" for i in range(3)]
+    for key in newer:
+        time.sleep(0.01)  # the filesystem clock ticks every few ms
+        region.set(key, key)
+    entry = faultkit.entry_path(region.backend, "k0")
+    size = os.path.getsize(entry)
+    total = region.backend.stats()["bytes"]
+    # Room for all but six: the four older k-entries, then the two re-dated ones, go.
+    small = pickled(base_dir, cache_size=total - 6 * size, eviction_low_water=1.0)
+    small.backend.prune()
+    survivors = [key for key in keys[:2] + newer if small.get(key) is not NO_VALUE]
+    assert survivors == newer  # the future-dated entries went before the newer ones
+    # An entry whose record says it was created tomorrow expires, counted from first sight.
+    expiring = pickled(base_dir, expiration_time=1).backend
+    record = records.encode(records.KIND_PICKLED, b"future", b"payload", tomorrow)
+    expiring.store.write_and_publish(layout.key_digest(b"future"), record)
+    path = faultkit.entry_path(expiring, "future")
+    os.utime(path, (tomorrow, tomorrow))  # as the clock that was ahead stamped it
+    assert expiring.get_serialized("future") == b"payload"
+    deadline = time.monotonic() + WAIT
+    while expiring.get_serialized("future") is not NO_VALUE:
+        assert time.monotonic() < deadline, "an entry created in the future never expired"
+        time.sleep(0.1)
+    # A recount dated tomorrow is due now (it used to stop the periodic recount).
+    region.backend.store.accounting.last_reconcile = tomorrow
+    assert region.backend.store.reconcile_due()
+
+
+# -- 15, 16, 17: errors that say what is wrong ------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [1, 2.5, None, b"bytes", ("a", "tuple")])
+@pytest.mark.parametrize("kind", ["pickled", "raw"])
+def test_keys_must_be_str(tmp_path, kind, key):
+    """Item 15: a non-str key raised AttributeError from deep inside; now TypeError."""
+    backend = (pickled if kind == "pickled" else raw)(tmp_path / "cache").backend
+    getter = backend.get_serialized if kind == "pickled" else backend.get
+    operations = [getter, backend.delete, backend.get_mutex]
+    operations.append(
+        (lambda k: backend.set_serialized(k, b"v"))
+        if kind == "pickled"
+        else (lambda k: backend.set(k, io.BytesIO(b"v")))
+    )
+    for operation in operations:
+        with pytest.raises(TypeError, match="keys must be str"):
+            operation(key)
+
+
+def _open_as_nobody(base_dir: str) -> str:
+    _as_nobody()
+    try:
+        pickled(base_dir)
+    except ConfigError as exc:
+        return str(exc)
+    return "opened"
+
+
+@needs_root
+def test_another_users_private_base_dir_says_who_owns_it(tmp_path):
+    """Item 15: another user's 0o700 base_dir was reported as 'a directory this process
+    may create'; now the error says it is not accessible, whose it is, what to do."""
+    pickled(tmp_path / "warm-up")  # load the entry points before dropping privileges
+    top = tempfile.mkdtemp(prefix="dogpile-fsbackend-private-")
+    try:
+        os.chmod(top, 0o755)
+        base_dir = os.path.join(top, "cache")
+        pickled(base_dir).set("root's", 1)  # root's cache, 0o700
+        message = faultkit.in_child(_open_as_nobody, base_dir)
+        assert "not accessible" in message and "uid 0" in message, message
+        assert f"uid {NOBODY}" in message and "Run as its owner" in message
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+class Renamed:
+    """A class that a later release of the application renames."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def test_a_value_that_cannot_be_unpickled_is_regenerated(tmp_path, monkeypatch):
+    """Item 16: a pickled value whose class was renamed raised on every get_or_create
+    until it expired; now dogpile sees CantDeserializeException and regenerates it."""
+    region = pickled(tmp_path / "cache")
+    region.set("key", Renamed(1))
+    monkeypatch.delattr(sys.modules[__name__], "Renamed")  # the new release has no such class
+    assert region.get("key") is NO_VALUE
+    assert region.get_or_create("key", lambda: "regenerated") == "regenerated"
+    assert region.get("key") == "regenerated"
+    with open(faultkit.entry_path(region.backend, "key"), "rb") as handle:
+        assert b"regenerated" in handle.read()  # the new value replaced the old on disk
+    # A payload that is not a pickle at all is also a regeneration, not an exception.
+    region.backend.set_serialized("other", b'{"ct": 1, "v": 1}|not a pickle')
+    assert region.get_or_create("other", lambda: 5) == 5
+
+
+def test_a_foreign_directory_in_data_is_reported_once_never_counted_as_removed(tmp_path, caplog):
+    """Item 17: a foreign directory inside data/ was counted as removed on every scan."""
+    region = pickled(tmp_path / "cache")
+    region.set("key", 1)
+    shard = os.path.dirname(faultkit.entry_path(region.backend, "key"))
+    foreign = os.path.join(shard, "not-ours")
+    os.mkdir(foreign)
+    with caplog.at_level(logging.WARNING, logger="dogpile_fsbackend"):
+        reports = [region.backend.prune().scan, region.backend.verify()]
+    for report in reports:
+        assert (report.damaged_removed, report.foreign_kept) == (0, 1)
+    assert os.path.isdir(foreign)
+    assert [r.getMessage() for r in caplog.records].count(
+        f"{foreign}: a directory that is not the cache's; left alone"
+    ) == 1
+    assert region.get("key") == 1
