@@ -39,7 +39,6 @@ import logging
 import os
 import secrets
 import struct
-import time
 
 from . import files
 from .files import open_shared
@@ -76,9 +75,7 @@ class AccountingFile:
         self._dirty = False  # counted into our file since the last identity check
         self.seen_reconcile = 0.0  # last_reconcile as the latest table read found it
         self._fd = self._open()
-        self._identity = _identity(os.fstat(self._fd))
-        self._next_check = time.monotonic() + files.CHECK_INTERVAL
-        self._next_touch = time.monotonic()
+        self._watch = files.Watch(path, self._fd)
 
     # -- counters (the caller holds the shard's lock for changes) -------------
 
@@ -128,25 +125,13 @@ class AccountingFile:
         return (0,) * (2 * self.shard_count)
 
     def _check_if_due(self) -> None:
-        if time.monotonic() >= self._next_check:
+        if self._watch.due():
             self.check_identity()
 
     def check_identity(self) -> None:
         """Move to the file now at our path if ours was deleted or replaced."""
-        now = time.monotonic()
-        self._next_check = now + files.CHECK_INTERVAL
         dirty, self._dirty = self._dirty, False
-        try:
-            current = _identity(os.stat(self.path))
-        except FileNotFoundError:
-            current = None
-        if current == self._identity:
-            if now >= self._next_touch:
-                self._next_touch = now + files.TOUCH_INTERVAL
-                with contextlib.suppress(OSError):
-                    os.utime(self._fd)
-            return
-        if not self.writable:
+        if self._watch.still_current(self._fd) or not self.writable:
             return
         try:
             self._switch_to(self._open())
@@ -177,17 +162,14 @@ class AccountingFile:
         raise OSError(f"accounting file {self.path} keeps changing under this process")
 
     def _replace_damaged(self) -> None:
-        try:
-            current = _identity(os.stat(self.path))
-        except FileNotFoundError:
-            current = None
-        if current == self._identity:  # nobody has repaired it yet
-            self._publish(replace=True)
+        with contextlib.suppress(FileNotFoundError):
+            if files.identity(os.stat(self.path)) == self._watch.identity:
+                self._publish(replace=True)  # nobody has repaired it yet
         self._switch_to(self._open())
 
     def _switch_to(self, fd: int) -> None:
         old, self._fd = self._fd, fd
-        self._identity = _identity(os.fstat(fd))
+        self._watch.moved_to(fd)
         os.close(old)  # no locks live on this file: closing it drops nothing
 
     def _publish(self, replace: bool) -> None:
@@ -210,7 +192,3 @@ class AccountingFile:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp_path)
-
-
-def _identity(info: os.stat_result) -> tuple[int, int]:
-    return info.st_dev, info.st_ino

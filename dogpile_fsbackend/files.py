@@ -14,9 +14,11 @@ file and says what to do, never a hang or a write through a link.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import time
 from collections.abc import Callable
 
 from .exceptions import BookkeepingError
@@ -95,6 +97,53 @@ def read_bounded(fd: int, limit: int) -> bytes:
         chunks.append(chunk)
         wanted -= len(chunk)
     return b"".join(chunks)
+
+
+class Watch:
+    """When to check that ``path`` still names the file a process has open, and to
+    refresh that file's timestamps (see CHECK_INTERVAL)."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.identity = identity(os.fstat(fd))
+        self.next_check = time.monotonic() + CHECK_INTERVAL
+        self.next_touch = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_check
+
+    def still_current(self, fd: int) -> bool:
+        """True if ``path`` still names the file open on ``fd`` (its times refreshed when
+        due); False if it was deleted or replaced."""
+        now = time.monotonic()
+        self.next_check = now + CHECK_INTERVAL
+        try:
+            current = identity(os.stat(self.path))
+        except FileNotFoundError:
+            return False
+        if current != self.identity:
+            return False
+        if now >= self.next_touch:
+            self.next_touch = now + TOUCH_INTERVAL
+            touch(fd)
+        return True
+
+    def moved_to(self, fd: int) -> None:
+        self.identity = identity(os.fstat(fd))
+
+
+def identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def touch(target: int | str) -> None:
+    """Set a file's times to now (by descriptor, or by path without following a link), so
+    age-based tmp cleaners (systemd-tmpfiles, tmpwatch) see it in use; best effort."""
+    with contextlib.suppress(OSError, NotImplementedError):
+        if isinstance(target, int):
+            os.utime(target)
+        else:
+            os.utime(target, follow_symlinks=False)
 
 
 def make_dir(path: str, mode: int) -> None:

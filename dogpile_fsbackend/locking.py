@@ -117,7 +117,7 @@ class LockFile:
         self.fd = fd
         self.mode = mode
         self.writable = writable
-        self._identity = _identity(os.fstat(fd))
+        self._watch = files.Watch(path, fd)
         self._counter = itertools.count()
         self._reset()
 
@@ -126,8 +126,6 @@ class LockFile:
         self._names: dict[Hashable, _NameLock] = {}
         self._bytes: dict[int, _ByteLock] = {}
         self._writer_slot: int | None = None
-        self._next_check = time.monotonic() + files.CHECK_INTERVAL
-        self._next_touch = time.monotonic()
 
     @classmethod
     def _reset_all_after_fork(cls) -> None:
@@ -139,7 +137,7 @@ class LockFile:
 
     def acquire(self, name: Hashable, offset: int, wait: bool = True) -> bool:
         """Take lock ``name`` (kept on byte ``offset``) for this thread."""
-        if time.monotonic() >= self._next_check:
+        if self._watch.due():
             self.check_identity()
         with self._guard:
             entry = self._names.get(name)
@@ -194,19 +192,8 @@ class LockFile:
 
         Locks held meanwhile stay on the old descriptor until released.
         """
-        now = time.monotonic()
-        self._next_check = now + files.CHECK_INTERVAL
-        try:
-            current = _identity(os.stat(self.path))
-        except FileNotFoundError:
-            current = None
-        if current == self._identity:
-            if now >= self._next_touch:
-                self._next_touch = now + files.TOUCH_INTERVAL
-                touch_bookkeeping(self.fd)
-            return
-        if not self.writable:
-            return  # nothing can be re-created on a read-only filesystem
+        if self._watch.still_current(self.fd) or not self.writable:
+            return  # (nothing can be re-created on a read-only filesystem)
         try:
             fd = open_shared(self.path, self.mode)
         except OSError as exc:
@@ -215,7 +202,7 @@ class LockFile:
         with self._guard:
             self._spare_fds.append(self.fd)
             self.fd = fd
-            self._identity = _identity(os.fstat(fd))
+            self._watch.moved_to(fd)
             slot, self._writer_slot = self._writer_slot, None
         log.warning("lock file %s was deleted or replaced; moved to the new one", self.path)
         if slot is not None:
@@ -334,20 +321,6 @@ class LockFile:
 
 
 os.register_at_fork(after_in_child=LockFile._reset_all_after_fork)
-
-
-def touch_bookkeeping(target: int | str) -> None:
-    """Set a bookkeeping file's times to now (by descriptor or path), so age-based tmp
-    cleaners (systemd-tmpfiles, tmpwatch) see it in use; best effort."""
-    with contextlib.suppress(OSError, NotImplementedError):
-        if isinstance(target, int):
-            os.utime(target)
-        else:
-            os.utime(target, follow_symlinks=False)
-
-
-def _identity(info: os.stat_result) -> tuple[int, int]:
-    return info.st_ino, info.st_dev
 
 
 def key_slot(key_bytes: bytes, slots: int) -> int:

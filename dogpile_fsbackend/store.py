@@ -32,7 +32,7 @@ from .accounting import AccountingFile
 from .config import Settings
 from .exceptions import ConfigError
 from .files import make_dir, open_shared
-from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile, touch_bookkeeping
+from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile
 
 if TYPE_CHECKING:
     from .maintenance import EntryInfo
@@ -188,7 +188,7 @@ class Store:
         if now >= self._next_touch:
             self._next_touch = now + files.TOUCH_INTERVAL
             for name in (paths.MARKER_NAME, paths.MAINTENANCE_LOCK_NAME):
-                touch_bookkeeping(self.layout.path(name))
+                files.touch(self.layout.path(name))
 
     def warn_once(self, path: str, problem: str) -> None:
         """Log ``problem`` about ``path`` once per instance (scans meet it again and again)."""

@@ -26,9 +26,25 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from conftest import WAIT
+from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE, CachedValue
 
 from dogpile_fsbackend import layout
+
+
+def pickled(base_dir, **arguments):
+    """A region on the pickled backend at ``base_dir``."""
+    return make_region().configure(
+        "dogpile_fsbackend.pickled", arguments={"base_dir": str(base_dir), **arguments}
+    )
+
+
+def raw(base_dir, **arguments):
+    """A region on the raw backend at ``base_dir``."""
+    return make_region().configure(
+        "dogpile_fsbackend.raw", arguments={"base_dir": str(base_dir), **arguments}
+    )
+
 
 # -- self-verifying values ----------------------------------------------------------
 

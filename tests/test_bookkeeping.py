@@ -27,8 +27,8 @@ import time
 import faultkit
 import pytest
 from conftest import SPAWN, WAIT
-from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
+from faultkit import pickled, raw
 
 from dogpile_fsbackend import (
     BookkeepingError,
@@ -46,18 +46,6 @@ NOBODY = 65534
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (mounts, other users, namespaces)")
 BOOKKEEPING = (layout.ACCOUNTING_NAME, layout.LOCK_NAME, layout.MARKER_NAME)
-
-
-def pickled(base_dir, **arguments):
-    return make_region().configure(
-        "dogpile_fsbackend.pickled", arguments={"base_dir": str(base_dir), **arguments}
-    )
-
-
-def raw(base_dir, **arguments):
-    return make_region().configure(
-        "dogpile_fsbackend.raw", arguments={"base_dir": str(base_dir), **arguments}
-    )
 
 
 def cli(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:

@@ -32,24 +32,12 @@ from unittest import mock
 
 import faultkit
 import pytest
-from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE, CachedValue
+from faultkit import pickled, raw
 
 from dogpile_fsbackend import CacheSizeWarning, layout, records
 
 NOBODY = 65534
-
-
-def pickled(base_dir, **arguments):
-    return make_region().configure(
-        "dogpile_fsbackend.pickled", arguments={"base_dir": str(base_dir), **arguments}
-    )
-
-
-def raw(base_dir, **arguments):
-    return make_region().configure(
-        "dogpile_fsbackend.raw", arguments={"base_dir": str(base_dir), **arguments}
-    )
 
 
 def assert_consistent(region, base_dir) -> None:
@@ -435,28 +423,6 @@ def test_write_fault_inside_get_or_create_reaches_the_caller_and_releases_the_lo
 
 
 # -- disk faults: real ones -------------------------------------------------------------
-
-
-def _fill_until_full(region, kind: str, staging: str | None = None, size: int = 6000):
-    """Write new keys until the filesystem refuses; (keys written, the error)."""
-    written = []
-    for number in range(100_000):
-        key = f"fill-{number}"
-        try:
-            if kind == "pickled":
-                region.set(key, faultkit.make_value(key, 0, 0, size))
-            elif kind == "raw-bytesio":
-                region.set(key, io.BytesIO(faultkit.make_blob(key, 0, 0, size)))
-            else:
-                path = os.path.join(staging, "source")
-                with open(path, "wb") as handle:
-                    handle.write(faultkit.make_blob(key, 0, 0, size))
-                with open(path, "rb") as handle:
-                    region.set(key, handle)
-        except OSError as exc:
-            return written, exc
-        written.append(key)
-    raise AssertionError("the filesystem never filled up")
 
 
 def _write_new_key(region, kind: str, key: str, staging: str, size: int) -> None:
