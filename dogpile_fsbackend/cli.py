@@ -62,11 +62,6 @@ def open_cache(
         raise NotACacheError(f"{base_dir} cannot be opened as a cache: {exc}") from exc
     except OSError as exc:
         raise NotACacheError(f"{base_dir} cannot be opened as a cache: {exc.strerror}") from exc
-    layout = {
-        "shard_depth": found.shard_depth,
-        "shard_width": found.shard_width,
-        "lock_slots": found.lock_slots,
-    }
     settings = Settings(
         base_dir=base_dir,
         cache_size=cache_size or _NO_LIMIT,
@@ -74,7 +69,9 @@ def open_cache(
         reconcile_interval=None,
         file_mode=marker_mode & 0o777,  # anything (re)created matches what is there
         dir_mode=dir_mode & 0o777,
-        **layout,
+        shard_depth=found.shard_depth,
+        shard_width=found.shard_width,
+        lock_slots=found.lock_slots,
     )
     return Store(settings, found.kind)
 

@@ -399,7 +399,7 @@ def _leaf_dirs(store: Store, shard: int, report: ScanReport | None = None) -> li
     and one this process may not read is skipped (with one warning)."""
     current = [store.layout.shard_dir(shard)]
     for _ in range(store.layout.depth - store.layout.shard_levels):
-        deeper = []
+        deeper: list[str] = []
         for directory in current:
             try:
                 with os.scandir(directory) as it:

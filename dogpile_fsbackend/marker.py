@@ -104,7 +104,7 @@ def read(base_dir: str) -> Marker | None:
             "written by a newer dogpile_fsbackend: upgrade, or use another directory)",
             base_dir,
         )
-    kind = KINDS.get(fields.get("kind"))
+    kind = KINDS.get(str(fields.get("kind")))
     if kind is None:
         raise _damaged(path, f"names no known backend kind ({fields.get('kind')!r})")
     try:
