@@ -247,7 +247,9 @@ class RawFSBackend(_FSBackendBase):
 
     A hit returns a new read-only :class:`CachedFileReader` positioned where the
     creator left its file.  With ``file_movable=True`` a named file on the
-    cache's filesystem is renamed into the cache instead of copied.
+    cache's filesystem is renamed into the cache instead of copied; it then
+    *is* the cached value, so do not write to it after ``set()`` (a changed
+    length makes the entry a miss).
     """
 
     _kind = records.KIND_RAW

@@ -7,10 +7,10 @@ ever becomes part of a path, so no key can escape ``base_dir``.
 
 Top-level layout of ``base_dir``::
 
-    fsbackend.json     format marker: kind, shard layout, lock slots
-    lock               byte-range lock file (see locking.py); never deleted
+    fsbackend.json     format marker: version, kind, shard layout, lock slots (marker.py)
+    lock               byte-range lock file (see locking.py)
     accounting         per-shard byte and entry counters (see accounting.py)
-    maintenance.lock   whole-file lock for init/clear/verify (portalocker)
+    maintenance.lock   whole-file lock for a directory's first set-up (portalocker)
     data/a/b/<hash>    one entry (raw entries add <hash>.<token> for the bytes)
 """
 

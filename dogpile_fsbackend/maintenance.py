@@ -43,6 +43,8 @@ _REMEMBERED_MAX = 50_000  # eviction candidates kept between scans (about 10 MB 
 # A temp file whose writer's byte is free is still spared this long after its last write:
 # a writer notices a replaced lock file within a second (see locking.py).
 TEMP_GRACE = 2.0
+# Longest a writer over the limit waits for another process's eviction before evicting itself.
+EVICTION_WAIT = 0.25
 log = logging.getLogger(__name__)
 
 
@@ -90,31 +92,50 @@ def enforce_limit(store: Store) -> PruneResult | None:
     """After a write: evict if the limit is crossed, reconcile if one is due.
 
     The total comes from the write's own accounting update (no extra read).
-    The eviction lock is only tried, never waited for: a writer over the limit
-    that finds another process evicting (or paused while evicting: a
-    debugger, Ctrl-Z) evicts by itself, as ``discard`` is safe to race, so
-    the limit holds when ``set`` returns.  A merely due reconciliation is
-    skipped if another process is already scanning.  Trouble while evicting
-    (an unreadable directory, a failing disk) is logged, never raised: the
-    value was stored.
+    The eviction lock keeps two processes from scanning at once, but a writer
+    never waits for it without bound: one over the limit that finds it taken
+    first evicts from its own remembered order, then waits up to
+    ``EVICTION_WAIT`` (usually the other scan is done by then and the total is
+    below the limit), and if the holder is still busy (slow, or paused under a
+    debugger or Ctrl-Z) scans and evicts by itself, as ``discard`` is safe to
+    race.  So the limit holds when ``set`` returns.  A merely due
+    reconciliation is skipped if another process is already scanning.
+    Trouble while evicting (an unreadable directory, a failing disk) is
+    logged, never raised: the value was stored.
     """
     over = store.last_total > store.settings.cache_size
     try:
         if not over and not store.reconcile_due(fresh=False):
             return None
-        if not store.acquire_eviction_lock(wait=False):
-            return _evict(store) if over else None
-        try:
-            if store.reconcile_due():
-                return _prune_unlocked(store)
-            return _evict(store)
-        finally:
-            store.release_eviction_lock()
+        if store.acquire_eviction_lock(wait=False) or (over and _wait_for_eviction_lock(store)):
+            try:
+                if store.reconcile_due():
+                    return _prune_unlocked(store)
+                return _evict(store)
+            finally:
+                store.release_eviction_lock()
+        return _evict(store) if over else None
     except OSError as exc:
         log.warning(
             "eviction in %s failed (the value was stored): %s", store.settings.base_dir, exc
         )
         return None
+
+
+def _wait_for_eviction_lock(store: Store) -> bool:
+    """Try the eviction lock until ``EVICTION_WAIT`` has passed; meanwhile evict from
+    this process's own remembered order.  False if it is still held."""
+    result = PruneResult()
+    if store.eviction_order and _evict_remembered(store, result):
+        return False  # under the low-water mark already: nothing left to wait for
+    deadline = time.monotonic() + EVICTION_WAIT
+    pause = 0.001
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        if store.acquire_eviction_lock(wait=False):
+            return True
+        pause = min(pause * 2, 0.02)
+    return False
 
 
 def make_room(store: Store) -> PruneResult:
