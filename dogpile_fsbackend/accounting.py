@@ -35,12 +35,14 @@ File layout (little endian)::
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
 import struct
 
 from . import files
+from .exceptions import BookkeepingError
 from .files import open_shared
 
 log = logging.getLogger(__name__)
@@ -118,11 +120,28 @@ class AccountingFile:
         if len(data) == self._size and data.startswith(self._header):
             self.seen_reconcile = _RECONCILED.unpack_from(data, _RECONCILED_OFFSET)[0]
             return self._table.unpack_from(data, HEADER_SIZE)
+        self._refuse_another_layout(data)
         self.seen_reconcile = 0.0
         if self.writable:
             log.warning("accounting file %s is damaged; replaced it, recount due", self.path)
             self._replace_damaged()
         return (0,) * (2 * self.shard_count)
+
+    def _refuse_another_layout(self, data: bytes) -> None:
+        """A whole header of another shard count is another layout's file, not damage:
+        replacing it would start a tug of war with the process that made it."""
+        if len(data) < _HEADER.size:
+            return
+        magic, version, count = _HEADER.unpack_from(data)
+        if magic == MAGIC and version == VERSION and count != self.shard_count:
+            raise BookkeepingError(
+                errno.EINVAL,
+                f"accounting file {self.path} counts {count} shards, this process "
+                f"{self.shard_count}: the directory was set up again with another layout "
+                "while this process used it; restart it with the directory's shard_depth "
+                "and shard_width",
+                self.path,
+            )
 
     def _check_if_due(self) -> None:
         if self._watch.due():
@@ -158,6 +177,7 @@ class AccountingFile:
             if (data == self._header and os.fstat(fd).st_size >= self._size) or not self.writable:
                 return fd
             os.close(fd)  # only ours: a descriptor of a file we never locked
+            self._refuse_another_layout(data)
             self._publish(replace=True)
         raise OSError(f"accounting file {self.path} keeps changing under this process")
 

@@ -163,8 +163,10 @@ class Store:
                 "base_dir", "an existing cache directory (a read-only one has no marker)", path
             )
         with maintenance_lock(self.settings.base_dir, mode):
-            created = marker.ensure(self.settings.base_dir, self.wanted_marker, mode)
+            # The accounting first: one left by a process of another layout is refused
+            # (BookkeepingError) before a marker of ours could contradict it.
             accounting = AccountingFile(path, count, mode)
+            created = marker.ensure(self.settings.base_dir, self.wanted_marker, mode)
             # A new file has last_reconcile 0, so the first write recounts; a new,
             # empty cache has nothing to count.
             if created and _is_empty(self.layout.data_dir):

@@ -1072,3 +1072,24 @@ def test_a_foreign_directory_in_data_is_reported_once_never_counted_as_removed(t
         f"{foreign}: a directory that is not the cache's; left alone"
     ) == 1
     assert region.get("key") == 1
+
+
+def test_a_process_of_another_layout_never_fights_over_the_accounting_file(tmp_path):
+    """Item 1: deleting fsbackend.json and starting a process with another shard_depth
+    used to re-size the accounting file under the running processes.  Now the newcomer is
+    refused with an error naming the file, and the running process goes on untouched."""
+    base_dir = str(tmp_path / "cache")
+    running = pickled(base_dir)
+    running.set("key", "value")
+    os.unlink(os.path.join(base_dir, layout.MARKER_NAME))
+    shutil.rmtree(os.path.join(base_dir, layout.DATA_DIR))  # an empty cache: nothing to adopt
+    accounting_path = os.path.join(base_dir, layout.ACCOUNTING_NAME)
+    before = os.stat(accounting_path)
+    with pytest.raises(BookkeepingError, match="another layout") as info:
+        pickled(base_dir, shard_depth=1)
+    assert accounting_path in str(info.value)
+    after = os.stat(accounting_path)
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert not os.path.exists(os.path.join(base_dir, layout.MARKER_NAME))
+    running.set("key", "again")
+    assert running.get("key") == "again"
