@@ -88,7 +88,7 @@ class CachedFileReader(io.BufferedReader):
             self.raw.close()
 
 
-_PLAIN_FILE_TYPES = (io.FileIO, io.BufferedReader, io.BufferedRandom, CachedFileReader)
+_BUFFERED_FILE_TYPES = (io.BufferedReader, io.BufferedRandom, CachedFileReader)
 
 
 def open_cached(data_path: str, meta: RawMeta, created: float) -> CachedFileReader:
@@ -188,7 +188,11 @@ def _reads_its_descriptor(value: Any) -> bool:
     """
     if isinstance(value, tempfile._TemporaryFileWrapper):
         value = value.file
-    return type(value) in _PLAIN_FILE_TYPES
+    if type(value) is io.FileIO:
+        return True
+    # A buffered wrapper counts only over a plain FileIO (not over, say, a GzipFile,
+    # whose fileno() is the compressed file's).
+    return type(value) in _BUFFERED_FILE_TYPES and type(getattr(value, "raw", None)) is io.FileIO
 
 
 def _copy_stream(value: Any, fd: int, limit: int) -> int:

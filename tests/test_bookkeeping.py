@@ -471,6 +471,18 @@ def test_a_compressed_file_object_is_cached_as_what_it_reads(tmp_path, opener):
     assert faultkit.read_raw(region.get("key")) == content
 
 
+def test_a_buffered_wrapper_over_a_decoder_is_cached_as_what_it_reads(tmp_path):
+    """Item 6: io.BufferedReader(gzip.GzipFile(...)) has the compressed file's fileno()."""
+    content = faultkit.make_blob("key", 0, 0, 50_000)
+    path = str(tmp_path / "value.gz")
+    with gzip.open(path, "wb") as out:
+        out.write(content)
+    region = raw(tmp_path / "cache")
+    with io.BufferedReader(gzip.GzipFile(path, "rb")) as value:  # type: ignore[arg-type]
+        region.set("key", value)
+    assert faultkit.read_raw(region.get("key")) == content
+
+
 def test_a_proc_file_is_cached_with_its_content(tmp_path):
     """Item 6: a /proc file's size reads 0; it used to be cached empty."""
     region = raw(tmp_path / "cache")
