@@ -217,6 +217,23 @@ def age_temp_files(base_dir: str, seconds: float = 60.0) -> None:
             os.utime(path, (when, when), follow_symlinks=False)
 
 
+def wait_for_fs_clock(probe: str, past_ns: int) -> None:
+    """Return once the filesystem stamps times later than ``past_ns``.
+
+    File timestamps may come from a coarse clock (one tick is a few ms), so the
+    probe asks the filesystem itself rather than ``time.time_ns()``.
+    """
+    deadline = time.monotonic() + WAIT
+    with open(probe, "a"):
+        pass
+    while True:
+        os.utime(probe)
+        if os.stat(probe).st_mtime_ns > past_ns:
+            return
+        assert time.monotonic() < deadline, "the filesystem clock did not advance"
+        time.sleep(0.0005)
+
+
 def wait_until_reconcile_due(backend: Any, timeout: float = 30.0) -> None:
     """Wait (bounded) until the automatic reconciliation is due for ``backend``."""
     deadline = time.monotonic() + timeout

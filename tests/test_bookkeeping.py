@@ -972,14 +972,15 @@ def test_times_in_the_future_are_taken_for_now(tmp_path):
     for key in keys[:2]:
         assert os.stat(faultkit.entry_path(region.backend, key)).st_mtime < tomorrow - 3600
     newer = [f"new{i}" for i in range(3)]
+    last = max(os.stat(faultkit.entry_path(region.backend, k)).st_mtime_ns for k in keys[:2])
     for key in newer:
-        time.sleep(0.01)  # the filesystem clock ticks every few ms
+        faultkit.wait_for_fs_clock(str(tmp_path / "probe"), last)  # file times tick coarsely
         region.set(key, key)
-    entry = faultkit.entry_path(region.backend, "k0")
-    size = os.path.getsize(entry)
+        last = os.stat(faultkit.entry_path(region.backend, key)).st_mtime_ns
     total = region.backend.stats()["bytes"]
-    # Room for all but six: the four older k-entries, then the two re-dated ones, go.
-    small = pickled(base_dir, cache_size=total - 6 * size, eviction_low_water=1.0)
+    # Room for all but the k-entries: the four older ones, then the two re-dated ones, go.
+    k_bytes = sum(os.path.getsize(faultkit.entry_path(region.backend, key)) for key in keys)
+    small = pickled(base_dir, cache_size=total - k_bytes, eviction_low_water=1.0)
     small.backend.prune()
     survivors = [key for key in keys[:2] + newer if small.get(key) is not NO_VALUE]
     assert survivors == newer  # the future-dated entries went before the newer ones
