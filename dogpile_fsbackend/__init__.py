@@ -10,7 +10,13 @@ Configure them by entry-point name; importing this package is not needed::
 __version__ = "0.1.0"  # the one version source: setup.cfg reads it (attr:)
 
 from .backends import PickleFSBackend, RawFSBackend
-from .exceptions import CacheSizeWarning, ConfigError, FSBackendError, NotACacheError
+from .exceptions import (
+    BookkeepingError,
+    CacheSizeWarning,
+    ConfigError,
+    FSBackendError,
+    NotACacheError,
+)
 from .invalidation import SharedInvalidation
 from .maintenance import PruneResult, ScanReport
 from .rawfiles import CachedFile, CachedFileReader
@@ -18,6 +24,7 @@ from .wsgi import CacheFileApp, mount
 
 # The public API, all of it; the modules behind it are internal.
 __all__ = [
+    "BookkeepingError",
     "CacheFileApp",
     "CacheSizeWarning",
     "CachedFile",

@@ -1,12 +1,29 @@
-"""Shared size accounting: a byte and an entry counter per shard, in one mmap'd file.
+"""Shared size accounting: a byte and an entry counter per shard, in one small file.
 
-Each counter is changed only while its shard's byte-range lock is held, so a
-``set`` pays O(1) bookkeeping and never lists the cache.  Totals are the sum of
-the shard counters, read without locks (a racing write only makes the sum a
-moment old).  A writer killed between publishing a file and updating its
-counter leaves drift; every maintenance scan recomputes the counters from the
-files (``reconcile``), and a scan runs automatically every
+Each counter is changed only while its shard's byte-range lock is held, with
+``os.pread``/``os.pwrite`` (never ``mmap``: a file that another process or a
+person shortens would kill every process that maps it with SIGBUS).  A
+publish reads the whole file in the same ``pread`` that fetches its shard's
+counters, so the writer learns the total it has just produced and the time
+of the last recount without a further call (``add`` returns the total,
+``seen_reconcile`` keeps the time): a ``set`` pays two calls of bookkeeping.
+
+Drift (a writer killed between publishing a file and updating its counter, a
+file deleted by hand) is repaired by every scan, which recomputes the
+counters from the files (``reconcile``); a scan runs automatically every
 ``reconcile_interval`` seconds, so drift is never permanent.
+
+Damage and replacement, from any cause, are survived:
+
+* a table that reads short or with a wrong header is repaired by writing a
+  complete new file under a temp name and renaming it over the old one
+  (never truncating a file other processes use); the new file is marked for
+  a recount (``last_reconcile`` 0);
+* every process checks at most once a second that the path still names the
+  file it has open; a deleted or replaced file is left for the one now there
+  (created if there is none), and a process that counted writes into the old
+  file since its previous check marks the new one for a recount, so all
+  processes converge on one file and the recount restores exact counts.
 
 File layout (little endian)::
 
@@ -17,11 +34,18 @@ File layout (little endian)::
 
 from __future__ import annotations
 
-import mmap
+import contextlib
+import errno
+import logging
 import os
+import secrets
 import struct
 
+from . import files
+from .exceptions import BookkeepingError
 from .files import open_shared
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"DFSA"
 VERSION = 1
@@ -30,59 +54,167 @@ _HEADER = struct.Struct("<4sII")
 _RECONCILED = struct.Struct("<d")
 _RECONCILED_OFFSET = 16
 _SHARD = struct.Struct("<qq")
-_EXISTING_FLAGS = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
-
-
-class NeedsReset(Exception):
-    """The accounting file is missing or malformed and must be (re)made under the lock."""
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class AccountingFile:
-    """Counters of one cache directory, shared by every process through mmap."""
+    """Counters of one cache directory, shared by every process through one file."""
 
-    def __init__(self, path: str, shard_count: int, mode: int, *, may_reset: bool) -> None:
-        """Map the counters; a missing or malformed file raises :class:`NeedsReset`
-        unless ``may_reset`` (only while the maintenance lock is held)."""
+    def __init__(self, path: str, shard_count: int, mode: int, *, writable: bool = True) -> None:
+        """Open the counters, creating the file if there is none.
+
+        A file that is not a regular file raises BookkeepingError; a damaged
+        one is replaced.  ``writable=False`` (a read-only filesystem) reads
+        what is there and repairs nothing.
+        """
         self.path = path
         self.shard_count = shard_count
-        size = HEADER_SIZE + _SHARD.size * shard_count
-        header = _HEADER.pack(MAGIC, VERSION, shard_count)
-        try:
-            fd = open_shared(path, mode) if may_reset else os.open(path, _EXISTING_FLAGS)
-        except FileNotFoundError as exc:
-            raise NeedsReset(path) from exc
-        try:
-            if os.fstat(fd).st_size != size or os.pread(fd, len(header), 0) != header:
-                if not may_reset:
-                    raise NeedsReset(path)
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
-                os.pwrite(fd, header, 0)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        self._totals = struct.Struct(f"<{2 * shard_count}q")
+        self.mode = mode
+        self.writable = writable
+        self._size = HEADER_SIZE + _SHARD.size * shard_count
+        self._header = _HEADER.pack(MAGIC, VERSION, shard_count)
+        self._table = struct.Struct(f"<{2 * shard_count}q")
+        self._dirty = False  # counted into our file since the last identity check
+        self.seen_reconcile = 0.0  # last_reconcile as the latest table read found it
+        self._fd = self._open()
+        self._watch = files.Watch(path, self._fd)
 
-    def add(self, shard: int, size_delta: int, entries_delta: int) -> None:
-        """Adjust shard ``shard``; the caller holds that shard's lock."""
-        offset = HEADER_SIZE + _SHARD.size * shard
-        size, entries = _SHARD.unpack_from(self._map, offset)
-        _SHARD.pack_into(self._map, offset, size + size_delta, entries + entries_delta)
+    def __del__(self) -> None:
+        # No lock lives on this file, so closing it drops nothing: a process that
+        # makes backends again and again (tests, reloads) must not run out of them.
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._fd)
+
+    # -- counters (the caller holds the shard's lock for changes) -------------
+
+    def add(self, shard: int, size_delta: int, entries_delta: int) -> int:
+        """Adjust shard ``shard``; return the total bytes of all shards afterwards."""
+        table = self._read_table()
+        at = 2 * shard
+        size, entries = table[at] + size_delta, table[at + 1] + entries_delta
+        os.pwrite(self._fd, _SHARD.pack(size, entries), HEADER_SIZE + _SHARD.size * shard)
+        self._dirty = True
+        return max(0, sum(table[0::2]) - table[at] + size)
 
     def set(self, shard: int, size: int, entries: int) -> None:
-        """Overwrite shard ``shard`` with counted values; the caller holds its lock."""
-        _SHARD.pack_into(self._map, HEADER_SIZE + _SHARD.size * shard, size, entries)
+        """Overwrite shard ``shard`` with counted values."""
+        self._check_if_due()
+        os.pwrite(self._fd, _SHARD.pack(size, entries), HEADER_SIZE + _SHARD.size * shard)
+        self._dirty = True
 
     def totals(self) -> tuple[int, int]:
         """(bytes, entries) over all shards, never negative."""
-        values = self._totals.unpack_from(self._map, HEADER_SIZE)
+        values = self._read_table()
         return max(0, sum(values[0::2])), max(0, sum(values[1::2]))
 
     @property
     def last_reconcile(self) -> float:
-        when: float = _RECONCILED.unpack_from(self._map, _RECONCILED_OFFSET)[0]
-        return when
+        self._check_if_due()
+        data = os.pread(self._fd, _RECONCILED.size, _RECONCILED_OFFSET)
+        return _RECONCILED.unpack(data)[0] if len(data) == _RECONCILED.size else 0.0
 
     @last_reconcile.setter
     def last_reconcile(self, when: float) -> None:
-        _RECONCILED.pack_into(self._map, _RECONCILED_OFFSET, when)
+        self._check_if_due()
+        os.pwrite(self._fd, _RECONCILED.pack(when), _RECONCILED_OFFSET)
+
+    # -- damage, deletion and replacement -------------------------------------
+
+    def _read_table(self) -> tuple[int, ...]:
+        self._check_if_due()
+        data = os.pread(self._fd, self._size, 0)
+        if len(data) == self._size and data.startswith(self._header):
+            self.seen_reconcile = _RECONCILED.unpack_from(data, _RECONCILED_OFFSET)[0]
+            return self._table.unpack_from(data, HEADER_SIZE)
+        self._refuse_another_layout(data)
+        self.seen_reconcile = 0.0
+        if self.writable:
+            log.warning("accounting file %s is damaged; replaced it, recount due", self.path)
+            self._replace_damaged()
+        return (0,) * (2 * self.shard_count)
+
+    def _refuse_another_layout(self, data: bytes) -> None:
+        """A whole header of another shard count is another layout's file, not damage:
+        replacing it would start a tug of war with the process that made it."""
+        if len(data) < _HEADER.size:
+            return
+        magic, version, count = _HEADER.unpack_from(data)
+        if magic == MAGIC and version == VERSION and count != self.shard_count:
+            raise BookkeepingError(
+                errno.EINVAL,
+                f"accounting file {self.path} counts {count} shards, this process "
+                f"{self.shard_count}: the directory was set up again with another layout "
+                "while this process used it; restart it with the directory's shard_depth "
+                "and shard_width",
+                self.path,
+            )
+
+    def _check_if_due(self) -> None:
+        if self._watch.due():
+            self.check_identity()
+
+    def check_identity(self) -> None:
+        """Move to the file now at our path if ours was deleted or replaced."""
+        dirty, self._dirty = self._dirty, False
+        if self._watch.still_current(self._fd) or not self.writable:
+            return
+        try:
+            self._switch_to(self._open())
+        except OSError as exc:
+            log.warning(
+                "accounting file %s was replaced by something unusable: %s", self.path, exc
+            )
+            return
+        log.warning("accounting file %s was deleted or replaced; moved to the new one", self.path)
+        if dirty:  # what we counted into the old file is lost
+            os.pwrite(self._fd, _RECONCILED.pack(0.0), _RECONCILED_OFFSET)
+
+    def _open(self) -> int:
+        """A descriptor on a well-formed file at our path (published whole if missing)."""
+        for _ in range(3):  # another process may be replacing it meanwhile
+            try:
+                fd = open_shared(self.path, self.mode, writable=self.writable, create=False)
+            except FileNotFoundError:
+                if not self.writable:
+                    raise
+                self._publish(replace=False)
+                continue
+            data = os.pread(fd, len(self._header), 0)
+            if (data == self._header and os.fstat(fd).st_size >= self._size) or not self.writable:
+                return fd
+            os.close(fd)  # only ours: a descriptor of a file we never locked
+            self._refuse_another_layout(data)
+            self._publish(replace=True)
+        raise OSError(f"accounting file {self.path} keeps changing under this process")
+
+    def _replace_damaged(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if files.identity(os.stat(self.path)) == self._watch.identity:
+                self._publish(replace=True)  # nobody has repaired it yet
+        self._switch_to(self._open())
+
+    def _switch_to(self, fd: int) -> None:
+        old, self._fd = self._fd, fd
+        self._watch.moved_to(fd)
+        os.close(old)  # no locks live on this file: closing it drops nothing
+
+    def _publish(self, replace: bool) -> None:
+        """Write a complete new file (zero counters, recount due) and put it at our path.
+
+        ``replace=False`` only fills a missing file (a link fails if another
+        process published first); ``replace=True`` renames over a damaged one.
+        """
+        temp_path = f"{self.path}.tmp-{secrets.token_hex(8)}"
+        fd = os.open(temp_path, _CREATE_FLAGS, self.mode)
+        try:
+            os.fchmod(fd, self.mode)
+            os.pwrite(fd, self._header.ljust(self._size, b"\0"), 0)
+            if replace:
+                os.replace(temp_path, self.path)
+            else:
+                with contextlib.suppress(FileExistsError):
+                    os.link(temp_path, self.path)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_path)

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import secrets
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CachedValue, CacheMutex
+from dogpile.cache.api import (
+    NO_VALUE,
+    BytesBackend,
+    CacheBackend,
+    CachedValue,
+    CacheMutex,
+    CantDeserializeException,
+)
 
 from . import layout, maintenance, rawfiles, records
 from .config import SETTING_NAMES, documented, parse_arguments
@@ -23,6 +32,7 @@ if TYPE_CHECKING:  # dogpile.cache 1.3.3+ only; at run time we support 1.3.0
 
 log = logging.getLogger(__name__)
 _TOKEN_LENGTH = 16  # hex digits naming a raw entry's data file; new for every write
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class _FSBackendBase(CacheBackend):
@@ -54,7 +64,7 @@ class _FSBackendBase(CacheBackend):
         """The key's mutex: across processes (a byte of the lock file), or among this
         process's threads only with ``distributed_lock=False``."""
         if self.settings.distributed_lock:
-            mutex: CacheMutex = self.store.key_mutex(layout.encode_key(key))
+            mutex: CacheMutex = self.store.key_mutex(_key_bytes(key))
         else:
             mutex = self._thread_mutexes.get(key)
         return RecheckingMutex(mutex, self._lookups, key)
@@ -96,21 +106,55 @@ class _FSBackendBase(CacheBackend):
             "misses": self.store.misses,
             "writes": self.store.writes,
             "evictions": self.store.evictions,
+            "write_errors": self.store.write_errors,
         }
 
     # -- shared write path ----------------------------------------------------
 
-    def _fits(self, key: str, size: int) -> bool:
+    def _write(self, key: str, attempt: Callable[[], None], retry: bool = True) -> None:
+        """Run one write; when the disk is full, evict a batch and try once more.
+
+        A write that still fails raises (``write_errors="raise"``) or is logged
+        and counted, and the value is simply not cached (``"log"``).  After a
+        write that succeeded, the size limit is enforced.
+        """
+        try:
+            try:
+                attempt()
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE or not retry or not self._made_room(exc):
+                    raise
+                attempt()
+        except OSError as exc:
+            if self.settings.write_errors == "raise":
+                raise
+            self.store.write_errors += 1
+            log.warning("value for key %r was not cached: %s", key[:80], exc)
+            return
+        maintenance.enforce_limit(self.store)
+
+    def _made_room(self, error: OSError) -> bool:
+        """Evict one batch after ``error`` (a full disk); False if nothing could go."""
+        try:
+            freed = maintenance.make_room(self.store).removed
+        except OSError as exc:
+            log.warning("could not evict after %s: %s", error, exc)
+            return False
+        log.warning("%s: evicted %d entries to make room, retrying", error, freed)
+        return freed > 0
+
+    def _fits(self, key: str, size: int, at_least: bool = False) -> bool:
         """False (with a warning) for a value that cannot stay after an eviction.
 
         Eviction frees down to ``eviction_low_water * cache_size``; a bigger
         value would push out every other entry and then itself.
         """
-        room = int(self.settings.cache_size * self.settings.eviction_low_water)
+        room = self.room()
         if size <= room:
             return True
         message = (
-            f"value of {size} bytes for key {key[:80]!r} is larger than cache_size x "
+            f"value of {'more than ' if at_least else ''}{size} bytes for key {key[:80]!r} "
+            "is larger than cache_size x "
             f"eviction_low_water ({self.settings.cache_size} x "
             f"{self.settings.eviction_low_water} = {room} bytes) and was not cached"
         )
@@ -118,6 +162,10 @@ class _FSBackendBase(CacheBackend):
         log.warning(message)
         warnings.warn(message, CacheSizeWarning, stacklevel=4)
         return False
+
+    def room(self) -> int:
+        """The largest entry that can stay after an eviction (low-water share of the limit)."""
+        return int(self.settings.cache_size * self.settings.eviction_low_water)
 
     def _count(self, key: str | None, found: bool) -> None:
         if self._lookups.is_recheck(key, found):  # the first look counted a miss
@@ -130,8 +178,28 @@ class _FSBackendBase(CacheBackend):
             self.store.misses += 1
 
 
+def _key_bytes(key: str) -> bytes:
+    if not isinstance(key, str):
+        raise TypeError(
+            f"dogpile_fsbackend keys must be str, got {type(key).__name__}: {key!r:.80} "
+            "(use a key_mangler or str() to turn other keys into strings)"
+        )
+    return layout.encode_key(key)
+
+
 def _digest(key: str) -> str:
-    return layout.key_digest(layout.encode_key(key))
+    return layout.key_digest(_key_bytes(key))
+
+
+def _unpickle(data: bytes) -> Any:
+    """``pickle.loads``, raising dogpile's CantDeserializeException for a value that
+    cannot be loaded any more (its class renamed or removed, a module gone), so
+    the region treats it as a miss and regenerates it."""
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        log.warning("a cached value could not be unpickled (%s); regenerating it", exc)
+        raise CantDeserializeException(str(exc)) from exc
 
 
 class PickleFSBackend(_FSBackendBase, BytesBackend):
@@ -155,9 +223,10 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
 
     _kind = records.KIND_PICKLED
     _accepted_arguments = SETTING_NAMES - {"file_movable"}
+    deserializer = staticmethod(_unpickle)
 
     def get_serialized(self, key: str) -> bytes | NoValueType:
-        key_bytes = layout.encode_key(key)
+        key_bytes = _key_bytes(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
         self._count(key, found is not None)
         return found.record.payload if found else NO_VALUE
@@ -166,14 +235,13 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         return [self.get_serialized(key) for key in keys]
 
     def set_serialized(self, key: str, value: bytes) -> None:
-        key_bytes = layout.encode_key(key)
+        key_bytes = _key_bytes(key)
         digest = layout.key_digest(key_bytes)
         created = time.time()
         data = records.encode(records.KIND_PICKLED, key_bytes, value, created)
         if not self._fits(key, len(data)):
             return
-        self.store.publish(digest, self.store.write_temp(digest, data), len(data))
-        maintenance.enforce_limit(self.store)
+        self._write(key, lambda: self.store.write_and_publish(digest, data))
 
     def set_serialized_multi(self, mapping: Mapping[str, bytes]) -> None:
         for key, value in mapping.items():
@@ -200,16 +268,17 @@ class RawFSBackend(_FSBackendBase):
     A hit returns a new read-only :class:`CachedFileReader` positioned where the
     creator left its file; the call that runs the creator gets the creator's own
     object back from dogpile, not a reader.  With ``file_movable=True`` a named
-    file on the cache's filesystem is renamed into the cache instead of copied.
-    The arguments (``:param:`` below, from ``config.ARGUMENT_DOCS``) are the
-    pickled backend's plus ``file_movable``.
+    file on the cache's filesystem is renamed into the cache instead of copied;
+    it then *is* the cached value, so do not write to it after ``set()`` (a
+    changed length makes the entry a miss).  The arguments (``:param:`` below,
+    from ``config.ARGUMENT_DOCS``) are the pickled backend's plus ``file_movable``.
     """
 
     _kind = records.KIND_RAW
     _accepted_arguments = SETTING_NAMES
 
     def get(self, key: str) -> CachedValue | Any:
-        key_bytes = layout.encode_key(key)
+        key_bytes = _key_bytes(key)
         digest = layout.key_digest(key_bytes)
         value = self._open(digest, key_bytes)
         self._count(key, value is not NO_VALUE)
@@ -253,7 +322,7 @@ class RawFSBackend(_FSBackendBase):
         if isinstance(value, CachedValue):
             value, metadata = value.payload, value.metadata
         fileobj, filename, content_type = rawfiles.unwrap(value)
-        key_bytes = layout.encode_key(key)
+        key_bytes = _key_bytes(key)
         digest = layout.key_digest(key_bytes)
         created = time.time()
 
@@ -261,38 +330,46 @@ class RawFSBackend(_FSBackendBase):
             meta = records.RawMeta(token, size, position, metadata, filename, content_type)
             return records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)
 
+        largest_record = len(encode_record("0" * _TOKEN_LENGTH, self.room(), self.room()))
         known_size = rawfiles.file_size(fileobj)
-        if known_size is not None:  # refuse before a byte is copied or the caller's file moved
-            largest_record = encode_record("0" * _TOKEN_LENGTH, known_size, known_size)
-            if not self._fits(key, known_size + len(largest_record)):
-                return
-        data_fd, data_temp = self.store.open_temp(digest)
-        record_temp = None
-        try:
+        # Refuse before a byte is copied or the caller's file is moved.
+        if known_size is not None and not self._fits(key, known_size + largest_record):
+            return
+
+        def attempt() -> None:
+            data_fd, data_temp = self.store.open_temp(digest)
+            record_temp = None
             try:
-                size, position = rawfiles.stage(
-                    fileobj,
-                    data_temp,
-                    data_fd,
-                    movable=self.settings.file_movable,
-                    data_dir=self.store.layout.data_dir,
-                    file_mode=self.settings.file_mode,
-                )
-            finally:
-                os.close(data_fd)
-            self.store.sync_path_if_asked(data_temp)  # by path: it may be the caller's file now
-            token = secrets.token_hex(_TOKEN_LENGTH // 2)
-            record = encode_record(token, size, position)
-            if not self._fits(key, size + len(record)):  # a stream, or a file that grew
+                try:
+                    size, position = rawfiles.stage(
+                        fileobj,
+                        data_temp,
+                        data_fd,
+                        movable=self.settings.file_movable,
+                        data_dir=self.store.layout.data_dir,
+                        file_mode=self.settings.file_mode,
+                        limit=max(0, self.room() - largest_record),
+                    )
+                finally:
+                    os.close(data_fd)
+                self.store.sync_path_if_asked(data_temp)  # by path: it may be the caller's file
+                token = secrets.token_hex(_TOKEN_LENGTH // 2)
+                record = encode_record(token, size, position)
+                if not self._fits(key, size + len(record)):  # a file that grew meanwhile
+                    remove_quietly(data_temp)
+                    return
+                record_temp = self.store.write_temp(digest, record)
+                self.store.publish(digest, record_temp, size + len(record), data_temp, token)
+            except rawfiles.TooLarge as exc:  # a stream: stopped as soon as it could not fit
                 remove_quietly(data_temp)
-                return
-            record_temp = self.store.write_temp(digest, record)
-            self.store.publish(digest, record_temp, size + len(record), data_temp, token)
-        except BaseException:
-            remove_quietly(data_temp)
-            remove_quietly(record_temp)
-            raise
-        maintenance.enforce_limit(self.store)
+                self._fits(key, exc.size + largest_record, at_least=True)
+            except BaseException:
+                remove_quietly(data_temp)
+                remove_quietly(record_temp)
+                raise
+
+        # A stream read part-way cannot be read again: retry only what can be re-read.
+        self._write(key, attempt, retry=rawfiles.can_reread(fileobj))
 
     def set_multi(self, mapping: Mapping[str, Any]) -> None:
         for key, value in mapping.items():

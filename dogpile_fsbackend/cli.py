@@ -27,19 +27,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
-from . import __version__, maintenance
-from .config import PARSERS, Settings, parse_seconds, parse_size
-from .exceptions import ConfigError, FSBackendError, NotACacheError
+from . import __version__, maintenance, marker
+from .config import Settings, parse_seconds, parse_size
+from .exceptions import BookkeepingError, ConfigError, FSBackendError, NotACacheError
 from .invalidation import InvalidationTimes, SharedInvalidation, read_times
 from .layout import INVALIDATION_NAME, MARKER_NAME
 from .maintenance import Progress
-from .store import FORMAT_NAME, FORMAT_VERSION, KIND_NAMES, Store, read_marker
+from .marker import KIND_NAMES
+from .store import Store
 
 PROG = "dogpile-fsbackend"
 EXIT_ERROR = 1
 EXIT_NOT_A_CACHE = 2
 _NO_LIMIT = sys.maxsize  # prune without --cache-size never evicts for size
-_KINDS = {name: kind for kind, name in KIND_NAMES.items()}
 
 # (json-ready result, human-readable text) of one command run on an open cache.
 Outcome = tuple[dict[str, Any], str]
@@ -58,31 +58,19 @@ def open_cache(
     if not os.path.isdir(base_dir):
         raise NotACacheError(f"{base_dir} is not a directory")
     try:
-        marker = read_marker(base_dir)
-        marker_mode = os.stat(os.path.join(base_dir, MARKER_NAME)).st_mode
+        found = marker.read(base_dir)
+        if found is None:
+            raise FileNotFoundError
+        marker_mode = os.stat(marker.path_of(base_dir)).st_mode
         dir_mode = os.stat(base_dir).st_mode
     except FileNotFoundError:
         raise NotACacheError(
             f"{base_dir} is not a dogpile_fsbackend cache (no {MARKER_NAME})"
         ) from None
+    except (BookkeepingError, ConfigError) as exc:
+        raise NotACacheError(f"{base_dir} cannot be opened as a cache: {exc}") from exc
     except OSError as exc:
         raise NotACacheError(f"{base_dir} cannot be opened as a cache: {exc.strerror}") from exc
-    kind = _KINDS.get(str((marker or {}).get("kind")))
-    if not marker or marker.get("format") != FORMAT_NAME or kind is None:
-        raise NotACacheError(
-            f"{base_dir} is not a dogpile_fsbackend cache ({MARKER_NAME} is foreign or damaged)"
-        )
-    if marker.get("version") != FORMAT_VERSION:
-        raise NotACacheError(
-            f"{base_dir} holds cache format version {marker.get('version')!r}; "
-            f"this version of dogpile_fsbackend reads version {FORMAT_VERSION}"
-        )
-    layout = {}
-    for name in ("shard_depth", "shard_width", "lock_slots"):
-        try:
-            layout[name] = PARSERS[name](name, marker.get(name))
-        except ConfigError as exc:
-            raise NotACacheError(f"{base_dir}: damaged {MARKER_NAME}: {exc}") from exc
     settings = Settings(
         base_dir=base_dir,
         cache_size=cache_size or _NO_LIMIT,
@@ -90,9 +78,11 @@ def open_cache(
         reconcile_interval=None,
         file_mode=marker_mode & 0o777,  # anything (re)created matches what is there
         dir_mode=dir_mode & 0o777,
-        **layout,
+        shard_depth=found.shard_depth,
+        shard_width=found.shard_width,
+        lock_slots=found.lock_slots,
     )
-    return Store(settings, kind)
+    return Store(settings, found.kind)
 
 
 # -- commands -------------------------------------------------------------------
@@ -470,11 +460,17 @@ def _moment(timestamp: float | None) -> str:
 
 
 def _cleanup_line(report: maintenance.ScanReport) -> str:
-    return (
+    line = (
         f"also removed {report.damaged_removed} damaged or foreign, "
         f"{report.orphans_removed} orphaned data and "
         f"{report.temp_files_removed} abandoned temp file(s)"
     )
+    if report.unreadable or report.foreign_kept:
+        line += (
+            f"; left alone {report.unreadable} unreadable and "
+            f"{report.foreign_kept} foreign director(ies) or file(s) (see the log)"
+        )
+    return line
 
 
 def _count(number: int, one: str, many: str) -> str:

@@ -76,6 +76,7 @@ class Settings:
     eviction_low_water: float = 0.9
     reconcile_interval: float | None = 3600.0
     temp_max_age: float = 3600.0
+    write_errors: str = "raise"  # or "log": a failed write is logged and counted, not raised
 
 
 def parse_size(name: str, value: Any) -> int:
@@ -177,6 +178,16 @@ def parse_ratio(name: str, value: Any) -> float:
     return ratio
 
 
+def _one_of(*choices: str) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise ConfigError(name, " or ".join(repr(choice) for choice in choices), value)
+        return text
+
+    return parse
+
+
 def parse_base_dir(name: str, value: Any) -> str:
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise ConfigError(name, "a directory path (str or os.PathLike)", value)
@@ -198,6 +209,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "eviction_low_water": parse_ratio,
     "reconcile_interval": parse_seconds,
     "temp_max_age": parse_duration,
+    "write_errors": _one_of("raise", "log"),
 }
 
 
@@ -254,8 +266,13 @@ ARGUMENT_DOCS = {
     "``cache_size``.  Defaults to ``0.9``.",
     "reconcile_interval": "duration between automatic recounts of the size accounting from "
     "the files; ``None``: only on eviction or ``prune()``.  Defaults to ``3600``.",
-    "temp_max_age": "duration after which a temp file is reclaimed even if its writer still "
-    "seems alive.  Defaults to ``3600``.",
+    "temp_max_age": "duration after which a temp file whose writer cannot be identified (one "
+    "named by an older release) is reclaimed; a live writer's temp file never is.  Defaults "
+    "to ``3600``.",
+    "write_errors": "what a write that fails with an ``OSError`` does after its one retry "
+    "(a full disk is retried once after evicting a batch): ``'raise'`` raises it, "
+    "``'log'`` logs a warning, counts it in ``stats()['write_errors']`` and leaves the value "
+    "uncached.  Defaults to ``'raise'``.",
 }
 
 

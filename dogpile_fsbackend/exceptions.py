@@ -5,6 +5,8 @@ Hierarchy::
     FSBackendError
         ConfigError (also ValueError)       bad argument value or foreign directory
         NotACacheError (also ValueError)    maintenance pointed at a non-cache directory
+        BookkeepingError (also OSError)     a bookkeeping file (marker, lock, accounting)
+                                            is of the wrong type, damaged or unreadable
     CacheSizeWarning (UserWarning)          a value larger than the whole cache
 """
 
@@ -38,6 +40,13 @@ def _rebuild_config_error(message: str, argument: str) -> ConfigError:
 
 class NotACacheError(FSBackendError, ValueError):
     """A directory given to maintenance is not a dogpile_fsbackend cache."""
+
+
+class BookkeepingError(FSBackendError, OSError):
+    """A bookkeeping file cannot be used; raised as ``BookkeepingError(errno, text, path)``.
+
+    ``text`` says what is wrong with the file and what to do about it.
+    """
 
 
 class CacheSizeWarning(UserWarning):

@@ -7,10 +7,10 @@ ever becomes part of a path, so no key can escape ``base_dir``.
 
 Top-level layout of ``base_dir``::
 
-    fsbackend.json     format marker: kind, shard layout, lock slots
-    lock               byte-range lock file (see locking.py); never deleted
+    fsbackend.json     format marker: version, kind, shard layout, lock slots (marker.py)
+    lock               byte-range lock file (see locking.py)
     accounting         per-shard byte and entry counters (see accounting.py)
-    maintenance.lock   whole-file lock for init/clear/verify (portalocker)
+    maintenance.lock   whole-file lock for a directory's first set-up (portalocker)
     invalidation       region invalidation times shared by every process (see
                        invalidation.py; only once ``SharedInvalidation`` wrote one),
                        with invalidation.lock (flock) and invalidation.tmp beside it
@@ -37,6 +37,7 @@ INVALIDATION_TEMP_NAME = "invalidation.tmp"  # one writer at a time, under the l
 DATA_DIR = "data"
 TEMP_PREFIX = ".tmp-"
 HASH_HEX_LEN = 64
+WRITER_TOKEN_LEN = 12  # hex digits: a byte of the lock file (see locking.py)
 
 
 def encode_key(key: str | bytes) -> bytes:
@@ -101,12 +102,20 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
 
 
-def temp_owner_pid(name: str) -> int | None:
-    """The pid encoded in a temp file name ``.tmp-<pid>-<token>``, if any."""
-    try:
-        return int(name[len(TEMP_PREFIX) :].split("-", 1)[0])
-    except ValueError:
-        return None
+def temp_name(writer_token: str, number: int) -> str:
+    """``.tmp-<writer token>-<number>``: the writer's token tells scans if it is alive."""
+    return f"{TEMP_PREFIX}{writer_token}-{number:x}"
+
+
+def temp_writer(name: str) -> str | None:
+    """The writer token of a temp file name (see ``temp_name``); None if it has none."""
+    token = name[len(TEMP_PREFIX) :].split("-", 1)[0]
+    return token if len(token) == WRITER_TOKEN_LEN and _is_hex(token) else None
+
+
+def is_legacy_temp_name(name: str) -> bool:
+    """True for ``.tmp-<pid>-<random>``, the temp names of releases before writer tokens."""
+    return name[len(TEMP_PREFIX) :].split("-", 1)[0].isdigit()
 
 
 def split_entry_name(name: str) -> tuple[str, str | None] | None:

@@ -18,6 +18,19 @@ backend on that directory) and adds an in-process layer:
 
 After ``fork()`` the child holds none of its parent's record locks, so every
 lock file resets its in-process state (``os.register_at_fork``).
+
+The lock file can be deleted or replaced under running processes (a tmp
+cleaner, a hand).  Each process checks at most once a second, when it takes
+a lock, whether the path still names the file it has open, and moves to the
+file now there (creating one if none).  A lock already held stays on the
+descriptor it was taken on and is released there; old descriptors are never
+closed, as closing one would drop every lock the process holds on that file.
+
+Writers are told alive from dead by a lock, not by a pid or a clock: each
+process that writes holds one byte in a region of its own (``writer_token``),
+and names its temp files after it.  A scan in any process, in any PID
+namespace, reclaims a temp file only if that byte is free
+(:meth:`LockFile.writer_alive`).
 """
 
 from __future__ import annotations
@@ -26,8 +39,11 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
+import logging
 import os
 import random
+import secrets
 import struct
 import sys
 import threading
@@ -36,11 +52,16 @@ from collections.abc import Hashable, Iterator
 
 from dogpile.cache.api import CacheMutex
 
+from . import files
 from .files import open_shared
+
+log = logging.getLogger(__name__)
 
 EVICTION_OFFSET = 0
 SHARD_BASE_OFFSET = 1
 KEY_BASE_OFFSET = SHARD_BASE_OFFSET + 16**3  # room for the widest shard layout
+WRITER_BASE_OFFSET = 1 << 56  # beyond every key slot (lock_slots <= 2**48)
+WRITER_TOKEN_DIGITS = 12  # hex digits of a writer's byte number (2**48 of them)
 
 _CONTENTION_ERRNOS = frozenset({errno.EACCES, errno.EAGAIN})
 _DEADLOCK_BACKOFF_MAX = 0.05
@@ -59,51 +80,52 @@ class _NameLock:
 
 
 class _ByteLock:
-    __slots__ = ("gate", "holders", "users")
+    __slots__ = ("fd", "gate", "holders", "users")
 
     def __init__(self) -> None:
         self.gate = threading.Lock()  # one thread at a time asks the kernel
         self.holders = 0  # names of this process that hold the byte
         self.users = 0  # threads holding or asking for it; forgotten at 0 (slots are sparse)
+        self.fd = -1  # the descriptor the kernel lock was taken on (released there)
 
 
 class LockFile:
     """This process's handle on one lock file; get it with :meth:`for_path`."""
 
-    _instances: dict[tuple[int, int], LockFile] = {}
+    _instances: dict[str, LockFile] = {}
     _instances_guard = threading.Lock()
-    _spare_fds: list[int] = []
+    _spare_fds: list[int] = []  # never closed: that would drop this process's locks
 
     @classmethod
-    def for_path(cls, path: str, mode: int = 0o600) -> LockFile:
+    def for_path(cls, path: str, mode: int = 0o600, writable: bool = True) -> LockFile:
         """The process-wide instance for ``path`` (opened once, never closed).
 
-        The file is looked up before it is opened: closing a second descriptor
-        of it would drop every lock this process holds on it.
+        ``writable=False`` (a read-only filesystem) gives thread locks only:
+        the kernel grants no write lock on a read-only descriptor, and nothing
+        can be written there anyway.
         """
+        real_path = os.path.realpath(path)
         with cls._instances_guard:
-            with contextlib.suppress(FileNotFoundError):
-                existing = cls._instances.get(_identity(os.stat(path)))
-                if existing is not None:
-                    return existing
-            fd = open_shared(path, mode)
-            identity = _identity(os.fstat(fd))
-            existing = cls._instances.get(identity)
-            if existing is not None:  # the file moved under us: keep fd open, never close it
-                cls._spare_fds.append(fd)
-                return existing
-            existing = cls._instances[identity] = cls(path, fd)
+            existing = cls._instances.get(real_path)
+            if existing is None:
+                fd = open_shared(path, mode, writable=writable)
+                existing = cls._instances[real_path] = cls(path, fd, mode, writable)
             return existing
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, fd: int, mode: int, writable: bool) -> None:
         self.path = path
         self.fd = fd
+        self.mode = mode
+        self.writable = writable
+        self._watch = files.Watch(path, fd)
+        self._counter = itertools.count()
         self._reset()
 
     def _reset(self) -> None:
         self._guard = threading.Lock()
         self._names: dict[Hashable, _NameLock] = {}
         self._bytes: dict[int, _ByteLock] = {}
+        self._writer_slot: int | None = None
 
     @classmethod
     def _reset_all_after_fork(cls) -> None:
@@ -115,6 +137,8 @@ class LockFile:
 
     def acquire(self, name: Hashable, offset: int, wait: bool = True) -> bool:
         """Take lock ``name`` (kept on byte ``offset``) for this thread."""
+        if self._watch.due():
+            self.check_identity()
         with self._guard:
             entry = self._names.get(name)
             if entry is None:
@@ -141,8 +165,8 @@ class LockFile:
                 raise RuntimeError(f"release of an unlocked lock {name!r}")
             byte = self._bytes[offset]
             byte.holders -= 1
-            if byte.holders == 0:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
+            if byte.holders == 0 and self.writable:
+                fcntl.lockf(byte.fd, fcntl.LOCK_UN, 1, offset)
             self._forget_byte_user(offset, byte)
             entry.lock.release()
         self._drop_name(name, entry)
@@ -153,13 +177,7 @@ class LockFile:
             entry = self._names.get(name)
             if entry is not None and entry.lock.locked():
                 return True
-        if _FLOCK_BSD:
-            query = _FLOCK.pack(offset, 1, 0, fcntl.F_WRLCK, os.SEEK_SET)
-            lock_type = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_GETLK, query))[3]
-        else:
-            query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-            lock_type = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_GETLK, query))[0]
-        return bool(lock_type != fcntl.F_UNLCK)
+        return self._held_elsewhere(offset)
 
     @contextlib.contextmanager
     def held(self, name: Hashable, offset: int) -> Iterator[None]:
@@ -169,7 +187,70 @@ class LockFile:
         finally:
             self.release(name, offset)
 
+    def check_identity(self) -> None:
+        """Move to the file now at ``path`` if ours was deleted or replaced; refresh times.
+
+        Locks held meanwhile stay on the old descriptor until released.
+        """
+        if self._watch.still_current(self.fd) or not self.writable:
+            return  # (nothing can be re-created on a read-only filesystem)
+        try:
+            fd = open_shared(self.path, self.mode)
+        except OSError as exc:
+            log.warning("lock file %s was replaced by something unusable: %s", self.path, exc)
+            return
+        with self._guard:
+            self._spare_fds.append(self.fd)
+            self.fd = fd
+            self._watch.moved_to(fd)
+            slot, self._writer_slot = self._writer_slot, None
+        log.warning("lock file %s was deleted or replaced; moved to the new one", self.path)
+        if slot is not None:
+            self._take_writer_slot(slot)
+
+    def writer_token(self) -> str:
+        """This process's writer token (hex), holding its writer byte from now on."""
+        slot = self._writer_slot
+        if slot is None:
+            with self._guard:
+                slot = self._writer_slot
+            if slot is None:
+                slot = self._take_writer_slot(None)
+        return format(slot, f"0{WRITER_TOKEN_DIGITS}x")
+
+    def next_temp_number(self) -> int:
+        return next(self._counter)
+
+    def writer_alive(self, token: str) -> bool:
+        """True if the process that holds writer ``token``'s byte is alive (in any namespace)."""
+        slot = int(token, 16)
+        return slot == self._writer_slot or self._held_elsewhere(WRITER_BASE_OFFSET + slot)
+
     # -- internals ------------------------------------------------------------
+
+    def _take_writer_slot(self, wanted: int | None) -> int:
+        """Lock a free writer byte (``wanted``, else a random one) for good."""
+        while True:
+            slot = wanted if wanted is not None else secrets.randbits(4 * WRITER_TOKEN_DIGITS)
+            wanted = None
+            if not self.writable or self._lockf(self.fd, WRITER_BASE_OFFSET + slot, False):
+                with self._guard:
+                    if self._writer_slot is None:
+                        self._writer_slot = slot
+                        return slot
+                    taken = self._writer_slot
+                if self.writable:  # another thread won: ours is a byte nobody else uses
+                    fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, WRITER_BASE_OFFSET + slot)
+                return taken
+
+    def _held_elsewhere(self, offset: int) -> bool:
+        if _FLOCK_BSD:
+            query = _FLOCK.pack(offset, 1, 0, fcntl.F_WRLCK, os.SEEK_SET)
+            lock_type = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_GETLK, query))[3]
+        else:
+            query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+            lock_type = _FLOCK.unpack(fcntl.fcntl(self.fd, fcntl.F_GETLK, query))[0]
+        return bool(lock_type != fcntl.F_UNLCK)
 
     def _drop_name(self, name: Hashable, entry: _NameLock) -> None:
         with self._guard:
@@ -196,10 +277,12 @@ class LockFile:
                         byte.holders += 1
                         acquired = True
                         return True
-                if not self._lockf(offset, wait):
+                fd = self.fd
+                if self.writable and not self._lockf(fd, offset, wait):
                     return False
                 with self._guard:
                     byte.holders = 1
+                    byte.fd = fd
                 acquired = True
                 return True
             finally:
@@ -215,13 +298,14 @@ class LockFile:
         if byte.users == 0 and self._bytes.get(offset) is byte:
             del self._bytes[offset]
 
-    def _lockf(self, offset: int, wait: bool) -> bool:
+    @staticmethod
+    def _lockf(fd: int, offset: int, wait: bool) -> bool:
         """Ask the kernel for the byte; retry when it reports a (thread-induced) EDEADLK."""
         flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
         backoff = 0.001
         while True:
             try:
-                fcntl.lockf(self.fd, flags, 1, offset)
+                fcntl.lockf(fd, flags, 1, offset)
                 return True
             except OSError as exc:
                 if exc.errno in _CONTENTION_ERRNOS and not wait:
@@ -237,10 +321,6 @@ class LockFile:
 
 
 os.register_at_fork(after_in_child=LockFile._reset_all_after_fork)
-
-
-def _identity(info: os.stat_result) -> tuple[int, int]:
-    return info.st_ino, info.st_dev
 
 
 def key_slot(key_bytes: bytes, slots: int) -> int:

@@ -1,10 +1,16 @@
 """Raw values: taking a caller's file into the cache, and handing cached bytes back.
 
-A value is stored as the file's exact bytes, in constant memory: the kernel
-copies between descriptors (``os.copy_file_range``, else ``os.sendfile``), a
-plain chunked copy serves objects without a descriptor (``io.BytesIO``), and
-``file_movable`` turns the copy into a rename when the file lives on the
-cache's filesystem.  The creator's file position is recorded so that cached
+A value is stored as the bytes its ``read()`` returns, in constant memory.
+The kernel copies between descriptors (``os.copy_file_range``, else
+``os.sendfile``) only when the descriptor's bytes *are* the object's bytes: a
+plain binary file or its buffered wrapper over a regular file, a
+``NamedTemporaryFile``.  Everything else (``gzip``/``bz2``/``lzma`` objects,
+whose descriptor holds compressed bytes; ``/proc`` files, whose size reads 0;
+pipes, sockets, ``io.BytesIO``) is read through ``read()`` in chunks; a
+non-blocking stream with no data ready is an error, never a shorter value.
+``file_movable`` turns the copy into a rename when a named file lives on the
+cache's filesystem.  Copying stops as soon as the value can no longer fit
+(:class:`TooLarge`).  The creator's file position is recorded so that cached
 reads start where the creator left off.
 """
 
@@ -15,7 +21,6 @@ import errno
 import io
 import mimetypes
 import os
-import shutil
 import stat
 import tempfile
 from typing import IO, Any
@@ -26,6 +31,15 @@ _KERNEL_COPY_FALLBACK = frozenset(
     {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 )
 _COPY_CHUNK = 1 << 20
+
+
+class TooLarge(Exception):
+    """The value has more than ``limit`` bytes (``size`` were seen before stopping)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
 
 ACCEPTED = (
     "a readable binary file-like object: open(path, 'rb'), "
@@ -72,6 +86,9 @@ class CachedFileReader(io.BufferedReader):
         # it, so cannot close it): close it quietly instead of raising ResourceWarning.
         with contextlib.suppress(Exception):
             self.raw.close()
+
+
+_BUFFERED_FILE_TYPES = (io.BufferedReader, io.BufferedRandom, CachedFileReader)
 
 
 def open_cached(data_path: str, meta: RawMeta, created: float) -> CachedFileReader:
@@ -125,39 +142,86 @@ def guess_type(fileobj: Any, filename: str | None) -> str | None:
 
 
 def stage(
-    value: Any, temp_path: str, temp_fd: int, *, movable: bool, data_dir: str, file_mode: int
+    value: Any,
+    temp_path: str,
+    temp_fd: int,
+    *,
+    movable: bool,
+    data_dir: str,
+    file_mode: int,
+    limit: int,
 ) -> tuple[int, int]:
     """Put the bytes of ``value`` into the (empty, open) temp file: (size, position).
 
     With ``movable`` and a named file on the same filesystem, outside the
     cache's ``data_dir``, the temp file is replaced by the caller's file itself
     (rename, or hard link for a self-deleting ``NamedTemporaryFile``), which
-    then gets ``file_mode``; otherwise the bytes are copied.
+    then gets ``file_mode``; otherwise the bytes are copied.  Raises
+    :class:`TooLarge` as soon as more than ``limit`` bytes are seen.
     """
     position = _tell(value)
     with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
         if value.writable():
             value.flush()
-    source_fd = _fileno(value)
-    if source_fd is not None and stat.S_ISREG(os.fstat(source_fd).st_mode):
-        size = os.fstat(source_fd).st_size
-        start = 0 if position is None else position  # no tell(): reads start at the beginning
+    source_fd = _fileno(value) if _reads_its_descriptor(value) else None
+    if source_fd is not None and stat.S_ISREG((info := os.fstat(source_fd)).st_mode):
+        size = info.st_size
+        if size > limit:
+            raise TooLarge(size)
         if movable and _move_into(value, source_fd, temp_path, temp_fd, data_dir):
             os.fchmod(source_fd, file_mode)
-            return size, min(start, size)
-        return _kernel_copy(source_fd, temp_fd, size), min(start, size)
+            return size, min(position or 0, size)
+        if size:  # a file whose size reads 0 may still have content (/proc): read() it
+            size = _kernel_copy(source_fd, temp_fd, size)
+            return size, min(position or 0, size)
     if position is None:  # a stream: store what is left, read back from the start
-        with open(temp_fd, "wb", closefd=False) as out:
-            shutil.copyfileobj(value, out, _COPY_CHUNK)
-        return os.fstat(temp_fd).st_size, 0
+        return _copy_stream(value, temp_fd, limit), 0
     value.seek(0)
     try:
-        with open(temp_fd, "wb", closefd=False) as out:
-            shutil.copyfileobj(value, out, _COPY_CHUNK)
+        size = _copy_stream(value, temp_fd, limit)
     finally:
         value.seek(position)
-    size = os.fstat(temp_fd).st_size
     return size, min(position, size)
+
+
+def _reads_its_descriptor(value: Any) -> bool:
+    """True if ``value.read()`` returns exactly the bytes of ``value.fileno()``.
+
+    Only plain binary files and their buffered wrappers qualify (and our own
+    hits); a compressed file object or any other wrapper decodes or filters.
+    """
+    if isinstance(value, tempfile._TemporaryFileWrapper):
+        value = value.file
+    if type(value) is io.FileIO:
+        return True
+    # A buffered wrapper counts only over a plain FileIO (not over, say, a GzipFile,
+    # whose fileno() is the compressed file's).
+    return type(value) in _BUFFERED_FILE_TYPES and type(getattr(value, "raw", None)) is io.FileIO
+
+
+def _copy_stream(value: Any, fd: int, limit: int) -> int:
+    """Copy ``value.read()`` to ``fd`` until EOF; the number of bytes.
+
+    Raises TooLarge past ``limit`` and BlockingIOError if a non-blocking
+    stream has nothing ready (a partial value must never look whole).
+    """
+    size = 0
+    while True:
+        chunk = value.read(_COPY_CHUNK)
+        if chunk is None:
+            raise BlockingIOError(
+                errno.EAGAIN,
+                "the stream is non-blocking and has no data ready; the raw backend "
+                "stores a value only when it can read it to its end",
+            )
+        if not chunk:
+            return size
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(size)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _move_into(value: Any, source_fd: int, temp_path: str, temp_fd: int, data_dir: str) -> bool:
@@ -226,11 +290,16 @@ def _kernel_copy(source_fd: int, target_fd: int, size: int) -> int:
 
 def file_size(value: Any) -> int | None:
     """The size of a value backed by a regular file, without reading it; None otherwise."""
-    source_fd = _fileno(value)
+    source_fd = _fileno(value) if _reads_its_descriptor(value) else None
     if source_fd is None:
         return None
     info = os.fstat(source_fd)
     return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def can_reread(value: Any) -> bool:
+    """True if ``value`` can be staged again after a failed attempt (it can seek)."""
+    return _tell(value) is not None
 
 
 def _tell(value: Any) -> int | None:

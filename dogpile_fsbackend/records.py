@@ -106,6 +106,25 @@ class RawMeta:
         return meta
 
 
+def header_kind(data: bytes) -> int | None:
+    """The kind byte of an entry header (at least its first bytes); None if not one."""
+    if len(data) < HEADER_SIZE or data[:4] != MAGIC:
+        return None
+    return data[5]
+
+
+def declared_size(header: bytes) -> int | None:
+    """The whole entry's length as its header states it; None if ``header`` is not one.
+
+    Lets a reader bound what it reads by the header, not by the file's size:
+    an entry extended (even sparsely, to gigabytes) is damage, never a read.
+    """
+    if len(header) < HEADER_SIZE or header[:4] != MAGIC:
+        return None
+    key_len, payload_len = _HEADER.unpack_from(header)[5:7]
+    return HEADER_SIZE + int(key_len) + int(payload_len)
+
+
 def stored_key(data: bytes) -> bytes | None:
     """The key recorded in an entry, for scans that do not know it; None if not a header."""
     if len(data) < HEADER_SIZE or data[:4] != MAGIC:

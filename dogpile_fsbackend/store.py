@@ -17,19 +17,18 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import json
+import logging
 import os
-import secrets
 import stat
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import portalocker
 
+from . import files, marker, records
 from . import layout as paths
-from . import records
-from .accounting import AccountingFile, NeedsReset
+from .accounting import AccountingFile
 from .config import Settings
 from .exceptions import ConfigError
 from .files import make_dir, open_shared
@@ -38,20 +37,23 @@ from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile
 if TYPE_CHECKING:
     from .maintenance import EntryInfo
 
-FORMAT_NAME = "dogpile_fsbackend"
-FORMAT_VERSION = 1
-KIND_NAMES = {records.KIND_PICKLED: "pickled", records.KIND_RAW: "raw"}
+log = logging.getLogger(__name__)
+
 # O_NONBLOCK: a FIFO planted where an entry belongs must not hang the reader.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # A path that is missing, or runs through something planted (a file, a symlink loop).
 _PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# An entry up to this size is read in one call; a bigger one has its header read first.
+_ONE_READ_MAX = 1 << 20
+# Seconds a timestamp may lie ahead of the clock before it is taken for "now".
+FUTURE_TOLERANCE = 5.0
 
 
 @contextlib.contextmanager
 def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
-    """Whole-file lock serialising set-up, ``clear`` and ``verify`` across processes.
+    """Whole-file lock serialising the first set-up of a directory across processes.
 
     It lives in its own file: opening and closing the byte-range lock file
     would drop this process's ``lockf`` locks.
@@ -66,16 +68,9 @@ def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
             portalocker.unlock(handle)
 
 
-def read_marker(base_dir: str) -> dict[str, Any] | None:
-    """The format marker of a cache directory, or None if there is none."""
-    try:
-        with open(os.path.join(base_dir, paths.MARKER_NAME), "rb") as handle:
-            marker = json.load(handle)
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return {}
-    return marker if isinstance(marker, dict) else {}
+def is_read_only(directory: str) -> bool:
+    """True if ``directory`` is on a filesystem mounted read-only."""
+    return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
 
 
 class Found(NamedTuple):
@@ -96,17 +91,32 @@ class Store:
         # The oldest entries of the last scan, in LRU order (see maintenance.py).
         self.eviction_order: collections.deque[EntryInfo] = collections.deque()
         self._known_dirs: dict[str, tuple[int, int]] = {}  # checked directory -> (dev, inode)
-        self.hits = self.misses = self.writes = self.evictions = 0
+        self.hits = self.misses = self.writes = self.evictions = self.write_errors = 0
+        self.last_total = 0  # total bytes as the last publish or discard left them
+        self._warned: set[str] = set()  # paths already reported unreadable or foreign
         self._prepare_base_dir()
+        self.writable = not is_read_only(settings.base_dir)
+        self.lock_file = LockFile.for_path(
+            self.layout.path(paths.LOCK_NAME), settings.file_mode, self.writable
+        )
         self.accounting = self._open_or_create()
-        self.lock_file = LockFile.for_path(self.layout.path(paths.LOCK_NAME), settings.file_mode)
+        self._next_check = time.monotonic() + files.CHECK_INTERVAL
+        self._next_touch = time.monotonic()
 
     # -- set-up ---------------------------------------------------------------
+
+    @property
+    def wanted_marker(self) -> marker.Marker:
+        settings = self.settings
+        return marker.Marker(
+            self.kind, settings.shard_depth, settings.shard_width, settings.lock_slots
+        )
 
     def _prepare_base_dir(self) -> None:
         base_dir = self.settings.base_dir
         try:
             for directory in (base_dir, self.layout.data_dir):
+                _check_reachable(directory)
                 if not os.path.isdir(directory):
                     os.makedirs(os.path.dirname(directory), exist_ok=True)
                     with contextlib.suppress(FileExistsError):  # another process made it
@@ -116,70 +126,77 @@ class Store:
                 "base_dir", "a directory (or a path where one can be made)", base_dir
             ) from exc
         except PermissionError as exc:
-            raise ConfigError("base_dir", "a directory this process may create", base_dir) from exc
-        if not os.access(base_dir, os.W_OK | os.X_OK) or not os.access(
-            self.layout.data_dir, os.W_OK | os.X_OK
-        ):
-            raise ConfigError("base_dir", "a directory this process can write to", base_dir)
+            raise ConfigError(
+                "base_dir",
+                f"a directory this process (uid {os.geteuid()}) may create; "
+                f"{exc.filename or base_dir} does not let it: {exc.strerror}",
+                base_dir,
+            ) from exc
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            raise ConfigError(
+                "base_dir",
+                "an existing cache directory when the filesystem is read-only",
+                base_dir,
+            ) from exc
+        if is_read_only(base_dir):
+            return  # gets are served; every write reports EROFS
+        for directory in (base_dir, self.layout.data_dir):
+            if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+                raise _not_accessible(directory)
 
     def _open_or_create(self) -> AccountingFile:
         """Open an existing cache without locking; set one up under the maintenance lock.
 
-        The fast path matters: a long ``verify`` holds the maintenance lock, and
-        application start-up must not wait for it.
+        The fast path matters: application start-up must not wait for another
+        process's set-up unless this directory has none yet.
         """
         path = self.layout.path(paths.ACCOUNTING_NAME)
-        mode = self.settings.file_mode
-        if read_marker(self.settings.base_dir) is not None:
-            self._check_or_write_marker()
-            with contextlib.suppress(NeedsReset):
-                return AccountingFile(path, self.layout.shard_count, mode, may_reset=False)
+        mode, count = self.settings.file_mode, self.layout.shard_count
+        found = marker.read(self.settings.base_dir)
+        if found is not None:
+            marker.check(self.settings.base_dir, found, self.wanted_marker)
+            return AccountingFile(path, count, mode, writable=self.writable)
+        if not self.writable:
+            raise ConfigError(
+                "base_dir", "an existing cache directory (a read-only one has no marker)", path
+            )
         with maintenance_lock(self.settings.base_dir, mode):
-            created = self._check_or_write_marker()
-            accounting = AccountingFile(path, self.layout.shard_count, mode, may_reset=True)
-            # A reset file has last_reconcile 0, so the first write recounts; a new,
+            # The accounting first: one left by a process of another layout is refused
+            # (BookkeepingError) before a marker of ours could contradict it.
+            accounting = AccountingFile(path, count, mode)
+            created = marker.ensure(self.settings.base_dir, self.wanted_marker, mode)
+            # A new file has last_reconcile 0, so the first write recounts; a new,
             # empty cache has nothing to count.
             if created and _is_empty(self.layout.data_dir):
                 accounting.last_reconcile = time.time()
             return accounting
 
-    def _check_or_write_marker(self) -> bool:
-        """Check the directory's format marker against our settings; True if we wrote it."""
-        wanted = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "kind": KIND_NAMES[self.kind],
-            "shard_depth": self.settings.shard_depth,
-            "shard_width": self.settings.shard_width,
-            "lock_slots": self.settings.lock_slots,
-        }
-        found = read_marker(self.settings.base_dir)
-        if found is None:
-            marker_path = self.layout.path(paths.MARKER_NAME)
-            temp_path = f"{marker_path}{paths.TEMP_PREFIX}{os.getpid()}"
-            remove_quietly(temp_path)  # a leftover, or a symlink planted to redirect this write
-            fd = os.open(temp_path, _CREATE_FLAGS, self.settings.file_mode)
-            os.fchmod(fd, self.settings.file_mode)
-            with open(fd, "w") as handle:
-                json.dump(wanted, handle, indent=2)
-            os.replace(temp_path, marker_path)
-            return True
-        if found.get("format") != FORMAT_NAME or found.get("kind") != wanted["kind"]:
-            raise ConfigError(
-                "base_dir",
-                f"a directory that is not already used by something else (it holds a "
-                f"{found.get('kind', 'foreign')!s} cache; use another directory for the "
-                f"{wanted['kind']} backend)",
-                self.settings.base_dir,
-            )
-        for name in ("shard_depth", "shard_width", "lock_slots"):
-            if found.get(name) != wanted[name]:
-                raise ConfigError(
-                    name,
-                    f"{found.get(name)!r}, the value this cache directory was created with",
-                    wanted[name],
-                )
-        return False
+    def check_bookkeeping(self) -> None:
+        """At most once a second: the marker is still there (re-written if a cleaner took
+        it), and once an hour every bookkeeping file's timestamps are refreshed."""
+        now = time.monotonic()
+        if now < self._next_check or not self.writable:
+            return
+        self._next_check = now + files.CHECK_INTERVAL
+        base_dir = self.settings.base_dir
+        if not os.path.lexists(marker.path_of(base_dir)):
+            log.warning("%s was deleted; re-writing it", marker.path_of(base_dir))
+            with contextlib.suppress(OSError):
+                marker.write(base_dir, self.wanted_marker, self.settings.file_mode)
+        self.lock_file.check_identity()
+        self.accounting.check_identity()
+        if now >= self._next_touch:
+            self._next_touch = now + files.TOUCH_INTERVAL
+            for name in (paths.MARKER_NAME, paths.MAINTENANCE_LOCK_NAME):
+                files.touch(self.layout.path(name))
+
+    def warn_once(self, path: str, problem: str) -> None:
+        """Log ``problem`` about ``path`` once per instance (scans meet it again and again)."""
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("%s: %s", path, problem)
 
     # -- locks ----------------------------------------------------------------
 
@@ -194,10 +211,6 @@ class Store:
 
     def release_eviction_lock(self) -> None:
         self.lock_file.release(("evict",), EVICTION_OFFSET)
-
-    def evicting(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the eviction lock (waiting for it): one full scan at a time."""
-        return self.lock_file.held(("evict",), EVICTION_OFFSET)
 
     # -- reading --------------------------------------------------------------
 
@@ -214,6 +227,9 @@ class Store:
             fd = os.open(path, _READ_FLAGS)
         except FileNotFoundError:
             return None
+        except PermissionError:  # another user's file: not ours to read, nor to delete
+            self.warn_once(path, "entry is not readable by this process; treated as a miss")
+            return None
         except OSError as exc:  # ELOOP: a symlink planted in an entry's or a directory's place
             if exc.errno not in _PATH_ERRNOS:
                 raise
@@ -224,18 +240,22 @@ class Store:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 return None  # a directory or FIFO planted in an entry's place: a miss
-            data = _read_exactly(fd, info.st_size)
             try:
+                data = read_entry(fd, info.st_size)
                 if key_bytes is None:
                     key_bytes = _key_of(data, digest)
                 record = records.decode(data, self.kind, key_bytes)
             except records.DamagedRecord:
                 self.discard(digest, info.st_ino)
                 return None
-            if self.is_expired(record.created):
+            now = time.time()
+            created = record.created
+            if created > now + FUTURE_TOLERANCE:  # written under a clock far ahead
+                created = min(info.st_atime, now)  # when a read first saw it (see touch)
+            if self.is_expired(created, now):
                 self.discard(digest, info.st_ino)
                 return None
-            used_ns = touch(fd, record.created)
+            used_ns = touch(fd, created) if self.writable else None
         finally:
             os.close(fd)
         return Found(record, info.st_ino, used_ns)
@@ -251,7 +271,9 @@ class Store:
         directory = self.layout.entry_dir(digest)
         if not self.is_our_dir(directory):
             self._make_real_dirs(directory)
-        path = os.path.join(directory, f"{paths.TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
+        lock_file = self.lock_file
+        name = paths.temp_name(lock_file.writer_token(), lock_file.next_temp_number())
+        path = f"{directory}/{name}"
         try:
             fd = os.open(path, _CREATE_FLAGS, self.settings.file_mode)
         except FileNotFoundError:  # the directory was removed behind our back
@@ -329,6 +351,10 @@ class Store:
             os.close(fd)
         return path
 
+    def write_and_publish(self, digest: str, data: bytes) -> None:
+        """Make ``data`` the entry ``digest`` (a pickled set)."""
+        self.publish(digest, self.write_temp(digest, data), len(data))
+
     def sync_if_asked(self, fd: int) -> None:
         if self.settings.fsync:
             os.fsync(fd)
@@ -368,8 +394,9 @@ class Store:
             for old_path in old_data:
                 if old_path != data_path:
                     remove_quietly(old_path)
-            self.accounting.add(shard, size - old_size, 0 if existed else 1)
+            self.last_total = self.accounting.add(shard, size - old_size, 0 if existed else 1)
         self.writes += 1
+        self.check_bookkeeping()
 
     # -- removing -------------------------------------------------------------
 
@@ -396,7 +423,7 @@ class Store:
             size, existed, data = self._entry_files_locked(digest)
             for path in (entry_path, *data):
                 remove_quietly(path)
-            self.accounting.add(shard, -size, -existed)
+            self.last_total = self.accounting.add(shard, -size, -existed)
         return size
 
     def _entry_files_locked(self, digest: str) -> tuple[int, int, list[str]]:
@@ -439,7 +466,10 @@ class Store:
         except PermissionError:  # O_NOATIME needs the file's owner
             fd = os.open(path, _READ_FLAGS)
         try:
-            data = _read_exactly(fd, os.fstat(fd).st_size)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise records.DamagedRecord("not a regular file")
+            data = read_entry(fd, info.st_size)
         finally:
             os.close(fd)
         return records.decode(data, self.kind, _key_of(data, digest))
@@ -462,10 +492,20 @@ class Store:
     def totals(self) -> tuple[int, int]:
         return self.accounting.totals()
 
-    def reconcile_due(self) -> bool:
-        last = self.accounting.last_reconcile
+    def reconcile_due(self, fresh: bool = True) -> bool:
+        """A recount is due: never done, marked (0), interval passed, or dated in the future.
+
+        ``fresh=False`` judges by what the last accounting update read (no call).
+        """
+        accounting = self.accounting
+        last = accounting.last_reconcile if fresh else accounting.seen_reconcile
         interval = self.settings.reconcile_interval
-        return not last or (interval is not None and time.time() - last > interval)
+        now = time.time()
+        return (
+            not last
+            or last > now + FUTURE_TOLERANCE  # a clock that was far ahead: recount now
+            or (interval is not None and now - last > interval)
+        )
 
 
 def touch(fd: int, created: float) -> int | None:
@@ -500,12 +540,55 @@ def _key_of(data: bytes, digest: str) -> bytes:
     return key
 
 
-def _read_exactly(fd: int, size: int) -> bytes:
-    data = os.read(fd, size)
-    if len(data) == size:
+def read_entry(fd: int, size: int) -> bytes:
+    """An entry's bytes, never more than its header declares (DamagedRecord otherwise).
+
+    A small file is read in one call and its lengths checked by ``decode``; a
+    bigger one has its header read first, so an entry extended to gigabytes
+    (even sparsely) costs one small read, not the memory.
+    """
+    if size > _ONE_READ_MAX:
+        declared = records.declared_size(os.pread(fd, records.HEADER_SIZE, 0))
+        if declared != size:
+            raise records.DamagedRecord("length does not match the header")
+    return _read_exactly(fd, size)  # decode checks it against the header's lengths
+
+
+def _read_exactly(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from the current position (fewer only at the end of the file)."""
+    data = os.read(fd, limit)
+    if len(data) == limit or not data:
         return data
     chunks = [data]
-    while data:
-        data = os.read(fd, 1 << 20)
+    remaining = limit - len(data)
+    while remaining and (data := os.read(fd, min(remaining, 1 << 20))):
         chunks.append(data)
+        remaining -= len(data)
     return b"".join(chunks)
+
+
+def _check_reachable(directory: str) -> None:
+    """Raise a clear ConfigError if ``directory`` exists but this process may not enter it."""
+    try:
+        os.stat(directory)
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        raise _not_accessible(os.path.dirname(directory)) from None
+    if os.path.isdir(directory) and not os.access(directory, os.X_OK):
+        raise _not_accessible(directory)
+
+
+def _not_accessible(directory: str) -> ConfigError:
+    try:
+        info = os.stat(directory)
+        owner = f"it belongs to uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}"
+    except OSError:
+        owner = "it cannot even be looked at"
+    return ConfigError(
+        "base_dir",
+        f"a directory this process (uid {os.geteuid()}) can read and write; {directory} is "
+        f"not accessible: {owner}. Run as its owner, or give this user access "
+        "(a shared group with dir_mode=0o770, file_mode=0o660)",
+        directory,
+    )

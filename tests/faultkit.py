@@ -26,9 +26,25 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from conftest import WAIT
+from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE, CachedValue
 
 from dogpile_fsbackend import layout
+
+
+def pickled(base_dir, **arguments):
+    """A region on the pickled backend at ``base_dir``."""
+    return make_region().configure(
+        "dogpile_fsbackend.pickled", arguments={"base_dir": str(base_dir), **arguments}
+    )
+
+
+def raw(base_dir, **arguments):
+    """A region on the raw backend at ``base_dir``."""
+    return make_region().configure(
+        "dogpile_fsbackend.raw", arguments={"base_dir": str(base_dir), **arguments}
+    )
+
 
 # -- self-verifying values ----------------------------------------------------------
 
@@ -192,6 +208,32 @@ def data_paths(backend: Any, key: str) -> list[str]:
     return [path for path, _ in backend.store.data_files(digest)]
 
 
+def age_temp_files(base_dir: str, seconds: float = 60.0) -> None:
+    """Date every temp file ``seconds`` back: past the grace a scan gives a temp file
+    whose writer's lock is free (see maintenance.TEMP_GRACE), without waiting for it."""
+    when = time.time() - seconds
+    for path in temp_files(base_dir):
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path, (when, when), follow_symlinks=False)
+
+
+def wait_for_fs_clock(probe: str, past_ns: int) -> None:
+    """Return once the filesystem stamps times later than ``past_ns``.
+
+    File timestamps may come from a coarse clock (one tick is a few ms), so the
+    probe asks the filesystem itself rather than ``time.time_ns()``.
+    """
+    deadline = time.monotonic() + WAIT
+    with open(probe, "a"):
+        pass
+    while True:
+        os.utime(probe)
+        if os.stat(probe).st_mtime_ns > past_ns:
+            return
+        assert time.monotonic() < deadline, "the filesystem clock did not advance"
+        time.sleep(0.0005)
+
+
 def wait_until_reconcile_due(backend: Any, timeout: float = 30.0) -> None:
     """Wait (bounded) until the automatic reconciliation is due for ``backend``."""
     deadline = time.monotonic() + timeout
@@ -289,11 +331,13 @@ def in_child(func: Callable[..., Any], *args: Any, timeout: float = 60.0) -> Any
     pid = fork_child(body)
     os.close(write_end)
     chunks = []
+    poller = select.poll()  # not select.select: a long test run holds fds past 1024
+    poller.register(read_end, select.POLLIN)
     deadline = time.monotonic() + timeout
     try:
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([read_end], [], [], remaining)[0]:
+            if remaining <= 0 or not poller.poll(remaining * 1000):
                 break
             chunk = os.read(read_end, 1 << 16)
             if not chunk:

@@ -348,6 +348,7 @@ BAD_VALUES = {
     "eviction_low_water": [0, -0.1, 1.01, "half", True, None, float("nan")],
     "reconcile_interval": [0, -10, "hourly", True, []],
     "temp_max_age": [None, "", "none", 0, -1, "old", True],
+    "write_errors": [None, "", "ignore", "warn", 1, True],
 }
 
 
@@ -475,6 +476,7 @@ def test_arguments_are_never_modified(backend, cache_dir):
         "eviction_low_water": "0.5",
         "reconcile_interval": None,
         "temp_max_age": 60,
+        "write_errors": "log",
         "nested": {"unknown": ["argument"]},
     }
     if backend.endswith("raw"):
@@ -504,6 +506,7 @@ cache.arguments.lock_slots = 128
 cache.arguments.eviction_low_water = 0.75
 cache.arguments.reconcile_interval = none
 cache.arguments.temp_max_age = 120
+cache.arguments.write_errors = LOG
 """
 
 
@@ -528,6 +531,7 @@ def test_ini_style_strings_via_configure_from_config(backend, cache_dir):
     assert settings.eviction_low_water == 0.75
     assert settings.reconcile_interval is None
     assert settings.temp_max_age == 120.0
+    assert settings.write_errors == "log"
     if backend.endswith("raw"):
         assert settings.file_movable is True
     # The modes reach the files, whatever the umask.

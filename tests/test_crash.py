@@ -114,6 +114,7 @@ def assert_repaired_automatically(region, base_dir: str, kind: str, staging: str
     Returns how many bytes the accounting was off before that write.
     """
     faultkit.wait_until_reconcile_due(region.backend)
+    faultkit.age_temp_files(base_dir)  # the dead writers' locks are free: only the grace left
     drift = faultkit.disk_usage(base_dir)[0] - region.backend.stats()["bytes"]
     put(region, kind, staging, "trigger", 0, 0, 10)
     assert faultkit.temp_files(base_dir) == []

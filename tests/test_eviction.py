@@ -1,7 +1,7 @@
 """Size limit, LRU order, expiry, crash recovery and eviction races, with real processes.
 
 Recency lives in file timestamps, so tests that depend on order wait until the
-filesystem's own clock has moved past the last timestamp (``_wait_for_fs_clock``)
+filesystem's own clock has moved past the last timestamp (``faultkit.wait_for_fs_clock``)
 instead of sleeping for a guessed interval.
 """
 
@@ -15,6 +15,7 @@ import random
 import signal
 import time
 
+import faultkit
 import pytest
 from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
@@ -60,23 +61,6 @@ def _entry_path(backend, key: str) -> str:
 
 def _entry_size(key: str, value: bytes) -> int:
     return records.HEADER_SIZE + len(key.encode()) + len(value)
-
-
-def _wait_for_fs_clock(probe: str, past_ns: int) -> None:
-    """Return once the filesystem stamps times later than ``past_ns``.
-
-    File timestamps may come from a coarse clock (one tick is a few ms), so the
-    probe asks the filesystem itself rather than ``time.time_ns()``.
-    """
-    deadline = time.monotonic() + WAIT
-    with open(probe, "a"):
-        pass
-    while True:
-        os.utime(probe)
-        if os.stat(probe).st_mtime_ns > past_ns:
-            return
-        assert time.monotonic() < deadline, "the filesystem clock did not advance"
-        time.sleep(0.0005)
 
 
 def _value(key: str, version: int) -> bytes:
@@ -180,7 +164,9 @@ def _try_to_evict(base_dir, results):
     results.put(got)
 
 
-def test_one_eviction_at_a_time(cache_dir):
+def test_prune_leaves_the_eviction_lock_free(cache_dir):
+    """A prune holds one shard lock at a time and never the eviction lock, so a writer
+    crossing the limit meanwhile never waits for it (see test_bookkeeping.py)."""
     backend = _backend(cache_dir)
     backend.set_serialized("k", b"v")
     results, answers = SPAWN.Queue(), []
@@ -193,9 +179,11 @@ def test_one_eviction_at_a_time(cache_dir):
             prober.join(WAIT)
 
     maintenance.prune(backend.store, progress=ask_another_process)
-    assert answers == [False]
-    _try_to_evict(cache_dir, results)  # free again once the scan is over
-    assert results.get(timeout=WAIT) is True
+    assert answers == [True]
+    assert backend.store.acquire_eviction_lock(wait=False)  # and the writers' eviction
+    _try_to_evict(cache_dir, results)  # excludes other processes while it runs
+    assert results.get(timeout=WAIT) is False
+    backend.store.release_eviction_lock()
 
 
 # -- LRU across processes, expired entries first -----------------------------
@@ -215,11 +203,11 @@ def test_lru_touched_entries_survive_and_oldest_go_first(cache_dir, tmp_path):
     backend = _backend(cache_dir, cache_size=int(size * 20.5))
     last = 0
     for key in keys[:20]:
-        _wait_for_fs_clock(probe, last)
+        faultkit.wait_for_fs_clock(probe, last)
         backend.set_serialized(key, value)
         last = os.stat(_entry_path(backend, key)).st_mtime_ns
     # Another process reads the five oldest: reads count as use in every process.
-    _wait_for_fs_clock(probe, last)
+    faultkit.wait_for_fs_clock(probe, last)
     touched, results = keys[:5], SPAWN.Queue()
     reader = SPAWN.Process(target=_touch, args=(cache_dir, touched, results))
     reader.start()
@@ -228,7 +216,7 @@ def test_lru_touched_entries_survive_and_oldest_go_first(cache_dir, tmp_path):
     used = [os.stat(_entry_path(backend, key)).st_mtime_ns for key in touched]
     assert min(used) > last, "reads in another process did not mark the entries used"
 
-    _wait_for_fs_clock(probe, max(used))
+    faultkit.wait_for_fs_clock(probe, max(used))
     backend.set_serialized(keys[20], value)
     last = os.stat(_entry_path(backend, keys[20])).st_mtime_ns
     gone = [key for key in keys[:21] if not os.path.exists(_entry_path(backend, key))]
@@ -237,7 +225,7 @@ def test_lru_touched_entries_survive_and_oldest_go_first(cache_dir, tmp_path):
 
     # The next round takes the next-oldest untouched entries, never the touched ones.
     for key in keys[21:24]:
-        _wait_for_fs_clock(probe, last)
+        faultkit.wait_for_fs_clock(probe, last)
         backend.set_serialized(key, value)
         last = os.stat(_entry_path(backend, key)).st_mtime_ns
     gone = [key for key in keys if not os.path.exists(_entry_path(backend, key))]
@@ -256,17 +244,17 @@ def test_expired_entries_go_before_recently_used_live_ones(cache_dir, tmp_path):
         backend.set_serialized(key, value)
     born = os.stat(_entry_path(backend, old[-1])).st_atime_ns  # atime is the creation time
     # Live entries are created a second later, so they outlive the old ones by a second.
-    _wait_for_fs_clock(probe, born + 1_000_000_000)
+    faultkit.wait_for_fs_clock(probe, born + 1_000_000_000)
     live = [f"l{i:02d}" for i in range(11)]
     for key in live[:10]:
         backend.set_serialized(key, value)
     newest = max(os.stat(_entry_path(backend, key)).st_mtime_ns for key in live[:10])
-    _wait_for_fs_clock(probe, newest)
+    faultkit.wait_for_fs_clock(probe, newest)
     # The old entries are now the most recently used ones...
     assert [backend.get_serialized(key) for key in old] == [value] * 3
     born = max(os.stat(_entry_path(backend, key)).st_atime_ns for key in old)
     # ...and then expire, while every live entry still has about a second to go.
-    _wait_for_fs_clock(probe, born + int(expiration * 1e9))
+    faultkit.wait_for_fs_clock(probe, born + int(expiration * 1e9))
     backend.set_serialized(live[10], value)  # 14 entries: over the limit of 13.5
     first_live_born = os.stat(_entry_path(backend, live[0])).st_atime_ns
     assert time.time_ns() < first_live_born + expiration * 1e9, "too slow to judge expiry"
@@ -283,7 +271,7 @@ def test_verify_keeps_creation_times(cache_dir, tmp_path):
         backend.set_serialized(f"k{i}", b"v" * 100)
     paths = [_entry_path(backend, f"k{i}") for i in range(5)]
     born = [os.stat(path).st_atime_ns for path in paths]
-    _wait_for_fs_clock(str(tmp_path / "clock-probe"), max(born))
+    faultkit.wait_for_fs_clock(str(tmp_path / "clock-probe"), max(born))
     assert backend.verify().entries == 5
     assert [os.stat(path).st_atime_ns for path in paths] == born
 
@@ -304,7 +292,6 @@ def _endless_writer(base_dir, kind, limit, seed, started):
 @pytest.mark.parametrize("kind", ["pickled", "raw"])
 def test_accounting_recovers_after_sigkill(cache_dir, kind):
     limit = 96 * 1024  # small enough that kills also land inside evictions
-    dead = []
     for round_number in range(3):
         started = SPAWN.Event()
         proc = SPAWN.Process(
@@ -315,12 +302,12 @@ def test_accounting_recovers_after_sigkill(cache_dir, kind):
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(WAIT)  # reaped: its pid no longer exists, so its temp files are abandoned
         assert proc.exitcode == -signal.SIGKILL
-        dead.append(proc.pid)
 
     backend = _backend(cache_dir, kind, cache_size=limit)
+    faultkit.age_temp_files(cache_dir)  # past the grace: the dead writers' locks decide
     result = backend.prune()  # must not wait forever on a lock the dead held
     size, entries, temps = _disk(cache_dir)
-    assert not [t for t in temps if layout.temp_owner_pid(t) in dead]
+    assert temps == []  # every writer is dead: their writer bytes are free
     _assert_accounting_exact(backend)
     assert size <= limit
     assert result.scan.entries >= entries > 0
@@ -388,10 +375,10 @@ def test_eviction_spares_entries_rewritten_or_read_during_its_scan(cache_dir, tm
     backend = _backend(cache_dir)
     last = 0
     for key in keys:
-        _wait_for_fs_clock(probe, last)
+        faultkit.wait_for_fs_clock(probe, last)
         backend.set_serialized(key, value)
         last = os.stat(_entry_path(backend, key)).st_mtime_ns
-    _wait_for_fs_clock(probe, last)
+    faultkit.wait_for_fs_clock(probe, last)
     requests, done = SPAWN.Queue(), SPAWN.Queue()
     helper = SPAWN.Process(target=_helper, args=(cache_dir, requests, done))
     helper.start()

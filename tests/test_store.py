@@ -263,26 +263,10 @@ def test_damaged_raw_entry_is_a_miss_and_removed(cache_dir, damage):
 # -- temp files ---------------------------------------------------------------------
 
 
-def _do_nothing() -> None:
-    pass
-
-
-def _dead_pid() -> int:
-    """The pid of a child process that has finished (and been reaped)."""
-    for _ in range(5):
-        child = SPAWN.Process(target=_do_nothing)
-        child.start()
-        child.join(WAIT)
-        assert child.exitcode == 0
-        try:
-            os.kill(child.pid, 0)
-        except ProcessLookupError:
-            return child.pid
-    pytest.fail("could not find a pid that stays unused")
-
-
 @pytest.mark.parametrize("kind", ["pickled", "raw"])
 def test_prune_reclaims_temp_files_of_dead_writers_only(cache_dir, kind):
+    """A temp file goes when no live writer holds its token's lock (whatever its age),
+    an older release's pid-named one when older than temp_max_age, anything else at once."""
     if kind == "pickled":
         backend = pickled_backend(cache_dir, temp_max_age=600)
         backend.set_serialized("key", b"value")
@@ -292,22 +276,24 @@ def test_prune_reclaims_temp_files_of_dead_writers_only(cache_dir, kind):
     directory = os.path.dirname(entry_path(backend, "key"))
     elsewhere = os.path.dirname(entry_path(backend, "another key"))
     os.makedirs(elsewhere, exist_ok=True)
-    dead = _dead_pid()
+    ours = backend.store.lock_file.writer_token()
+    nobody = format(int(ours, 16) ^ 1, "012x")  # a writer byte no process holds
     doomed = [
-        os.path.join(directory, f".tmp-{dead}-0123456789abcdef"),
-        os.path.join(elsewhere, f".tmp-{dead}-fedcba9876543210"),
-        os.path.join(directory, ".tmp-not-a-pid"),
-        os.path.join(directory, f".tmp-{os.getpid()}-old"),  # alive, but older than max age
+        os.path.join(directory, layout.temp_name(nobody, 1)),
+        os.path.join(elsewhere, layout.temp_name(nobody, 2) + "-link"),
+        os.path.join(directory, ".tmp-not-a-writer"),
+        os.path.join(directory, f".tmp-{os.getpid()}-0123456789abcdef"),  # legacy, too old
     ]
     kept = [
-        os.path.join(directory, f".tmp-{os.getpid()}-0000000000000000"),  # a live writer
-        os.path.join(elsewhere, f".tmp-{os.getppid()}-1111111111111111"),
+        os.path.join(directory, layout.temp_name(ours, 10**6)),  # a live writer, however old
+        os.path.join(elsewhere, f".tmp-{os.getppid()}-1111111111111111"),  # legacy, young
     ]
     for path in doomed + kept:
         with open(path, "wb") as handle:
             handle.write(b"half-written")
     an_hour_ago = time.time() - 3600
-    os.utime(doomed[-1], (an_hour_ago, an_hour_ago))
+    for path in [*doomed[:2], doomed[3], kept[0]]:
+        os.utime(path, (an_hour_ago, an_hour_ago))
 
     result = backend.prune()
 
