@@ -89,9 +89,18 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
 # What the file (or its directory) does to a reader, as opposed to the process's own
-# trouble (EMFILE, ENOMEM), which propagates.
+# trouble (EMFILE, ENOMEM), which propagates.  EWOULDBLOCK: another process holds a
+# write lease (fcntl F_SETLEASE) on the file, and O_NONBLOCK opens do not wait for it.
 _UNREADABLE_ERRNOS = frozenset(
-    {errno.EACCES, errno.EPERM, errno.ELOOP, errno.EIO, errno.ENXIO, errno.ENAMETOOLONG}
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ELOOP,
+        errno.EIO,
+        errno.ENXIO,
+        errno.ENAMETOOLONG,
+        errno.EWOULDBLOCK,
+    }
 )
 # dogpile's get_or_create asks is_hard_invalidated(ct), then is_soft_invalidated(ct):
 # the second answer comes from the first one's check if it follows within this time.

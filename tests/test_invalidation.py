@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -797,7 +798,7 @@ def test_a_deleted_file_never_makes_a_reader_wait_for_the_lock(tmp_path):
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # another writer, stuck
         os.unlink(file_of(base_dir))
-        assert faultkit.run_bounded(region.get, "old") is NO_VALUE
+        assert region.get("old") is NO_VALUE  # at once: the open never waits for the holder
         assert not os.path.exists(file_of(base_dir))  # left for the writer
     finally:
         os.close(lock_fd)
@@ -839,6 +840,55 @@ def test_an_unreadable_file_is_a_hard_invalidation_now():
     with faultkit.nobody_dir("unreadable") as top:
         outcome = faultkit.in_child_as_nobody(_unreadable_as_nobody, os.path.join(top, "cache"))
     assert outcome == {"old": "NO_VALUE", "new": "new", "mode": 0o600, "later": "new"}
+
+
+def _hold_a_write_lease(path: str, ready, done) -> None:
+    """Put a valid record at ``path`` that another process holds a write lease on.
+
+    An open of a leased file waits for the holder to give the lease up (45 s by
+    default), or with O_NONBLOCK fails at once with EWOULDBLOCK.  The holder ignores
+    the SIGIO that tells it to let go, as a stuck or hostile holder would.
+    """
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
+    planted = path + ".planted"
+    fd = os.open(planted, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, _valid_record(time.time_ns() - 10**9))
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError as exc:
+            ready.put(f"no lease here ({exc.strerror})")
+            return
+        os.replace(planted, path)
+        ready.put(None)
+        done.wait(WAIT)
+    finally:
+        os.close(fd)
+
+
+def test_a_leased_file_is_a_hard_invalidation_not_an_error(tmp_path, caplog):
+    """A file that another process holds a write lease on cannot be opened for now:
+    that is an unknown state (a hard invalidation now), never an exception from get()."""
+    base_dir = str(tmp_path / "cache")
+    region = region_on(base_dir, SharedInvalidation(base_dir))
+    region.invalidate(hard=False)
+    region.set("old", "old")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    ready, done = SPAWN.Queue(), SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_a_write_lease, args=(file_of(base_dir), ready, done))
+    holder.start()
+    try:
+        problem = ready.get(timeout=WAIT)
+        if problem:
+            pytest.skip(problem)
+        assert region.get("old") is NO_VALUE  # at once: the open never waits for the holder
+        assert region.get_or_create("old", lambda: "new") == "new"
+        assert region.get("old") == "new"
+    finally:
+        done.set()
+        holder.join(WAIT)
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert any(file_of(base_dir) in w and "cannot be opened" in w for w in warnings), warnings
 
 
 def _read_only_child(base_dir: str, region, old_ct: float, new_ct: float) -> dict:
