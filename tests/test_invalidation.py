@@ -41,7 +41,7 @@ from dogpile.cache.api import NO_VALUE
 from dogpile.cache.exception import DogpileCacheException
 from dogpile.cache.region import DefaultInvalidationStrategy
 
-from dogpile_fsbackend import ConfigError, FSBackendError, SharedInvalidation, layout
+from dogpile_fsbackend import ConfigError, FSBackendError, SharedInvalidation, invalidation, layout
 from dogpile_fsbackend.invalidation import (
     FORMAT_VERSION,
     RECORD_SIZE,
@@ -379,10 +379,15 @@ def test_merge_keeps_the_later_time_of_each_kind(tmp_path):
     assert now <= future.hard_ns <= time.time_ns()
 
 
-def test_a_get_or_create_hit_checks_once(tmp_path):
+def test_a_get_or_create_hit_checks_once(tmp_path, monkeypatch):
     """dogpile asks is_hard_invalidated(ct), then is_soft_invalidated(ct): the second
     answer comes from the first one's check (the call is linearised there), once,
-    and only for the same timestamp."""
+    only for the same timestamp, and only right after it.
+
+    The window is widened to an hour, then closed, so that the fsync'd writes of
+    another instance in between never decide the outcome (they can take longer
+    than the real 10 ms on a busy disk)."""
+    monkeypatch.setattr(invalidation, "_PAIR_NS", 3600 * 10**9)
     invalidator, other = SharedInvalidation(tmp_path), SharedInvalidation(tmp_path)
     created = time.time()
     assert not invalidator.is_hard_invalidated(created)  # no invalidation yet
@@ -392,6 +397,10 @@ def test_a_get_or_create_hit_checks_once(tmp_path):
     other.invalidate(hard=True)
     assert invalidator.is_soft_invalidated(created)  # the pair: from the check before
     assert not invalidator.is_soft_invalidated(created)  # used up: the hard one is seen
+    monkeypatch.setattr(invalidation, "_PAIR_NS", 0)
+    assert invalidator.is_hard_invalidated(created)
+    other.invalidate(hard=False)
+    assert invalidator.is_soft_invalidated(created)  # too late for the pair: checked again
 
 
 def test_threads_see_every_invalidation_at_once(tmp_path):
