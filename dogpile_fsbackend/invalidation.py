@@ -549,13 +549,18 @@ class SharedInvalidation(RegionInvalidationStrategy):
         mode = self._new_file_mode()
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+            created = True
         except FileExistsError:
             fd = os.open(path, flags)
-        else:
-            self._set_owner(fd, mode, None)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            created = False
+        try:
+            if created:
+                self._set_owner(fd, mode, None)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FSBackendError(f"{path} is not a regular file; move it away")
+        except BaseException:
             os.close(fd)
-            raise FSBackendError(f"{path} is not a regular file; move it away")
+            raise
         return fd
 
     def _write(self, times: InvalidationTimes, replacing: os.stat_result | None) -> None:

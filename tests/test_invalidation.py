@@ -936,6 +936,26 @@ def test_read_only_filesystem(tmp_path):
     }
 
 
+def test_a_failed_write_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    """A filesystem that cannot hold the mode (vfat refuses such a chmod with EPERM):
+    each invalidate() raises the error, and leaks nothing while doing so."""
+
+    def refuse(fd, mode):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    invalidator = SharedInvalidation(tmp_path / "shared")
+    invalidator.times()
+    descriptors = faultkit.fd_count()
+    monkeypatch.setattr(os, "fchmod", refuse)
+    for _ in range(3):  # the first call creates the lock file, the others find it
+        with pytest.raises(PermissionError):
+            invalidator.invalidate()
+    monkeypatch.undo()
+    assert faultkit.fd_count() == descriptors
+    assert invalidator.was_hard_invalidated()  # honoured here all the same
+    assert os.listdir(tmp_path / "shared") == [layout.INVALIDATION_LOCK_NAME]
+
+
 # -- sharing base_dir with the cache ------------------------------------------------------
 
 
