@@ -47,7 +47,8 @@ What a reader makes of what it finds (``README``, "Shared invalidation"):
 * a time in the future (another host's clock, a clock stepped back): the
   moment this process first saw it, written down the same way.
 
-What a process honours never moves back: it is merged with every file read.
+What a process honours never moves back (but for a time in the future, to now): it
+is merged with every file read, and no time in the future is ever written.
 """
 
 from __future__ import annotations
@@ -451,10 +452,12 @@ class SharedInvalidation(RegionInvalidationStrategy):
                         "honoured as of now",
                         self.path,
                     )
-                times = times.merged(found.times.clamped(now))
+                times = times.merged(found.times)
             elif found.problem is not None:
                 log.warning("%s %s; honoured as a hard invalidation now", self.path, found.problem)
                 times = times.merged(InvalidationTimes(hard_ns=now))
+            # Also what this process honours: the clock may have been stepped back since.
+            times = times.clamped(now)
             self._seen = seen = _Seen.of(found.identity, times, found.fd)
             _close(previous.fd)
         gone = found.identity == _MISSING and times.latest_ns
@@ -503,8 +506,8 @@ class SharedInvalidation(RegionInvalidationStrategy):
                     f"{self.path} {found.refusal}; move it away or use another directory"
                 )
             now = time.time_ns()
-            current = found.times.clamped(now) if found.times else InvalidationTimes()
-            merged = current.merged(times.clamped(now)).merged(self._seen.times)
+            current = found.times or InvalidationTimes()
+            merged = current.merged(times).merged(self._seen.times).clamped(now)
             if found.times != merged:
                 self._write(merged, found.info)
             return merged

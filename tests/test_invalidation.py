@@ -831,6 +831,29 @@ def test_a_time_from_the_future_counts_as_now(tmp_path, caplog):
     assert (later.get("old"), later.get("new")) == (NO_VALUE, "new")
 
 
+def test_a_clock_stepped_back_leaves_no_time_in_the_future(tmp_path, monkeypatch):
+    """A process invalidated, then the clock was stepped back an hour (NTP, a VM
+    resumed).  Its next write must not put that time, now in the future, back into
+    the file (every other process would take it as a new invalidation "now"), and
+    once it has written, it too honours the time only as of now, as dogpile's
+    default strategy forgets the earlier call.  The step is simulated by the clock
+    this process reads during its first invalidate(): the machine's clock is shared."""
+    directory = tmp_path / "shared"
+    running = SharedInvalidation(directory)
+    real_time_ns = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() + 3600 * 10**9)
+    running.invalidate()  # hard, an hour "ahead" of the clock as it is after the step
+    monkeypatch.undo()
+    assert SharedInvalidation(directory).times().hard_ns <= time.time_ns()  # as of now
+    merged = running.merge(InvalidationTimes(soft_ns=time.time_ns()))
+    assert merged.latest_ns <= time.time_ns()
+    assert record_of(directory).latest_ns <= time.time_ns()
+    running.invalidate(hard=False)
+    assert record_of(directory).latest_ns <= time.time_ns()
+    assert running.times().latest_ns <= time.time_ns()  # it read what it wrote
+    assert not running.is_invalidated(time.time())  # so a value made now is valid
+
+
 def _unreadable_as_nobody(base_dir: str) -> dict:
     region = region_on(base_dir, SharedInvalidation(base_dir))
     region.invalidate(hard=False)
