@@ -196,7 +196,7 @@ class _Found(NamedTuple):
     times: InvalidationTimes | None
     problem: str | None  # why it is not a valid record (None if valid, or nothing there)
     refusal: str | None  # why a writer must not replace it
-    info: os.stat_result | None  # of what is there
+    regular: os.stat_result | None  # of the regular file there (a rewrite keeps its mode)
     fd: int  # the regular file read, still open (it pins the inode number); -1 if none
 
 
@@ -222,7 +222,7 @@ def _read(path: str) -> _Found:
         # Never opened: a FIFO could block, a device could act on an open.
         kind = _file_kind(info.st_mode)
         refusal = f"is a {kind}" if stat.S_ISDIR(info.st_mode) else None
-        return _Found(identity, None, f"is a {kind}, not a regular file", refusal, info, -1)
+        return _Found(identity, None, f"is a {kind}, not a regular file", refusal, None, -1)
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
@@ -236,7 +236,7 @@ def _read(path: str) -> _Found:
         identity = (info.st_ino, info.st_dev, info.st_ctime_ns, info.st_size)
         if not stat.S_ISREG(info.st_mode):  # swapped between lstat and open
             problem = f"is a {_file_kind(info.st_mode)}, not a regular file"
-            return _Found(identity, None, problem, None, info, fd)
+            return _Found(identity, None, problem, None, None, fd)
         try:
             data = os.read(fd, RECORD_SIZE)  # never more, however big the file
         except OSError as exc:
@@ -509,7 +509,7 @@ class SharedInvalidation(RegionInvalidationStrategy):
             current = found.times or InvalidationTimes()
             merged = current.merged(times).merged(self._seen.times).clamped(now)
             if found.times != merged:
-                self._write(merged, found.info)
+                self._write(merged, found.regular)
             return merged
 
     @contextlib.contextmanager
@@ -522,10 +522,7 @@ class SharedInvalidation(RegionInvalidationStrategy):
         fork waits for this process's own write, never for another process.
         """
         delay = _RETRY_FIRST
-        while True:
-            if not _WRITING.acquire(blocking=wait):
-                yield False
-                return
+        while _WRITING.acquire(blocking=wait):
             try:
                 fd = self._open_lock_file()
                 try:
@@ -541,10 +538,10 @@ class SharedInvalidation(RegionInvalidationStrategy):
             finally:
                 _WRITING.release()
             if not wait:
-                yield False
-                return
+                break
             time.sleep(delay)  # another process is writing: a few ms at most
             delay = min(2 * delay, _RETRY_MAX)
+        yield False
 
     def _open_lock_file(self) -> int:
         path = os.path.join(self.directory, layout.INVALIDATION_LOCK_NAME)
@@ -571,8 +568,6 @@ class SharedInvalidation(RegionInvalidationStrategy):
         temp = os.path.join(self.directory, layout.INVALIDATION_TEMP_NAME)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)  # left by a writer that died (we hold the lock), or planted
-        if replacing is not None and not stat.S_ISREG(replacing.st_mode):
-            replacing = None
         # A replaced file's mode is kept, but never one that would lock us out of it.
         mode = stat.S_IMODE(replacing.st_mode) | 0o600 if replacing else self._new_file_mode()
         fd = os.open(temp, _CREATE_FLAGS, mode)
