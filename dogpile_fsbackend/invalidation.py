@@ -47,7 +47,8 @@ What a reader makes of what it finds (``README``, "Shared invalidation"):
 * a time in the future (another host's clock, a clock stepped back): the
   moment this process first saw it, written down the same way.
 
-What a process honours never moves back: it is merged with every file read.
+What a process honours never moves back (but for a time in the future, to now): it
+is merged with every file read, and no time in the future is ever written.
 """
 
 from __future__ import annotations
@@ -89,9 +90,18 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
 # What the file (or its directory) does to a reader, as opposed to the process's own
-# trouble (EMFILE, ENOMEM), which propagates.
+# trouble (EMFILE, ENOMEM), which propagates.  EWOULDBLOCK: another process holds a
+# write lease (fcntl F_SETLEASE) on the file, and O_NONBLOCK opens do not wait for it.
 _UNREADABLE_ERRNOS = frozenset(
-    {errno.EACCES, errno.EPERM, errno.ELOOP, errno.EIO, errno.ENXIO, errno.ENAMETOOLONG}
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ELOOP,
+        errno.EIO,
+        errno.ENXIO,
+        errno.ENAMETOOLONG,
+        errno.EWOULDBLOCK,
+    }
 )
 # dogpile's get_or_create asks is_hard_invalidated(ct), then is_soft_invalidated(ct):
 # the second answer comes from the first one's check if it follows within this time.
@@ -186,7 +196,7 @@ class _Found(NamedTuple):
     times: InvalidationTimes | None
     problem: str | None  # why it is not a valid record (None if valid, or nothing there)
     refusal: str | None  # why a writer must not replace it
-    info: os.stat_result | None  # of what is there
+    regular: os.stat_result | None  # of the regular file there (a rewrite keeps its mode)
     fd: int  # the regular file read, still open (it pins the inode number); -1 if none
 
 
@@ -212,7 +222,7 @@ def _read(path: str) -> _Found:
         # Never opened: a FIFO could block, a device could act on an open.
         kind = _file_kind(info.st_mode)
         refusal = f"is a {kind}" if stat.S_ISDIR(info.st_mode) else None
-        return _Found(identity, None, f"is a {kind}, not a regular file", refusal, info, -1)
+        return _Found(identity, None, f"is a {kind}, not a regular file", refusal, None, -1)
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
@@ -226,7 +236,7 @@ def _read(path: str) -> _Found:
         identity = (info.st_ino, info.st_dev, info.st_ctime_ns, info.st_size)
         if not stat.S_ISREG(info.st_mode):  # swapped between lstat and open
             problem = f"is a {_file_kind(info.st_mode)}, not a regular file"
-            return _Found(identity, None, problem, None, info, fd)
+            return _Found(identity, None, problem, None, None, fd)
         try:
             data = os.read(fd, RECORD_SIZE)  # never more, however big the file
         except OSError as exc:
@@ -443,10 +453,12 @@ class SharedInvalidation(RegionInvalidationStrategy):
                         "honoured as of now",
                         self.path,
                     )
-                times = times.merged(found.times.clamped(now))
+                times = times.merged(found.times)
             elif found.problem is not None:
                 log.warning("%s %s; honoured as a hard invalidation now", self.path, found.problem)
                 times = times.merged(InvalidationTimes(hard_ns=now))
+            # Also what this process honours: the clock may have been stepped back since.
+            times = times.clamped(now)
             self._seen = seen = _Seen.of(found.identity, times, found.fd)
             _close(previous.fd)
         gone = found.identity == _MISSING and times.latest_ns
@@ -495,10 +507,10 @@ class SharedInvalidation(RegionInvalidationStrategy):
                     f"{self.path} {found.refusal}; move it away or use another directory"
                 )
             now = time.time_ns()
-            current = found.times.clamped(now) if found.times else InvalidationTimes()
-            merged = current.merged(times.clamped(now)).merged(self._seen.times)
+            current = found.times or InvalidationTimes()
+            merged = current.merged(times).merged(self._seen.times).clamped(now)
             if found.times != merged:
-                self._write(merged, found.info)
+                self._write(merged, found.regular)
             return merged
 
     @contextlib.contextmanager
@@ -511,10 +523,7 @@ class SharedInvalidation(RegionInvalidationStrategy):
         fork waits for this process's own write, never for another process.
         """
         delay = _RETRY_FIRST
-        while True:
-            if not _WRITING.acquire(blocking=wait):
-                yield False
-                return
+        while _WRITING.acquire(blocking=wait):
             try:
                 fd = self._open_lock_file()
                 try:
@@ -530,10 +539,10 @@ class SharedInvalidation(RegionInvalidationStrategy):
             finally:
                 _WRITING.release()
             if not wait:
-                yield False
-                return
+                break
             time.sleep(delay)  # another process is writing: a few ms at most
             delay = min(2 * delay, _RETRY_MAX)
+        yield False
 
     def _open_lock_file(self) -> int:
         path = os.path.join(self.directory, layout.INVALIDATION_LOCK_NAME)
@@ -541,13 +550,18 @@ class SharedInvalidation(RegionInvalidationStrategy):
         mode = self._new_file_mode()
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+            created = True
         except FileExistsError:
             fd = os.open(path, flags)
-        else:
-            self._set_owner(fd, mode, None)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            created = False
+        try:
+            if created:
+                self._set_owner(fd, mode, None)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FSBackendError(f"{path} is not a regular file; move it away")
+        except BaseException:
             os.close(fd)
-            raise FSBackendError(f"{path} is not a regular file; move it away")
+            raise
         return fd
 
     def _write(self, times: InvalidationTimes, replacing: os.stat_result | None) -> None:
@@ -555,8 +569,6 @@ class SharedInvalidation(RegionInvalidationStrategy):
         temp = os.path.join(self.directory, layout.INVALIDATION_TEMP_NAME)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)  # left by a writer that died (we hold the lock), or planted
-        if replacing is not None and not stat.S_ISREG(replacing.st_mode):
-            replacing = None
         # A replaced file's mode is kept, but never one that would lock us out of it.
         mode = stat.S_IMODE(replacing.st_mode) | 0o600 if replacing else self._new_file_mode()
         fd = os.open(temp, _CREATE_FLAGS, mode)

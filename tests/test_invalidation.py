@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from dogpile.cache.api import NO_VALUE
 from dogpile.cache.exception import DogpileCacheException
 from dogpile.cache.region import DefaultInvalidationStrategy
 
-from dogpile_fsbackend import ConfigError, FSBackendError, SharedInvalidation, layout
+from dogpile_fsbackend import ConfigError, FSBackendError, SharedInvalidation, invalidation, layout
 from dogpile_fsbackend.invalidation import (
     FORMAT_VERSION,
     RECORD_SIZE,
@@ -378,10 +379,15 @@ def test_merge_keeps_the_later_time_of_each_kind(tmp_path):
     assert now <= future.hard_ns <= time.time_ns()
 
 
-def test_a_get_or_create_hit_checks_once(tmp_path):
+def test_a_get_or_create_hit_checks_once(tmp_path, monkeypatch):
     """dogpile asks is_hard_invalidated(ct), then is_soft_invalidated(ct): the second
     answer comes from the first one's check (the call is linearised there), once,
-    and only for the same timestamp."""
+    only for the same timestamp, and only right after it.
+
+    The window is widened to an hour, then closed, so that the fsync'd writes of
+    another instance in between never decide the outcome (they can take longer
+    than the real 10 ms on a busy disk)."""
+    monkeypatch.setattr(invalidation, "_PAIR_NS", 3600 * 10**9)
     invalidator, other = SharedInvalidation(tmp_path), SharedInvalidation(tmp_path)
     created = time.time()
     assert not invalidator.is_hard_invalidated(created)  # no invalidation yet
@@ -391,6 +397,10 @@ def test_a_get_or_create_hit_checks_once(tmp_path):
     other.invalidate(hard=True)
     assert invalidator.is_soft_invalidated(created)  # the pair: from the check before
     assert not invalidator.is_soft_invalidated(created)  # used up: the hard one is seen
+    monkeypatch.setattr(invalidation, "_PAIR_NS", 0)
+    assert invalidator.is_hard_invalidated(created)
+    other.invalidate(hard=False)
+    assert invalidator.is_soft_invalidated(created)  # too late for the pair: checked again
 
 
 def test_threads_see_every_invalidation_at_once(tmp_path):
@@ -797,7 +807,7 @@ def test_a_deleted_file_never_makes_a_reader_wait_for_the_lock(tmp_path):
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # another writer, stuck
         os.unlink(file_of(base_dir))
-        assert faultkit.run_bounded(region.get, "old") is NO_VALUE
+        assert region.get("old") is NO_VALUE  # at once: the open never waits for the holder
         assert not os.path.exists(file_of(base_dir))  # left for the writer
     finally:
         os.close(lock_fd)
@@ -821,6 +831,29 @@ def test_a_time_from_the_future_counts_as_now(tmp_path, caplog):
     assert (later.get("old"), later.get("new")) == (NO_VALUE, "new")
 
 
+def test_a_clock_stepped_back_leaves_no_time_in_the_future(tmp_path, monkeypatch):
+    """A process invalidated, then the clock was stepped back an hour (NTP, a VM
+    resumed).  Its next write must not put that time, now in the future, back into
+    the file (every other process would take it as a new invalidation "now"), and
+    once it has written, it too honours the time only as of now, as dogpile's
+    default strategy forgets the earlier call.  The step is simulated by the clock
+    this process reads during its first invalidate(): the machine's clock is shared."""
+    directory = tmp_path / "shared"
+    running = SharedInvalidation(directory)
+    real_time_ns = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() + 3600 * 10**9)
+    running.invalidate()  # hard, an hour "ahead" of the clock as it is after the step
+    monkeypatch.undo()
+    assert SharedInvalidation(directory).times().hard_ns <= time.time_ns()  # as of now
+    merged = running.merge(InvalidationTimes(soft_ns=time.time_ns()))
+    assert merged.latest_ns <= time.time_ns()
+    assert record_of(directory).latest_ns <= time.time_ns()
+    running.invalidate(hard=False)
+    assert record_of(directory).latest_ns <= time.time_ns()
+    assert running.times().latest_ns <= time.time_ns()  # it read what it wrote
+    assert not running.is_invalidated(time.time())  # so a value made now is valid
+
+
 def _unreadable_as_nobody(base_dir: str) -> dict:
     region = region_on(base_dir, SharedInvalidation(base_dir))
     region.invalidate(hard=False)
@@ -839,6 +872,55 @@ def test_an_unreadable_file_is_a_hard_invalidation_now():
     with faultkit.nobody_dir("unreadable") as top:
         outcome = faultkit.in_child_as_nobody(_unreadable_as_nobody, os.path.join(top, "cache"))
     assert outcome == {"old": "NO_VALUE", "new": "new", "mode": 0o600, "later": "new"}
+
+
+def _hold_a_write_lease(path: str, ready, done) -> None:
+    """Put a valid record at ``path`` that another process holds a write lease on.
+
+    An open of a leased file waits for the holder to give the lease up (45 s by
+    default), or with O_NONBLOCK fails at once with EWOULDBLOCK.  The holder ignores
+    the SIGIO that tells it to let go, as a stuck or hostile holder would.
+    """
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
+    planted = path + ".planted"
+    fd = os.open(planted, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, _valid_record(time.time_ns() - 10**9))
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError as exc:
+            ready.put(f"no lease here ({exc.strerror})")
+            return
+        os.replace(planted, path)
+        ready.put(None)
+        done.wait(WAIT)
+    finally:
+        os.close(fd)
+
+
+def test_a_leased_file_is_a_hard_invalidation_not_an_error(tmp_path, caplog):
+    """A file that another process holds a write lease on cannot be opened for now:
+    that is an unknown state (a hard invalidation now), never an exception from get()."""
+    base_dir = str(tmp_path / "cache")
+    region = region_on(base_dir, SharedInvalidation(base_dir))
+    region.invalidate(hard=False)
+    region.set("old", "old")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    ready, done = SPAWN.Queue(), SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_a_write_lease, args=(file_of(base_dir), ready, done))
+    holder.start()
+    try:
+        problem = ready.get(timeout=WAIT)
+        if problem:
+            pytest.skip(problem)
+        assert region.get("old") is NO_VALUE  # at once: the open never waits for the holder
+        assert region.get_or_create("old", lambda: "new") == "new"
+        assert region.get("old") == "new"
+    finally:
+        done.set()
+        holder.join(WAIT)
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert any(file_of(base_dir) in w and "cannot be opened" in w for w in warnings), warnings
 
 
 def _read_only_child(base_dir: str, region, old_ct: float, new_ct: float) -> dict:
@@ -875,6 +957,26 @@ def test_read_only_filesystem(tmp_path):
         "invalidate": "EROFS",
         "honoured anyway": "NO_VALUE",
     }
+
+
+def test_a_failed_write_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    """A filesystem that cannot hold the mode (vfat refuses such a chmod with EPERM):
+    each invalidate() raises the error, and leaks nothing while doing so."""
+
+    def refuse(fd, mode):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    invalidator = SharedInvalidation(tmp_path / "shared")
+    invalidator.times()
+    descriptors = faultkit.fd_count()
+    monkeypatch.setattr(os, "fchmod", refuse)
+    for _ in range(3):  # the first call creates the lock file, the others find it
+        with pytest.raises(PermissionError):
+            invalidator.invalidate()
+    monkeypatch.undo()
+    assert faultkit.fd_count() == descriptors
+    assert invalidator.was_hard_invalidated()  # honoured here all the same
+    assert os.listdir(tmp_path / "shared") == [layout.INVALIDATION_LOCK_NAME]
 
 
 # -- sharing base_dir with the cache ------------------------------------------------------
