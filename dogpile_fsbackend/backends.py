@@ -143,10 +143,19 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
     _accepted_arguments = SETTING_NAMES - {"file_movable"}
 
     def get_serialized(self, key: str) -> bytes | NoValueType:
+        found = self.get_serialized_stamped(key)
+        return found[0] if found is not NO_VALUE else NO_VALUE
+
+    def get_serialized_stamped(self, key: str) -> tuple[bytes, float] | NoValueType:
+        """Like :meth:`get_serialized`, plus when this cache stored the bytes.
+
+        A tier above this cache (``dogpile_fsbackend.tiered``) judges whether
+        it may still trust a local copy by that time.
+        """
         key_bytes = layout.encode_key(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
         self._count(found is not None)
-        return found.record.payload if found else NO_VALUE
+        return (found.record.payload, found.record.created) if found else NO_VALUE
 
     def get_serialized_multi(self, keys: Sequence[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]

@@ -5,7 +5,10 @@ Hierarchy::
     FSBackendError
         ConfigError (also ValueError)       bad argument value or foreign directory
         NotACacheError (also ValueError)    maintenance pointed at a non-cache directory
+        RemoteError                         the shared tier failed (remote_errors="raise")
+        MissingExtraError (also ImportError) an optional extra such as [redis] is not installed
     CacheSizeWarning (UserWarning)          a value larger than the whole cache
+    RemoteConfigWarning (UserWarning)       a shared-tier setting with a known pitfall
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ class ConfigError(FSBackendError, ValueError):
     def __reduce__(self):  # keep picklable across multiprocessing
         return (_rebuild_config_error, (self.args[0], self.argument))
 
+    def within(self, tier: str) -> ConfigError:
+        """The same error, named as an argument of ``tier`` (``local.base_dir``)."""
+        message = f"{self.args[0]} (in the arguments of the {tier!r} tier)"
+        return _rebuild_config_error(message, f"{tier}.{self.argument}")
+
 
 def _rebuild_config_error(message: str, argument: str) -> ConfigError:
     error = ConfigError.__new__(ConfigError)
@@ -35,6 +43,18 @@ def _rebuild_config_error(message: str, argument: str) -> ConfigError:
 
 class NotACacheError(FSBackendError, ValueError):
     """A directory given to maintenance is not a dogpile_fsbackend cache."""
+
+
+class RemoteError(FSBackendError):
+    """A call to the shared (remote) tier failed; the message names the remote."""
+
+
+class MissingExtraError(FSBackendError, ImportError):
+    """A feature needs an optional extra (``pip install dogpile_fsbackend[redis]``)."""
+
+
+class RemoteConfigWarning(UserWarning):
+    """A shared-tier setting falls into a known pitfall (the message says which and why)."""
 
 
 class CacheSizeWarning(UserWarning):
