@@ -8,8 +8,17 @@ Configure them by entry-point name; importing this package is not needed::
 """
 
 from .backends import PickleFSBackend, RawFSBackend
-from .exceptions import CacheSizeWarning, ConfigError, FSBackendError, NotACacheError
+from .exceptions import (
+    CacheSizeWarning,
+    ConfigError,
+    FSBackendError,
+    MissingExtraError,
+    NotACacheError,
+    RemoteConfigWarning,
+    RemoteError,
+)
 from .rawfiles import CachedFile, CachedFileReader
+from .tiered import TieredBackend, TieredProxy
 from .wsgi import CacheFileApp, mount
 
 __all__ = [
@@ -19,9 +28,14 @@ __all__ = [
     "CachedFileReader",
     "ConfigError",
     "FSBackendError",
+    "MissingExtraError",
     "NotACacheError",
     "PickleFSBackend",
     "RawFSBackend",
+    "RemoteConfigWarning",
+    "RemoteError",
+    "TieredBackend",
+    "TieredProxy",
     "mount",
 ]
 __version__ = "0.1.0"

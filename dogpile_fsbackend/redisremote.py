@@ -158,21 +158,21 @@ def pitfalls(backend: CacheBackend, lock_mode: str) -> list[str]:
 
 
 def _client_pitfalls(client: Any) -> list[str]:
-    """Settings of a client the user built (a connection_pool, or a wrapped instance)."""
-    try:
-        kwargs = client.connection_pool.connection_kwargs
-    except AttributeError:  # a cluster client keeps them per node
+    """Timeouts and retries of a client the user built (a pool, or a wrapped backend)."""
+    try:  # a connection as the pool would make it; nothing is connected
+        pool = client.connection_pool
+        connection = pool.connection_class(**pool.connection_kwargs)
+    except (AttributeError, TypeError):  # a cluster client, or a pool of another kind
         return []
     found = []
-    retry = kwargs.get("retry")
-    retries = retry.get_retries() if retry is not None else 0
+    retries = connection.retry.get_retries()
     if retries > 1:
         found.append(
             f"the Redis client retries a failed call {retries} times with waits (redis-py's "
-            "default): while Redis is down every probe takes that long; pass "
+            "default without a url): while Redis is down every probe takes that long; pass "
             "connection_kwargs={'retry': Retry(NoBackoff(), 1)}"
         )
-    if kwargs.get("socket_timeout") is None:
+    if connection.socket_timeout is None:
         found.append(
             "the Redis client has no socket_timeout: a Redis that hangs blocks every call; "
             "set socket_timeout (a tier uses 1 s unless told otherwise)"
