@@ -52,6 +52,15 @@ class Params:
     evict_limit: int = 4 * MiB
     evict_writes: int = 2_000
     evict_budget_s: float = 25.0  # per backend
+    # 6. several hosts (tiered, on a local redis-server)
+    tiered_sizes: tuple[int, ...] = (100, 100 * 1024)
+    tiered_rounds: int = 5
+    tiered_batch: int = 200
+    tiered_coherence_rounds: int = 200
+    tiered_hosts: int = 2
+    tiered_processes: int = 3
+    tiered_keys: int = 30
+    tiered_creator_ms: float = 20.0
 
     def growth_cap(self, backend: str) -> int | None:
         return dict(self.growth_caps).get(backend)
@@ -75,6 +84,10 @@ QUICK = Params(
     evict_limit=1 * MiB,
     evict_writes=300,
     evict_budget_s=4.0,
+    tiered_rounds=2,
+    tiered_batch=40,
+    tiered_coherence_rounds=20,
+    tiered_keys=6,
 )
 
 

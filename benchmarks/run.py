@@ -33,6 +33,7 @@ from typing import Any
 
 import bigfiles
 import report
+import tiered
 import workloads
 from common import FULL, QUICK, Params, WorkloadResult
 from peers import dbm_flavour
@@ -47,6 +48,7 @@ WORKLOADS: list[tuple[str, str, Callable[[Params, str], WorkloadResult]]] = [
     ("3", "dogpile", workloads.dogpile_processes),
     ("4", "raw", bigfiles.big_files),
     ("5", "eviction", workloads.eviction),
+    ("6", "tiered", tiered.tiered),
 ]
 
 
@@ -64,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         default=[],
-        help="workloads to run, by number or name (small, growth, dogpile, raw, eviction); "
+        help="workloads to run, by number or name (small, growth, dogpile, raw, eviction, "
+        "tiered); "
         "comma-separated or repeated",
     )
     parser.add_argument(

@@ -242,8 +242,17 @@ class _TieredOperations:
         if self.lock_mode == "local":
             return local
         return tier_mutex(
-            self.lock_mode, local, self.remote.get_mutex(key), self.guard, self._lock_expired
+            self.lock_mode,
+            local,
+            self.remote.get_mutex(key),
+            self.guard,
+            self._lock_expired,
+            lambda since: self._written_since(key, since),
         )
+
+    def _written_since(self, key: str, since: float) -> bool:
+        copy = self.local.get_serialized_stamped(key)
+        return copy is not NO_VALUE and copy[1] >= since
 
     def has_lock_timeout(self) -> bool:
         """True if the remote's lock can expire while held (then two creators may run)."""

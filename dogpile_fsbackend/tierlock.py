@@ -12,6 +12,8 @@ back to the local lock: each host stays a correct single-host cache.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from dogpile.cache.api import CacheMutex
 
@@ -28,28 +30,37 @@ def tier_mutex(
     remote: CacheMutex | None,
     guard: RemoteGuard,
     expired: tuple[type[BaseException], ...] = (),
+    written_since: Callable[[float], bool] | None = None,
 ) -> CacheMutex | None:
     """The mutex a tier's ``get_mutex`` returns for one key (None: dogpile's own lock).
 
     ``expired`` are the errors with which the remote's ``release`` says that its
     lock timed out while held (redis-py's ``LockNotOwnedError``).
+    ``written_since(t)`` says whether the local tier got a value for the key at
+    or after ``t`` (``time.time()``); see :class:`TierMutex`.
     """
     if mode == "local" or remote is None:
         return local  # a remote without a distributed lock has nothing to add
     if local is None and mode == "both":
         mode = "remote"
-    return TierMutex(mode, local, remote, guard, expired)
+    return TierMutex(mode, local, remote, guard, expired, written_since)
 
 
 class TierMutex(CacheMutex):
     """``local`` then ``remote`` (mode "both"), or ``remote`` alone (mode "remote").
+
+    With mode "both", a process that had to wait for this host's lock and finds
+    that the holder left a value in the local tier meanwhile takes the local
+    lock alone: dogpile only re-reads the value under it, so the processes of a
+    host queue in the kernel and never touch the remote lock after a creator of
+    their own host.
 
     dogpile shares one mutex object per key between threads, and only one
     holder exists at a time, so what the holder took is kept on the object.
     Any thread may release (dogpile's async creators do).
     """
 
-    __slots__ = ("_expired", "_guard", "_held", "_local", "_mode", "_remote")
+    __slots__ = ("_expired", "_guard", "_held", "_local", "_mode", "_remote", "_written_since")
 
     def __init__(
         self,
@@ -58,20 +69,28 @@ class TierMutex(CacheMutex):
         remote: CacheMutex,
         guard: RemoteGuard,
         expired: tuple[type[BaseException], ...] = (),
+        written_since: Callable[[float], bool] | None = None,
     ) -> None:
         self._mode = mode
         self._expired = expired
         self._local = local
         self._remote = remote
         self._guard = guard
+        self._written_since = written_since
         self._held: tuple[bool, bool] = (False, False)  # (local, remote) held by the holder
 
     def acquire(self, wait: bool = True) -> bool:
         local_held = False
         if self._mode == "both":
             assert self._local is not None
-            if not self._local.acquire(wait):
-                return False
+            if not self._local.acquire(False):
+                if not wait:
+                    return False
+                waited_from = time.time()
+                self._local.acquire()
+                if self._written_since is not None and self._written_since(waited_from):
+                    self._held = (True, False)  # a creator of this host just finished
+                    return True
             local_held = True
         try:
             got = self._guard.call(self._remote.acquire, wait)

@@ -270,3 +270,43 @@ def test_a_sigkilled_lock_holder_frees_the_key_on_every_host(redis_url, tmp_path
     finally:
         for host in (holder, same_host, other_host):
             host.close()
+
+
+def _queueing_worker(url, base_dir, barrier, results) -> None:
+    region = tieredkit.region(url, base_dir)
+
+    def creator():
+        time.sleep(0.3)  # the others are all waiting by now
+        return f"made by {os.getpid()}"
+
+    barrier.wait(WAIT)
+    results.put(region.get_or_create("k", creator))
+
+
+def test_processes_of_one_host_queue_on_the_kernel_lock_not_on_redis(redis_url, tmp_path):
+    """lock="both": one process per host takes the Redis lock; the others wait in the
+    kernel and, when the creator of their host is done, take its value without a
+    Redis lock command (counted by Redis itself)."""
+    processes = 4
+    client = tieredkit.redis_client(redis_url)
+    barrier, results = SPAWN.Barrier(processes + 1), SPAWN.Queue()
+    workers = [
+        SPAWN.Process(
+            target=_queueing_worker, args=(redis_url, str(tmp_path / "a"), barrier, results)
+        )
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        client.config_resetstat()
+        barrier.wait(WAIT)
+        values = {results.get(timeout=WAIT) for _ in workers}
+        stats = client.info("commandstats")
+    finally:
+        for worker in workers:
+            worker.join(WAIT)
+    assert len(values) == 1  # one creator
+    # One SET NX for the lock (its release is a script), one MSET for the value.
+    assert stats["cmdstat_set"]["calls"] == 1, stats
+    assert stats["cmdstat_mset"]["calls"] == 1, stats
