@@ -177,13 +177,18 @@ class _TieredOperations:
         return found
 
     def _copy_in(self, copies: Mapping[str, bytes], generation: int) -> None:
-        """Store remote hits locally, unless an invalidation raced the read."""
-        if not copies:
+        """Store remote hits locally, unless an invalidation raced the read.
+
+        Not while the listener is unsubscribed: such a copy would predate its
+        next subscription, and so never be trusted.
+        """
+        listener = self.listener
+        if not copies or (listener is not None and not listener.connected):
             return
         self.local.set_serialized_multi(copies)
-        if self.listener is not None:
+        if listener is not None:
             for key in copies:
-                if self.listener.changed_since(key, generation):
+                if listener.changed_since(key, generation):
                     self.local.delete(key)
 
     # -- writes ---------------------------------------------------------------------
