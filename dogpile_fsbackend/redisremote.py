@@ -165,7 +165,9 @@ def _client_pitfalls(client: Any) -> list[str]:
     except (AttributeError, TypeError):  # a cluster client, or a pool of another kind
         return []
     found = []
-    retries = connection.retry.get_retries()
+    retry = connection.retry
+    # redis-py 5.0 has no get_retries(); its Retry keeps the count as _retries.
+    retries = retry.get_retries() if hasattr(retry, "get_retries") else retry._retries
     if retries > 1:
         found.append(
             f"the Redis client retries a failed call {retries} times with waits (redis-py's "

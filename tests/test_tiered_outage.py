@@ -163,13 +163,13 @@ def test_a_password_in_the_url_is_never_shown():
     assert name == "dogpile.cache.redis at redis://app:***@cache.example:6380/2"
 
 
-def _timed_get(url, base_dir, remote_errors, results) -> None:
+def _timed_get(url, base_dir, remote_errors, go, results) -> None:
     region = tieredkit.region(
         url, base_dir, remote_errors=remote_errors, invalidation=None, local_expiration_time=60
     )
     region.get("warm")
     results.put("ready")
-    assert results.get(timeout=WAIT) == "go"  # the server is paused now
+    assert go.wait(WAIT)  # the server is paused now
     timings = []
     for _ in range(3):
         started = time.monotonic()
@@ -183,15 +183,16 @@ def _timed_get(url, base_dir, remote_errors, results) -> None:
 
 @pytest.mark.parametrize("remote_errors", ["degrade", "raise"])
 def test_a_hung_redis_costs_a_bounded_time(private_redis, tmp_path, remote_errors):
-    results = SPAWN.Queue()
+    go, results = SPAWN.Event(), SPAWN.Queue()
     worker = SPAWN.Process(
-        target=_timed_get, args=(private_redis.url, str(tmp_path / "a"), remote_errors, results)
+        target=_timed_get,
+        args=(private_redis.url, str(tmp_path / "a"), remote_errors, go, results),
     )
     worker.start()
     try:
         assert results.get(timeout=WAIT) == "ready"
         with private_redis.paused():  # accepts nothing, answers nothing
-            results.put("go")
+            go.set()
             (first, first_took), *rest = results.get(timeout=2 * WAIT)
     finally:
         worker.join(WAIT)
