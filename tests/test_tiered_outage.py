@@ -30,6 +30,19 @@ def tier(server, tmp_path, name="a", **top):
     return tieredkit.region(server.url, str(tmp_path / name), **top)
 
 
+def degrading_tier(server, tmp_path, backoff):
+    """A degrading tier with a fixed back-off and no listener: only value calls reach Redis."""
+    return tier(
+        server,
+        tmp_path,
+        remote_errors="degrade",
+        invalidation=None,
+        local_expiration_time=60,
+        remote_backoff=backoff,
+        remote_backoff_max=backoff,
+    )
+
+
 def test_degrade_serves_and_writes_locally_while_redis_is_down(private_redis, tmp_path, caplog):
     region = tier(private_redis, tmp_path, remote_errors="degrade", **tieredkit.FAST_BACKOFF)
     region.set("cached", "before")
@@ -65,15 +78,7 @@ def test_degrade_falls_back_to_the_local_lock(private_redis, tmp_path):
 
 def test_degraded_calls_leave_a_dead_redis_alone_during_the_backoff(private_redis, tmp_path):
     backoff = 30.0  # longer than the test: every call below falls in the first window
-    region = tier(
-        private_redis,
-        tmp_path,
-        remote_errors="degrade",
-        invalidation=None,
-        local_expiration_time=60,
-        remote_backoff=backoff,
-        remote_backoff_max=backoff,
-    )
+    region = degrading_tier(private_redis, tmp_path, backoff)
     region.set("cached", "v")
     guard = region.backend.guard
     private_redis.kill()
@@ -96,15 +101,7 @@ def test_degraded_calls_leave_a_dead_redis_alone_during_the_backoff(private_redi
 
 def test_probes_come_once_per_backoff_period(private_redis, tmp_path):
     backoff = 0.2
-    region = tier(
-        private_redis,
-        tmp_path,
-        remote_errors="degrade",
-        invalidation=None,
-        local_expiration_time=60,
-        remote_backoff=backoff,
-        remote_backoff_max=backoff,
-    )
+    region = degrading_tier(private_redis, tmp_path, backoff)
     region.get("warm")
     guard = region.backend.guard
     private_redis.kill()
