@@ -45,16 +45,16 @@ def _positive_seconds(name: str, value: Any) -> float:
     return seconds
 
 
-REMOTE_PARSERS: dict[str, Parser] = {
-    "lock": parse_choice(LOCK_MODES),
+parse_lock_mode = parse_choice(LOCK_MODES)
+
+OUTAGE_PARSERS: dict[str, Parser] = {
     "remote_errors": parse_choice(REMOTE_ERRORS),
     "remote_backoff": _positive_seconds,
     "remote_backoff_max": _positive_seconds,
 }
-"""Arguments of every tier over a remote (the lock and the outage handling)."""
+"""How any tier over a remote lives through its outages (see remote.RemoteGuard)."""
 
-REMOTE_DEFAULTS: dict[str, Any] = {
-    "lock": "both",
+OUTAGE_DEFAULTS: dict[str, Any] = {
     "remote_errors": "raise",
     "remote_backoff": 1.0,
     "remote_backoff_max": 30.0,

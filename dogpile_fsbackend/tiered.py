@@ -29,10 +29,11 @@ from .exceptions import ConfigError, RemoteConfigWarning
 from .invalidation import Listener, default_channel, encode, value_digest
 from .remote import OUTAGE, RemoteGuard, describe, load_backend
 from .tierconfig import (
-    REMOTE_DEFAULTS,
-    REMOTE_PARSERS,
+    OUTAGE_DEFAULTS,
+    OUTAGE_PARSERS,
     as_config,
     parse_choice,
+    parse_lock_mode,
     parse_top_level,
     sub_config,
     tier_arguments,
@@ -59,14 +60,16 @@ def _remote_backend_name(name: str, value: Any) -> str:
 
 
 PARSERS = {
-    **REMOTE_PARSERS,
+    **OUTAGE_PARSERS,
+    "lock": parse_lock_mode,
     "remote_backend": _remote_backend_name,
     "local_expiration_time": parse_seconds,
     "invalidation": parse_choice(("pubsub", None)),
     "channel": _optional_text,
 }
 DEFAULTS = {
-    **REMOTE_DEFAULTS,
+    **OUTAGE_DEFAULTS,
+    "lock": "both",
     "local_expiration_time": None,
     "invalidation": _UNSET,
     "channel": None,
