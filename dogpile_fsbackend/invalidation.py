@@ -18,7 +18,9 @@ that may hold gigabytes.  A dead connection is noticed by pings: within
 read it just before another host's write.  The listener counts what it hears
 (:attr:`Listener.generation`); the reader notes the count before its remote
 read and, after its local write, drops the copy if :meth:`Listener.changed_since`
-says the key was invalidated (or the channel dropped) meanwhile.
+says the key was invalidated (or the channel dropped) meanwhile.  A writer
+counts its own write at once, after the remote write, so the listener skips the
+messages of its own process.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 import types
@@ -47,6 +50,8 @@ RECENT_KEYS = 65536  # invalidated keys remembered for racing readers; then a fl
 class Subscriber(Protocol):
     """What a listener hands messages to (a tiered backend)."""
 
+    origin: str  # its local tier, as messages name it
+
     def invalidated(self, origin: str, entries: Sequence[tuple[str, str | None]]) -> None: ...
 
 
@@ -54,20 +59,29 @@ def value_digest(value: bytes) -> str:
     return hashlib.blake2b(value, digest_size=16).hexdigest()
 
 
+_process_token = secrets.token_hex(8)  # tells this process's own messages apart
+
+
+def _new_process_token() -> None:
+    global _process_token
+    _process_token = secrets.token_hex(8)
+
+
 def encode(origin: str, entries: Mapping[str, bytes | None]) -> bytes:
-    """A message: who wrote (``origin``), and each key with its new value's digest
-    (``None`` for a delete)."""
+    """A message: who wrote (``origin``: the host's local tier; and the process), and
+    each key with its new value's digest (``None`` for a delete)."""
     items = [
         [key, None if value is None else value_digest(value)] for key, value in entries.items()
     ]
-    return json.dumps({"o": origin, "k": items}, separators=(",", ":")).encode()
+    message = {"o": origin, "p": _process_token, "k": items}
+    return json.dumps(message, separators=(",", ":")).encode()
 
 
-def decode(data: Any) -> tuple[str, list[tuple[str, str | None]]] | None:
-    """``(origin, [(key, digest or None), ...])``, or None for anything else on the channel."""
+def decode(data: Any) -> tuple[str, str, list[tuple[str, str | None]]] | None:
+    """``(origin, process, [(key, digest or None), ...])``, or None for anything else."""
     try:
         message = json.loads(data)
-        origin, items = message["o"], message["k"]
+        origin, process, items = message["o"], message["p"], message["k"]
         entries = [(key, digest) for key, digest in items]
     except (ValueError, TypeError, KeyError):
         return None
@@ -76,7 +90,7 @@ def decode(data: Any) -> tuple[str, list[tuple[str, str | None]]] | None:
         for key, digest in entries
     ):
         return None
-    return origin, entries
+    return origin, process, entries
 
 
 class Listener:
@@ -237,9 +251,15 @@ class Listener:
                 return
             self._dispatch(*decoded)
 
-    def _dispatch(self, origin: str, entries: Sequence[tuple[str, str | None]]) -> None:
-        self._remember(key for key, _ in entries)  # before dropping: see changed_since
+    def _dispatch(
+        self, origin: str, process: str, entries: Sequence[tuple[str, str | None]]
+    ) -> None:
+        own = process == _process_token  # a write of this process, remembered as it was made
+        if not own:
+            self.remember(key for key, _ in entries)  # before dropping: see changed_since
         for subscriber in list(self._subscribers):
+            if own and subscriber.origin == origin:
+                continue  # the writer's own tier writes its copy itself
             try:
                 subscriber.invalidated(origin, entries)
             except Exception:
@@ -248,7 +268,12 @@ class Listener:
                 with self._lock:
                     self.trusted_since = max(self.trusted_since, time.time())
 
-    def _remember(self, keys: Iterable[str]) -> None:
+    def remember(self, keys: Iterable[str]) -> None:
+        """Count an invalidation of ``keys``: racing readers will drop their copies.
+
+        A writer of this process calls it after its remote write, so that the
+        readers of its own process need not wait for the message to come back.
+        """
         with self._lock:
             self.generation += 1
             if len(self._recent) > RECENT_KEYS:
@@ -266,6 +291,7 @@ class Listener:
 
 
 os.register_at_fork(after_in_child=Listener._reset_all_after_fork)
+os.register_at_fork(after_in_child=_new_process_token)
 
 
 def _address(client: Any) -> tuple[Any, ...]:

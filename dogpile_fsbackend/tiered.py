@@ -224,15 +224,18 @@ class _TieredOperations:
             self.local.delete_multi(keys)  # dropping a copy is never wrong
 
     def _announce(self, entries: Mapping[str, bytes | None]) -> None:
-        if self._publish is not None:
-            self.guard.call(self._publish, self.channel, encode(self.origin, entries))
+        """Tell the other processes (after the remote write, before the local one)."""
+        if self.listener is None or self._publish is None:
+            return
+        self.listener.remember(entries)  # this process's racing readers: at once
+        self.guard.call(self._publish, self.channel, encode(self.origin, entries))
 
     def invalidated(self, origin: str, entries: Sequence[tuple[str, str | None]]) -> None:
         """The listener heard of a write or delete: drop the copies it outdated.
 
-        Another host's message drops the copy outright.  This host's own (another
-        process wrote) drops it only if it is not the bytes announced, so the
-        writer's fresh copy stays while a racing reader's older one goes.
+        Another host's message drops the copy outright.  A message from another
+        process of this host drops it only if it is not the bytes announced, so
+        the writer's fresh copy stays while a racing reader's older one goes.
         """
         self.invalidations += 1
         for key, digest in entries:

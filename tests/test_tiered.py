@@ -485,17 +485,27 @@ def test_a_racing_reader_drops_the_copy_an_invalidation_outdated(host):
     assert b.get("k") == "v2"
 
 
-def test_this_hosts_own_messages_keep_the_writers_copy(host, tmp_path):
-    writer, other_process = host("a"), host("a")  # one host: the same local tier
-    heard = other_process.backend.invalidations
-    writer.set("k", "fresh")
-    tieredkit.wait_until(
-        lambda: other_process.backend.invalidations > heard, "the message arrived"
-    )
-    assert writer.backend.local.get_serialized("k") is not NO_VALUE  # still there
-    assert writer.backend.local_hits == 0
-    assert other_process.get("k") == "fresh"
-    assert other_process.backend.local_hits == 1
+def test_a_writer_does_not_handle_its_own_message(host):
+    writer, other_host = host("a"), host("b")  # one process, one listener
+    writer.set("k", "v")
+    tieredkit.wait_until(lambda: other_host.backend.invalidations == 1, "b heard of the write")
+    # The same message went past the writer's tier: it counted its write as it made it.
+    assert writer.backend.invalidations == 0
+    assert writer.backend.local.get_serialized("k") is not NO_VALUE
+
+
+def test_another_process_of_this_host_keeps_the_writers_copy(host, redis_url, tmp_path):
+    writer = tieredkit.Host(redis_url, str(tmp_path / "a"))  # the same local tier
+    try:
+        reader = host("a")
+        heard = reader.backend.invalidations
+        writer("set", "k", "fresh")
+        tieredkit.wait_until(lambda: reader.backend.invalidations > heard, "the message arrived")
+        assert reader.backend.local.get_serialized("k") is not NO_VALUE  # not dropped
+        assert reader.get("k") == "fresh"
+        assert reader.backend.local_hits == 1 and reader.backend.remote_hits == 0
+    finally:
+        writer.close()
 
 
 def test_this_hosts_own_message_drops_an_older_copy(host):
