@@ -204,3 +204,11 @@ def redis_client(url: str) -> Any:
     import redis
 
     return redis.Redis.from_url(url, socket_timeout=5)
+
+
+def blocked_lockf_waiters(path: str) -> int:
+    """Processes blocked in the kernel waiting for a record lock on ``path`` (/proc/locks)."""
+    info = os.stat(path)
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    with open("/proc/locks") as locks:
+        return sum(1 for line in locks if "->" in line and f" {device} " in line)
