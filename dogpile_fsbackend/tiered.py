@@ -22,7 +22,7 @@ from typing import Any, NoReturn, cast
 from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CacheMutex, NoValueType
 from dogpile.cache.proxy import ProxyBackend
 
-from . import redisremote
+from . import layout, records, redisremote
 from .backends import PickleFSBackend
 from .config import parse_seconds
 from .exceptions import ConfigError, RemoteConfigWarning
@@ -186,13 +186,23 @@ class _TieredOperations:
         next subscription, and so never be trusted.
         """
         listener = self.listener
-        if not copies or (listener is not None and not listener.connected):
+        if listener is not None and not listener.connected:
+            return
+        copies = {key: value for key, value in copies.items() if self._fits_locally(key, value)}
+        if not copies:
             return
         self.local.set_serialized_multi(copies)
         if listener is not None:
             for key in copies:
                 if listener.changed_since(key, generation):
                     self.local.delete(key)
+
+    def _fits_locally(self, key: str, value: bytes) -> bool:
+        """False for a value the local tier would refuse (with a CacheSizeWarning on
+        every read); a set still warns."""
+        settings = self.local.settings
+        size = records.HEADER_SIZE + len(layout.encode_key(key)) + len(value)
+        return size <= settings.cache_size * settings.eviction_low_water
 
     # -- writes ---------------------------------------------------------------------
 

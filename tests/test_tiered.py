@@ -113,6 +113,20 @@ def redis_raw(url: str, key: str) -> bytes | None:
     return redis.Redis.from_url(url).get(key)
 
 
+def test_a_value_too_big_for_a_local_tier_is_served_from_redis(host, redis_url, tmp_path):
+    a = host("a")
+    small = tieredkit.arguments(redis_url, str(tmp_path / "b"))
+    small["local"]["cache_size"] = 64 * 1024
+    b = make_region().configure("dogpile_fsbackend.tiered", arguments=small)
+    assert b.backend.listener.wait_connected(WAIT)
+    big = "x" * 200_000
+    a.set("big", big)
+    for _ in range(2):  # no CacheSizeWarning on a read (warnings are errors here)
+        assert b.get("big") == big
+    assert b.backend.remote_hits == 2
+    assert b.backend.local.get_serialized("big") is NO_VALUE
+
+
 def test_get_multi_mixes_local_hits_remote_hits_and_misses(host):
     a, b = host("a"), host("b")
     a.set_multi({"one": 1, "two": 2})
