@@ -56,6 +56,15 @@ class Params:
     invalidation_rounds: int = 6
     invalidation_batch: int = 500
     invalidation_traced_hits: tuple[int, int] = (1_000, 5_000)  # strace runs: N, then M hits
+    # 7. several hosts (tiered, on a local redis-server)
+    tiered_sizes: tuple[int, ...] = (100, 100 * 1024)
+    tiered_rounds: int = 5
+    tiered_batch: int = 200
+    tiered_coherence_rounds: int = 200
+    tiered_hosts: int = 2
+    tiered_processes: int = 3
+    tiered_keys: int = 30
+    tiered_creator_ms: float = 20.0
 
     def growth_cap(self, backend: str) -> int | None:
         return dict(self.growth_caps).get(backend)
@@ -82,6 +91,10 @@ QUICK = Params(
     invalidation_rounds=2,
     invalidation_batch=100,
     invalidation_traced_hits=(200, 1_000),
+    tiered_rounds=2,
+    tiered_batch=40,
+    tiered_coherence_rounds=20,
+    tiered_keys=6,
 )
 
 

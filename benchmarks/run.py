@@ -34,6 +34,7 @@ from typing import Any
 import bigfiles
 import report
 import shared_invalidation
+import tiered
 import workloads
 from common import FULL, QUICK, Params, WorkloadResult
 from peers import dbm_flavour
@@ -49,6 +50,7 @@ WORKLOADS: list[tuple[str, str, Callable[[Params, str], WorkloadResult]]] = [
     ("4", "raw", bigfiles.big_files),
     ("5", "eviction", workloads.eviction),
     ("6", "invalidation", shared_invalidation.shared_invalidation),
+    ("7", "tiered", tiered.tiered),
 ]
 
 
@@ -67,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         help="workloads to run, by number or name (small, growth, dogpile, raw, eviction, "
-        "invalidation); "
+        "invalidation, tiered); "
         "comma-separated or repeated",
     )
     parser.add_argument(

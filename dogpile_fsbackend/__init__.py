@@ -15,11 +15,15 @@ from .exceptions import (
     CacheSizeWarning,
     ConfigError,
     FSBackendError,
+    MissingExtraError,
     NotACacheError,
+    RemoteConfigWarning,
+    RemoteError,
 )
 from .invalidation import SharedInvalidation
 from .maintenance import PruneResult, ScanReport
 from .rawfiles import CachedFile, CachedFileReader
+from .tiered import TieredBackend, TieredProxy
 from .wsgi import CacheFileApp, mount
 
 # The public API, all of it; the modules behind it are internal.
@@ -31,11 +35,16 @@ __all__ = [
     "CachedFileReader",
     "ConfigError",
     "FSBackendError",
+    "MissingExtraError",
     "NotACacheError",
     "PickleFSBackend",
     "PruneResult",
     "RawFSBackend",
+    "RemoteConfigWarning",
+    "RemoteError",
     "ScanReport",
     "SharedInvalidation",
+    "TieredBackend",
+    "TieredProxy",
     "mount",
 ]

@@ -226,10 +226,19 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
     deserializer = staticmethod(_unpickle)
 
     def get_serialized(self, key: str) -> bytes | NoValueType:
+        found = self.get_serialized_stamped(key)
+        return found[0] if found is not NO_VALUE else NO_VALUE
+
+    def get_serialized_stamped(self, key: str) -> tuple[bytes, float] | NoValueType:
+        """Like :meth:`get_serialized`, plus when this cache stored the bytes.
+
+        A tier above this cache (``dogpile_fsbackend.tiered``) judges whether
+        it may still trust a local copy by that time.
+        """
         key_bytes = _key_bytes(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
         self._count(key, found is not None)
-        return found.record.payload if found else NO_VALUE
+        return (found.record.payload, found.record.created) if found else NO_VALUE
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]

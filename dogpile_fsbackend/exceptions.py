@@ -7,7 +7,10 @@ Hierarchy::
         NotACacheError (also ValueError)    maintenance pointed at a non-cache directory
         BookkeepingError (also OSError)     a bookkeeping file (marker, lock, accounting)
                                             is of the wrong type, damaged or unreadable
+        RemoteError                         the shared tier failed (remote_errors="raise")
+        MissingExtraError (also ImportError) an optional extra such as [redis] is not installed
     CacheSizeWarning (UserWarning)          a value larger than the whole cache
+    RemoteConfigWarning (UserWarning)       a shared-tier setting with a known pitfall
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ class ConfigError(FSBackendError, ValueError):
         # keep picklable across multiprocessing
         return (_rebuild_config_error, (self.args[0], self.argument))
 
+    def within(self, tier: str) -> ConfigError:
+        """The same error, named as an argument of ``tier`` (``local.base_dir``)."""
+        message = f"{self.args[0]} (in the arguments of the {tier!r} tier)"
+        return _rebuild_config_error(message, f"{tier}.{self.argument}")
+
 
 def _rebuild_config_error(message: str, argument: str) -> ConfigError:
     error = ConfigError.__new__(ConfigError)
@@ -47,6 +55,18 @@ class BookkeepingError(FSBackendError, OSError):
 
     ``text`` says what is wrong with the file and what to do about it.
     """
+
+
+class RemoteError(FSBackendError):
+    """A call to the shared (remote) tier failed; the message names the remote."""
+
+
+class MissingExtraError(FSBackendError, ImportError):
+    """A feature needs an optional extra (``pip install dogpile_fsbackend[redis]``)."""
+
+
+class RemoteConfigWarning(UserWarning):
+    """A shared-tier setting falls into a known pitfall (the message says which and why)."""
 
 
 class CacheSizeWarning(UserWarning):

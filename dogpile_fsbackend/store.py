@@ -24,8 +24,6 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
-import portalocker
-
 from . import files, marker, records
 from . import layout as paths
 from .accounting import AccountingFile
@@ -58,6 +56,10 @@ def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
     It lives in its own file: opening and closing the byte-range lock file
     would drop this process's ``lockf`` locks.
     """
+    # Imported here: portalocker imports redis (for its RedisLock) whenever redis is
+    # installed, and most processes never set a cache up or run maintenance.
+    import portalocker
+
     path = os.path.join(base_dir, paths.MAINTENANCE_LOCK_NAME)
     fd = open_shared(path, mode)
     with os.fdopen(fd, "r+b") as handle:

@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 from dogpile.cache import make_region
+from servers import RedisServer, redis_server_binary
 
 # Spawned children inherit no locks or threads from the test runner.
 SPAWN = multiprocessing.get_context("spawn")
@@ -60,3 +61,38 @@ def pytest_addoption(parser):
 def soak_ops(request):
     """The --soak-ops value, or None for the short CI default."""
     return request.config.getoption("--soak-ops")
+
+
+def _redis_binary() -> str:
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip(
+            "redis-server is not installed (Debian: apt-get install redis-server); "
+            "the tiered backend's tests need a real Redis"
+        )
+    return binary
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A private redis-server shared by the tests that do not stop it (flushed per test)."""
+    server = RedisServer(_redis_binary(), str(tmp_path_factory.mktemp("redis"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The shared server's URL, emptied before the test."""
+    if not redis_server.process or redis_server.process.poll() is not None:
+        redis_server.start()  # a test killed it after all
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of the test's own, to kill, pause and restart."""
+    server = RedisServer(_redis_binary(), str(tmp_path / "redis")).start()
+    yield server
+    server.stop()

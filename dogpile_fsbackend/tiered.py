@@ -1,0 +1,501 @@
+"""Several hosts: this host's disk cache in front of a shared remote backend (Redis).
+
+Reads go to the local tier first; a local miss reads the remote, and a remote
+hit is copied into the local tier.  Writes and deletes go to the remote first,
+then to the local tier.  Both tiers hold the very bytes dogpile serialized, so
+dogpile's creation time, and with it the region's expiration, mean the same
+on every host.  Locks: see tierlock.py; coherence: pubsub.py; outages:
+remote.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import socket
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn, cast
+
+from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CacheMutex, NoValueType
+from dogpile.cache.proxy import ProxyBackend
+
+from . import layout, records, redisremote
+from .backends import PickleFSBackend
+from .config import parse_seconds
+from .exceptions import ConfigError, RemoteConfigWarning
+from .pubsub import Listener, default_channel, encode, value_digest
+from .remote import OUTAGE, RemoteGuard, describe, load_backend
+from .tierconfig import (
+    OUTAGE_DEFAULTS,
+    OUTAGE_PARSERS,
+    as_config,
+    parse_choice,
+    parse_lock_mode,
+    parse_top_level,
+    sub_config,
+    tier_arguments,
+    top_level_of_config,
+)
+from .tierlock import tier_mutex
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TieredBackend", "TieredProxy"]
+
+_UNSET = object()  # "invalidation" not given: pub/sub if the remote is Redis
+
+
+def _optional_text(name: str, value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise ConfigError(name, "a non-empty string or None", value)
+
+
+def _remote_backend_name(name: str, value: Any) -> str:
+    load_backend(value, name)  # checks that it names an installed backend
+    return str(value)
+
+
+PARSERS = {
+    **OUTAGE_PARSERS,
+    "lock": parse_lock_mode,
+    "remote_backend": _remote_backend_name,
+    "local_expiration_time": parse_seconds,
+    "invalidation": parse_choice(("pubsub", None)),
+    "channel": _optional_text,
+}
+DEFAULTS = {
+    **OUTAGE_DEFAULTS,
+    "lock": "both",
+    "local_expiration_time": None,
+    "invalidation": _UNSET,
+    "channel": None,
+}
+TIERS = ("local", "remote")
+
+
+class _TieredOperations:
+    """The two-tier logic, shared by :class:`TieredBackend` and :class:`TieredProxy`."""
+
+    local: PickleFSBackend
+    remote: CacheBackend
+    guard: RemoteGuard
+    lock_mode: str
+    listener: Listener | None
+    channel: str
+    origin: str
+
+    def _setup(
+        self, settings: Mapping[str, Any], local: PickleFSBackend, remote: CacheBackend, name: str
+    ) -> None:
+        self.local = local
+        self.remote = remote
+        self.lock_mode = settings["lock"]
+        self.guard = RemoteGuard(
+            name,
+            redisremote.error_types(remote),
+            settings["remote_errors"],
+            settings["remote_backoff"],
+            settings["remote_backoff_max"],
+        )
+        self._lock_expired = redisremote.lock_expired_errors(remote)
+        self.origin = _origin(local)
+        self.local_hits = self.remote_hits = self.misses = self.invalidations = 0
+        invalidation = settings["invalidation"]
+        if invalidation is _UNSET:
+            invalidation = "pubsub" if redisremote.supports_pubsub(remote) else None
+        elif invalidation == "pubsub" and not redisremote.supports_pubsub(remote):
+            raise ConfigError(
+                "invalidation",
+                "None unless the remote is dogpile.cache.redis or redis_sentinel "
+                "(pub/sub needs a Redis server)",
+                invalidation,
+            )
+        self.invalidation = invalidation
+        self.listener = None
+        self._publish: Callable[[str, bytes], Any] | None = None
+        if invalidation == "pubsub":
+            client = redisremote.client_of(remote)
+            self.channel = settings["channel"] or default_channel(client)
+            self._publish = client.publish  # type: ignore[union-attr]
+            self.listener = Listener.for_client(client, self.channel)
+            self.listener.register(self)
+        self._warn_pitfalls(redisremote.pitfalls(remote, self.lock_mode), settings)
+
+    def _warn_pitfalls(self, found: list[str], settings: Mapping[str, Any]) -> None:
+        unbounded = settings["local_expiration_time"] is None
+        if self.invalidation is None and unbounded and self.local.settings.expiration_time is None:
+            found.append(
+                "invalidation=None and no local_expiration_time: a host keeps serving "
+                "its local copy after another host changed or deleted the value, "
+                "until it is evicted; set local_expiration_time"
+            )
+        for message in found:
+            log.warning("dogpile_fsbackend.tiered (%s): %s", self.guard.name, message)
+            warnings.warn(message, RemoteConfigWarning, stacklevel=5)
+
+    # -- reads ----------------------------------------------------------------------
+
+    def get_serialized(self, key: str) -> bytes | NoValueType:
+        return self.get_serialized_multi([key])[0]
+
+    def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
+        keys = list(keys)
+        listener = self.listener
+        if listener is not None:
+            listener.ensure_running()
+        found: list[bytes | NoValueType] = []
+        untrusted: dict[int, bytes | NoValueType] = {}  # position -> local copy or NO_VALUE
+        for position, key in enumerate(keys):
+            local = self.local.get_serialized_stamped(key)
+            if local is not NO_VALUE and (listener is None or listener.trusts(local[1])):
+                found.append(local[0])
+                self.local_hits += 1
+                continue
+            found.append(NO_VALUE)
+            untrusted[position] = NO_VALUE if local is NO_VALUE else local[0]
+        if not untrusted:
+            return found
+        wanted = [keys[position] for position in untrusted]
+        generation = listener.generation if listener is not None else 0
+        remote = self.guard.call(self.remote.get_serialized_multi, wanted)
+        if remote is OUTAGE:  # degrade: this host's copies, trusted or not
+            for position, copy in untrusted.items():
+                found[position] = copy
+            return found
+        copies = {}
+        for (position, copy), value in zip(untrusted.items(), remote, strict=True):
+            key = keys[position]
+            if value is NO_VALUE:
+                self.misses += 1
+                if copy is not NO_VALUE:
+                    self.local.delete(key)  # changed or deleted while we could not hear of it
+                continue
+            self.remote_hits += 1
+            found[position] = copies[key] = value
+        self._copy_in(copies, generation)
+        return found
+
+    def _copy_in(self, copies: Mapping[str, bytes], generation: int) -> None:
+        """Store remote hits locally, unless an invalidation raced the read.
+
+        Not while the listener is unsubscribed: such a copy would predate its
+        next subscription, and so never be trusted.
+        """
+        listener = self.listener
+        if listener is not None and not listener.connected:
+            return
+        copies = {key: value for key, value in copies.items() if self._fits_locally(key, value)}
+        if not copies:
+            return
+        self.local.set_serialized_multi(copies)
+        if listener is not None:
+            for key in copies:
+                if listener.changed_since(key, generation):
+                    self.local.delete(key)
+
+    def _fits_locally(self, key: str, value: bytes) -> bool:
+        """False for a value the local tier would refuse (with a CacheSizeWarning on
+        every read); a set still warns."""
+        settings = self.local.settings
+        size = records.HEADER_SIZE + len(layout.encode_key(key)) + len(value)
+        return size <= settings.cache_size * settings.eviction_low_water
+
+    # -- writes ---------------------------------------------------------------------
+
+    def set_serialized(self, key: str, value: bytes) -> None:
+        self.set_serialized_multi({key: value})
+
+    def set_serialized_multi(self, mapping: Mapping[str, bytes]) -> None:
+        if not mapping:
+            return
+        written = self.guard.call(self.remote.set_serialized_multi, mapping)
+        try:
+            if written is not OUTAGE:
+                self._announce(mapping)
+        finally:
+            self.local.set_serialized_multi(mapping)
+
+    def delete(self, key: str) -> None:
+        self.delete_multi([key])
+
+    def delete_multi(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if not keys:
+            return
+        try:
+            deleted = self.guard.call(self.remote.delete_multi, keys)
+            if deleted is not OUTAGE:
+                self._announce(dict.fromkeys(keys))
+        finally:
+            self.local.delete_multi(keys)  # dropping a copy is never wrong
+
+    def _announce(self, entries: Mapping[str, bytes | None]) -> None:
+        """Tell the other processes (after the remote write, before the local one)."""
+        if self.listener is None or self._publish is None:
+            return
+        self.listener.remember(entries)  # this process's racing readers: at once
+        self.guard.call(self._publish, self.channel, encode(self.origin, entries))
+
+    def invalidated(self, origin: str, entries: Sequence[tuple[str, str | None]]) -> None:
+        """The listener heard of a write or delete: drop the copies it outdated.
+
+        Another host's message drops the copy outright.  A message from another
+        process of this host drops it only if it is not the bytes announced, so
+        the writer's fresh copy stays while a racing reader's older one goes.
+        """
+        self.invalidations += 1
+        for key, digest in entries:
+            if origin != self.origin or digest is None:
+                self.local.delete(key)
+                continue
+            copy = self.local.get_serialized_stamped(key)
+            if copy is not NO_VALUE and value_digest(copy[0]) != digest:
+                self.local.delete(key)
+
+    # -- locks ----------------------------------------------------------------------
+
+    def get_mutex(self, key: str) -> CacheMutex | None:
+        local = self.local.get_mutex(key)
+        if self.lock_mode == "local":
+            return local
+        return tier_mutex(
+            self.lock_mode,
+            local,
+            self.remote.get_mutex(key),
+            self.guard,
+            self._lock_expired,
+            lambda since: self._written_since(key, since),
+        )
+
+    def _written_since(self, key: str, since: float) -> bool:
+        copy = self.local.get_serialized_stamped(key)
+        return copy is not NO_VALUE and copy[1] >= since
+
+    def has_lock_timeout(self) -> bool:
+        """True if the remote's lock can expire while held (then two creators may run)."""
+        if self.lock_mode == "local":
+            return False
+        base = redisremote.innermost(self.remote)
+        redis_timeout = getattr(base, "distributed_lock", False) and getattr(
+            base, "lock_timeout", None
+        )
+        return bool(self.remote.has_lock_timeout() or redis_timeout)
+
+    # -- observability --------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The local tier's figures plus this instance's tier counters and health."""
+        figures: dict[str, Any] = dict(self.local.stats())
+        figures.update(
+            local_hits=self.local_hits,
+            remote_hits=self.remote_hits,
+            tier_misses=self.misses,
+            invalidations=self.invalidations,
+            **self.guard.stats(),
+        )
+        if self.listener is not None:
+            figures.update(
+                listener_connected=self.listener.connected,
+                trusted_since=self.listener.trusted_since,
+            )
+        return figures
+
+
+class TieredBackend(_TieredOperations, BytesBackend):
+    """This host's disk cache (``dogpile_fsbackend.pickled``) in front of a shared remote.
+
+    Basic usage::
+
+        region = make_region().configure(
+            "dogpile_fsbackend.tiered",
+            expiration_time=3600,
+            arguments={
+                "local": {"base_dir": "/var/cache/myapp", "cache_size": "2GiB"},
+                "remote_backend": "dogpile.cache.redis",
+                "remote": {"url": "redis://cache:6379/0", "distributed_lock": True,
+                           "lock_timeout": 120, "redis_expiration_time": 86400},
+                "lock": "both",
+                "local_expiration_time": 60,
+                "invalidation": "pubsub",
+                "remote_errors": "raise",
+            },
+        )
+
+    :param local: the local tier's arguments (those of ``dogpile_fsbackend.pickled``).
+    :param remote_backend: the remote tier, any dogpile backend by name.
+    :param remote: the remote tier's arguments.  For Redis, a tier adds
+     ``socket_connect_timeout=0.5``, ``socket_timeout=1``, one immediate retry
+     and ``thread_local_lock=False`` unless given.
+    :param lock: ``"both"`` (default: this host's lock, then the remote's),
+     ``"remote"`` or ``"local"``.
+    :param local_expiration_time: seconds a local copy is used before it is read
+     from the remote again: the most it may lag another host's write or delete
+     (default ``None``: until invalidated or evicted).
+    :param invalidation: ``"pubsub"`` (default for Redis remotes) or ``None``.
+    :param channel: the pub/sub channel (default ``dogpile_fsbackend:invalidate:<db>``).
+    :param remote_errors: ``"raise"`` (default) or ``"degrade"``.
+    :param remote_backoff: seconds without remote calls after a failure (default 1),
+     doubling on each failed probe up to ``remote_backoff_max`` (default 30).
+
+    .. versionadded:: 0.2.0
+    """
+
+    def __init__(self, arguments: Mapping[str, Any]) -> None:
+        settings = _parse(arguments, local_given=_has_tier(arguments, "local"))
+        remote_class = load_backend(settings["remote_backend"], "remote_backend")
+        remote_arguments = redisremote.with_defaults(
+            remote_class, tier_arguments(arguments, "remote")
+        )
+        local_arguments = _local_arguments(tier_arguments(arguments, "local"), settings)
+        local = _local_tier(lambda: PickleFSBackend(local_arguments))
+        remote = remote_class(remote_arguments)
+        self._setup(
+            settings, local, remote, describe(settings["remote_backend"], remote_arguments)
+        )
+        self.key_mangler = remote.key_mangler
+
+    @classmethod
+    def from_config_dict(cls, config_dict: Mapping[str, Any], prefix: str) -> TieredBackend:
+        """From ``configure_from_config``: ``<prefix>local.*`` and ``<prefix>remote.*`` keys
+        go to each tier's own ``from_config_dict``, so each coerces its own strings."""
+        local_prefix, remote_prefix = f"{prefix}local.", f"{prefix}remote."
+        settings = _parse(
+            top_level_of_config(config_dict, prefix),
+            local_given=any(key.startswith(local_prefix) for key in config_dict),
+        )
+        remote_class = load_backend(settings["remote_backend"], "remote_backend")
+        local_config = as_config(
+            _local_arguments(sub_config(config_dict, local_prefix), settings), local_prefix
+        )
+        remote_arguments = redisremote.with_defaults(
+            remote_class, sub_config(config_dict, remote_prefix)
+        )
+        local = _local_tier(
+            lambda: cast(
+                PickleFSBackend, PickleFSBackend.from_config_dict(local_config, local_prefix)
+            )
+        )
+        remote = remote_class.from_config_dict(
+            as_config(remote_arguments, remote_prefix), remote_prefix
+        )
+        backend = cls.__new__(cls)
+        backend._setup(
+            settings, local, remote, describe(settings["remote_backend"], remote_arguments)
+        )
+        backend.key_mangler = remote.key_mangler
+        return backend
+
+
+class TieredProxy(_TieredOperations, ProxyBackend):
+    """A local disk tier in front of a backend you already have (the remote).
+
+    Basic usage::
+
+        region = make_region().configure(
+            "dogpile.cache.redis",
+            arguments={"url": "redis://cache:6379/0", "distributed_lock": True,
+                       "lock_timeout": 120, "thread_local_lock": False,
+                       "socket_timeout": 1, "socket_connect_timeout": 0.5},
+            wrap=[TieredProxy(local={"base_dir": "/var/cache/myapp"},
+                              local_expiration_time=60)],
+        )
+
+    Takes the arguments of :class:`TieredBackend` except ``remote_backend`` and
+    ``remote``: the wrapped backend is the remote tier, used with its own
+    connection settings.  The region must serialize (a ``BytesBackend`` such as
+    Redis, or a region ``serializer``).
+    """
+
+    def __init__(self, arguments: Mapping[str, Any] | None = None, **keywords: Any) -> None:
+        merged = {**(arguments or {}), **keywords}
+        for name in ("remote_backend", "remote"):
+            if name in merged:
+                raise ConfigError(
+                    name, "left out: the backend a TieredProxy wraps is the remote", merged[name]
+                )
+        self._settings = _parse(merged, local_given=_has_tier(merged, "local"), proxy=True)
+        local_arguments = _local_arguments(tier_arguments(merged, "local"), self._settings)
+        self._local = _local_tier(lambda: PickleFSBackend(local_arguments))
+
+    def wrap(self, backend: CacheBackend) -> TieredProxy:
+        super().wrap(backend)
+        self._setup(self._settings, self._local, backend, _name_of(backend))
+        return self
+
+    def get(self, key: str) -> NoReturn:
+        raise _unserialized()
+
+    def get_multi(self, keys: Iterable[str]) -> NoReturn:
+        raise _unserialized()
+
+    def set(self, key: str, value: Any) -> NoReturn:
+        raise _unserialized()
+
+    def set_multi(self, mapping: Mapping[str, Any]) -> NoReturn:
+        raise _unserialized()
+
+
+def _unserialized() -> TypeError:
+    return TypeError(
+        "TieredProxy stores serialized bytes: wrap a backend that serializes (a "
+        "BytesBackend such as dogpile.cache.redis), or give the region a serializer"
+    )
+
+
+def _parse(
+    arguments: Mapping[str, Any], *, local_given: bool, proxy: bool = False
+) -> dict[str, Any]:
+    if not local_given:
+        raise ConfigError(
+            "local", "given: a dict of the local tier's arguments (base_dir, ...)", None
+        )
+    parsers = dict(PARSERS)
+    if proxy:  # the remote is the wrapped backend
+        del parsers["remote_backend"]
+    elif "remote_backend" not in arguments:
+        raise ConfigError(
+            "remote_backend", "given: a dogpile backend name such as 'dogpile.cache.redis'", None
+        )
+    return parse_top_level(arguments, parsers, DEFAULTS, TIERS)
+
+
+def _has_tier(arguments: Mapping[str, Any], tier: str) -> bool:
+    return tier in arguments or any(key.startswith(f"{tier}.") for key in arguments)
+
+
+def _local_arguments(arguments: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The local tier's arguments, with ``local_expiration_time`` as its expiration."""
+    limit = settings["local_expiration_time"]
+    if limit is not None:
+        own = parse_seconds("local.expiration_time", arguments.get("expiration_time"))
+        arguments["expiration_time"] = min(limit, own if own is not None else math.inf)
+    return arguments
+
+
+def _local_tier(build: Callable[[], PickleFSBackend]) -> PickleFSBackend:
+    try:
+        return build()
+    except ConfigError as exc:
+        raise exc.within("local") from exc
+
+
+def _origin(local: PickleFSBackend) -> str:
+    """Names this host's local tier in messages: one per host and cache directory."""
+    base_dir = local.settings.base_dir
+    info = os.stat(base_dir)
+    seed = f"{socket.gethostname()}|{base_dir}|{info.st_dev}|{info.st_ino}"
+    return hashlib.sha256(seed.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _name_of(backend: CacheBackend) -> str:
+    base = redisremote.innermost(backend)
+    name = f"{type(base).__module__}.{type(base).__name__}"
+    client = redisremote.client_of(base)
+    if client is None:
+        return name
+    kwargs = getattr(client.connection_pool, "connection_kwargs", {})
+    return describe(name, {key: kwargs[key] for key in ("host", "port", "db") if key in kwargs})
