@@ -6,7 +6,9 @@ timed-out connection, a server that answers with an error) opens it: for a
 back-off period (doubling on each failed probe, up to a cap) no call touches the
 network, and then a single thread probes the remote while the others carry on
 without it.  So a dead Redis costs each process one bounded attempt per back-off
-period, never a retry storm.
+period, never a retry storm.  The one exception is the release of a lock the
+remote holds for this process (:meth:`RemoteGuard.call_anyway`): skipping it
+would keep the key locked on every host.
 
 What a call does while the remote is out depends on ``remote_errors``:
 ``"raise"`` raises :class:`RemoteError` naming the remote, ``"degrade"``
@@ -122,6 +124,18 @@ class RemoteGuard:
         if admitted is None:
             self.skipped += 1
             return self._unavailable(None)
+        return self._attempt(function, args, probing=admitted)
+
+    def call_anyway(self, function: Callable[..., T], *args: Any) -> T | Outage:
+        """Like :meth:`call`, but made during a back-off too.
+
+        For what must not be skipped, such as releasing a lock that the remote
+        holds for this process: skipped, it would stay held on every host
+        until it times out.
+        """
+        return self._attempt(function, args, probing=False)
+
+    def _attempt(self, function: Callable[..., T], args: Any, probing: bool) -> T | Outage:
         self.attempts += 1
         try:
             result = function(*args)
@@ -129,7 +143,7 @@ class RemoteGuard:
             self._failed(exc)
             return self._unavailable(exc)
         finally:
-            if admitted:
+            if probing:
                 self._probing = False
         if self._down_since is not None:
             self._recovered()

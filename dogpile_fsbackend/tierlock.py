@@ -124,7 +124,7 @@ class TierMutex(CacheMutex):
 
     def _release_remote(self) -> None:
         try:
-            self._guard.call(self._remote.release)
+            self._guard.call_anyway(self._remote.release)  # even during a back-off
         except self._expired:
             # The creator outlived the lock's timeout and the lock expired; another
             # host may have taken it and created the value meanwhile.

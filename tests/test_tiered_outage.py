@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -293,3 +294,35 @@ def test_redis_killed_and_restarted_under_busy_hosts(private_redis, tmp_path, re
     else:
         for errors in outcomes:
             assert set(errors) <= {"RemoteError"}, errors  # a clear error, nothing else
+
+
+@pytest.mark.parametrize("remote_errors", ["degrade", "raise"])
+def test_a_lock_taken_before_an_outage_is_released_during_the_backoff(
+    private_redis, tmp_path, remote_errors
+):
+    """A failure elsewhere (here a read from a hung Redis) must not keep the Redis lock a
+    creator took before it: skipped during the back-off, its release left the key locked
+    on every host until lock_timeout (forever without one)."""
+    region = tier(
+        private_redis,
+        tmp_path,
+        remote_errors=remote_errors,
+        invalidation=None,
+        local_expiration_time=60,
+        remote_backoff=30,
+        remote_backoff_max=30,
+    )
+    mutex = region.backend.get_mutex("k")
+    assert mutex.acquire()
+    client = tieredkit.redis_client(private_redis.url)
+    assert client.exists("_lockk") == 1
+    # The creator's host sees Redis fail meanwhile (raise: RemoteError; degrade: a miss).
+    with private_redis.paused(), contextlib.suppress(RemoteError):
+        region.get("other")
+    assert not region.backend.guard.healthy  # Redis answers again; the back-off lasts 30 s
+    mutex.release()
+    assert client.exists("_lockk") == 0
+    other_host = tier(private_redis, tmp_path, "b", invalidation=None, local_expiration_time=60)
+    other = other_host.backend.get_mutex("k")
+    assert other.acquire(False)  # at once, not after lock_timeout
+    other.release()
