@@ -212,12 +212,28 @@ class _TieredOperations:
     def set_serialized_multi(self, mapping: Mapping[str, bytes]) -> None:
         if not mapping:
             return
+        listener = self.listener
+        since = listener.generation if listener is not None else 0
         written = self.guard.call(self.remote.set_serialized_multi, mapping)
+        remembered: tuple[int, set[str]] | None = None
         try:
-            if written is not OUTAGE:
+            if written is not OUTAGE and listener is not None:
+                remembered = listener.remember(mapping, since)  # racing readers: at once
                 self._announce(mapping)
         finally:
             self.local.set_serialized_multi(mapping)
+            if remembered is not None:
+                self._drop_outdated(mapping, *remembered)
+
+    def _drop_outdated(self, keys: Iterable[str], generation: int, changed: set[str]) -> None:
+        """Drop the copies just written of keys that another write changed after ours
+        reached the remote: heard before this write was counted (``changed``) or
+        after (``generation``).  The remote may hold the other value."""
+        assert self.listener is not None
+        listener = self.listener
+        outdated = changed | {key for key in keys if listener.changed_since(key, generation)}
+        if outdated:
+            self.local.delete_multi(outdated)
 
     def delete(self, key: str) -> None:
         self.delete_multi([key])
@@ -228,16 +244,15 @@ class _TieredOperations:
             return
         try:
             deleted = self.guard.call(self.remote.delete_multi, keys)
-            if deleted is not OUTAGE:
+            if deleted is not OUTAGE and self.listener is not None:
+                self.listener.remember(keys)  # this process's racing readers: at once
                 self._announce(dict.fromkeys(keys))
         finally:
             self.local.delete_multi(keys)  # dropping a copy is never wrong
 
     def _announce(self, entries: Mapping[str, bytes | None]) -> None:
         """Tell the other processes (after the remote write, before the local one)."""
-        if self.listener is None or self._publish is None:
-            return
-        self.listener.remember(entries)  # this process's racing readers: at once
+        assert self._publish is not None
         self.guard.call(self._publish, self.channel, encode(self.origin, entries))
 
     def invalidated(self, origin: str, entries: Sequence[tuple[str, str | None]]) -> None:

@@ -24,6 +24,8 @@ import pytest
 import tieredkit
 from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
+from dogpile.cache.api import NO_VALUE
+from dogpile.cache.proxy import ProxyBackend
 from faultkit import fork_child, reap
 
 HOSTS = 3
@@ -148,6 +150,47 @@ def test_without_pubsub_a_change_arrives_within_local_expiration_time(hosts):
     deleted = time.time()
     b("poll", "k", tieredkit.MISS)
     assert time.time() - deleted < limit + WAIT
+
+
+class _AfterRedisWrite(ProxyBackend):
+    """Sits on a tier's real Redis backend: runs ``then()`` right after each write."""
+
+    def __init__(self, then) -> None:
+        self.then = then
+
+    def set_serialized_multi(self, mapping) -> None:
+        self.proxied.set_serialized_multi(mapping)
+        self.then()
+
+
+@pytest.mark.parametrize("change", ["set", "delete"])
+def test_another_hosts_change_between_a_writers_redis_and_local_writes(
+    hosts, redis_url, tmp_path, change
+):
+    """Host a writes Redis; host b changes the key and host a hears of it; only then
+    does host a write its local copy.  That copy is older than Redis's value: it must
+    not be served."""
+    writer = tieredkit.region(redis_url, str(tmp_path / "a"))
+    other = hosts("b")
+    backend = writer.backend
+
+    def other_host_changes_the_key() -> None:
+        heard = backend.invalidations
+        if change == "set":
+            other("set", "k", "newer")
+        else:
+            other("delete", "k")
+        tieredkit.wait_until(lambda: backend.invalidations > heard, "host a heard host b")
+
+    backend.remote = _AfterRedisWrite(other_host_changes_the_key).wrap(backend.remote)
+    writer.set("k", "older")
+    expected = "newer" if change == "set" else NO_VALUE
+    assert (
+        make_region().configure("dogpile.cache.redis", arguments={"url": redis_url}).get("k")
+        == expected
+    )  # Redis has host b's change
+    assert writer.get("k") == expected
+    assert other("get", "k") == (tieredkit.MISS if expected is NO_VALUE else expected)
 
 
 def _raw_write(url: str, key: str, value) -> None:
