@@ -240,6 +240,10 @@ class Listener:
         kind = message.get("type")
         if kind == "subscribe":
             with self._lock:
+                # A read begun before this confirmation may predate the subscription
+                # on the server: as after a gap, its copy is dropped (changed_since).
+                self.generation += 1
+                self._floor = self.generation
                 self.trusted_since = time.time()
                 self.connected = True
                 self.subscriptions += 1

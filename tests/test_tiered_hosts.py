@@ -215,6 +215,25 @@ def test_a_dropped_channel_stops_trust_in_older_copies(redis_url, tmp_path):
     assert b.backend.remote_hits >= 1
 
 
+def test_a_read_begun_before_a_subscription_was_confirmed_is_not_copied_in(redis_url, tmp_path):
+    """The listener reconnects and sends SUBSCRIBE; a reader notes the generation and
+    reads Redis; another host's write is published before the server subscribed us
+    (lost); then the subscription is confirmed and the reader copies its value in.
+    That copy is written after the trusted-since time, but from a read the channel
+    did not cover."""
+    b = tieredkit.region(redis_url, str(tmp_path / "b"), channel="confirmation")
+    listener = b.backend.listener
+    _raw_write(redis_url, "k", "v1")
+    listener._gap()  # what a reconnection does before it sends SUBSCRIBE
+    generation = listener.generation  # b's reader: a local miss, then its Redis read
+    old = b.backend.remote.get_serialized("k")
+    _raw_write(redis_url, "k", "v2")  # its message was published before SUBSCRIBE
+    listener._handle({"type": "subscribe", "channel": b"confirmation", "data": 1})
+    assert listener.connected
+    b.backend._copy_in({"k": old}, generation)
+    assert b.get("k") == "v2"
+
+
 def _fresh_process_reads(url, base_dir, results) -> None:
     region = tieredkit.region(url, base_dir)
     results.put(region.get("k"))
