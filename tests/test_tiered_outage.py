@@ -326,3 +326,62 @@ def test_a_lock_taken_before_an_outage_is_released_during_the_backoff(
     other = other_host.backend.get_mutex("k")
     assert other.acquire(False)  # at once, not after lock_timeout
     other.release()
+
+
+def test_a_value_written_only_locally_is_dropped_when_redis_takes_writes_again(
+    private_redis, tmp_path
+):
+    """Redis out of memory (maxmemory, noeviction) refuses writes but keeps the pub/sub
+    channel: host a's set is local only, and its listener never drops.  When Redis
+    takes writes again, Redis is the shared truth: no process of host a may keep
+    serving the local-only value."""
+    degrade = {"remote_errors": "degrade", **tieredkit.FAST_BACKOFF}
+    a = tier(private_redis, tmp_path, "a", **degrade)
+    same_host = tieredkit.Host(private_redis.url, str(tmp_path / "a"), **degrade)
+    try:
+        a.set("k", "v1")
+        assert same_host("get", "k") == "v1"
+        admin = tieredkit.redis_client(private_redis.url)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        a.set("k", "v2")  # refused: OOM
+        assert not a.backend.guard.healthy
+        assert a.get("k") == "v2"  # meanwhile host a is a single-host cache
+        assert a.backend.listener.connected
+        admin.config_set("maxmemory", 0)
+        tieredkit.wait_until(lambda: a.get("k") == "v1", "host a follows Redis again")
+        assert same_host("poll", "k", "v1") < WAIT
+    finally:
+        same_host.close()
+
+
+@pytest.mark.parametrize("change", ["set", "delete"])
+def test_a_change_whose_message_was_refused_is_announced_when_redis_answers(
+    private_redis, tmp_path, change
+):
+    """The write reaches Redis but its message does not (here an ACL refuses PUBLISH):
+    the other host keeps its older copy, trusted, until the writer announces the key
+    once Redis answers it again."""
+    admin = tieredkit.redis_client(private_redis.url)
+    admin.acl_setuser(
+        "tier", enabled=True, passwords=["+secret"], keys=["*"], channels=["*"], commands=["+@all"]
+    )
+    writer_url = f"redis://tier:secret@127.0.0.1:{private_redis.port}/0"
+    degrade = {"remote_errors": "degrade", **tieredkit.FAST_BACKOFF}
+    a = tieredkit.region(writer_url, str(tmp_path / "a"), **degrade)
+    b = tier(private_redis, tmp_path, "b", **degrade)
+    a.set("k", "v1")
+    assert b.get("k") == "v1"
+    admin.acl_setuser("tier", commands=["-publish"])
+    if change == "set":
+        a.set("k", "v2")
+    else:
+        a.delete("k")
+    assert (admin.get("k") is None) == (change == "delete")  # Redis has the change
+    assert not a.backend.guard.healthy  # the message was refused
+    admin.acl_setuser("tier", commands=["+publish"])
+    expected = "v2" if change == "set" else NO_VALUE
+    tieredkit.wait_until(
+        lambda: a.get("other") is NO_VALUE and b.get("k") == expected,
+        "host b got host a's change",
+    )
