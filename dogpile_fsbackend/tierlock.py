@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from dogpile.cache.api import CacheMutex
 
-from .remote import OUTAGE, RemoteGuard
+from .remote import OUTAGE, Outage, RemoteGuard
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class TierMutex(CacheMutex):
                     return True
             local_held = True
         try:
-            got = self._guard.call(self._remote.acquire, wait)
+            got = self._acquire_remote(wait)
             if got is OUTAGE:  # degrade: this host's lock alone keeps one creator per host
                 if not local_held and self._local is not None:
                     if not self._local.acquire(wait):
@@ -111,6 +111,16 @@ class TierMutex(CacheMutex):
             raise
         self._held = (local_held, True)
         return True
+
+    def _acquire_remote(self, wait: bool) -> bool | Outage:
+        """The remote lock.  While the remote is out, a blocking acquire would be the
+        guard's probe for as long as another holder keeps the lock, and every other
+        call of this process would skip the remote meanwhile: probe without waiting."""
+        if wait and not self._guard.healthy:
+            got = self._guard.call(self._remote.acquire, False)
+            if got is OUTAGE or got:
+                return got
+        return self._guard.call(self._remote.acquire, wait)
 
     def release(self) -> None:
         local_held, remote_held = self._held

@@ -385,3 +385,42 @@ def test_a_change_whose_message_was_refused_is_announced_when_redis_answers(
         lambda: a.get("other") is NO_VALUE and b.get("k") == expected,
         "host b got host a's change",
     )
+
+
+def test_a_lock_wait_is_not_the_probe_that_the_other_calls_wait_for(private_redis, tmp_path):
+    """Redis is back; the first call after the back-off, the probe, is a blocking acquire
+    of a lock another host holds.  The probe must not last as long as that wait: every
+    other call of the process stays degraded (local only) until the probe returns."""
+    holder = tieredkit.Host(private_redis.url, str(tmp_path / "b"), remote={"lock_timeout": 300})
+    try:
+        region = tier(
+            private_redis,
+            tmp_path,
+            remote_errors="degrade",
+            invalidation=None,
+            local_expiration_time=60,
+            remote_backoff=0.2,
+            remote_backoff_max=0.2,
+        )
+        assert holder("hold", "k") is True
+        guard = region.backend.guard
+        with private_redis.paused():
+            region.get("x")  # times out: the back-off begins
+        tieredkit.wait_until(lambda: time.monotonic() > guard._retry_at, "the back-off ended")
+        mutex = region.backend.get_mutex("k")
+        waiter = threading.Thread(target=mutex.acquire)
+        attempts = guard.attempts
+        waiter.start()  # the probe: waits for host b's lock
+        tieredkit.wait_until(lambda: guard.attempts > attempts, "the waiter probes Redis")
+        tieredkit.wait_until(
+            lambda: region.get("y") is NO_VALUE and guard.healthy,
+            "the process uses Redis again",
+            timeout=10,
+        )
+        assert waiter.is_alive()  # still waiting for host b's lock
+        tieredkit.redis_client(private_redis.url).delete("_lockk")  # as if b released it
+        waiter.join(WAIT)
+        assert not waiter.is_alive()
+        mutex.release()
+    finally:
+        holder.close()
