@@ -334,7 +334,7 @@ class _TieredOperations:
             if origin != self.origin or digest is None:
                 self.local.delete(key)
                 continue
-            copy = self.local.get_serialized_stamped(key)
+            copy = self.local.get_serialized_stamped(key, count=False)
             if copy is not NO_VALUE and value_digest(copy[0]) != digest:
                 self.local.delete(key)
 
@@ -344,7 +344,7 @@ class _TieredOperations:
         local = self.local.get_mutex(key)
         if self.lock_mode == "local":
             return local
-        return tier_mutex(
+        mutex = tier_mutex(
             self.lock_mode,
             local,
             self.remote.get_mutex(key),
@@ -352,9 +352,12 @@ class _TieredOperations:
             self._lock_expired,
             lambda since: self._written_since(key, since),
         )
+        if mutex is local or mutex is None:
+            return mutex
+        return self.local.rechecking(mutex, key)  # dogpile's second look: the same lookup
 
     def _written_since(self, key: str, since: float) -> bool:
-        copy = self.local.get_serialized_stamped(key)
+        copy = self.local.get_serialized_stamped(key, count=False)
         return copy is not NO_VALUE and copy[1] >= since
 
     def has_lock_timeout(self) -> bool:
