@@ -47,9 +47,10 @@ def ping(port: int, timeout: float = 1.0) -> bool:
 class RedisServer:
     """One private redis-server process; :attr:`url` is where to reach it."""
 
-    def __init__(self, binary: str, directory: str) -> None:
+    def __init__(self, binary: str, directory: str, extra: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.directory = directory
+        self.extra = extra  # more command-line options
         os.makedirs(directory, exist_ok=True)
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -83,6 +84,7 @@ class RedisServer:
             "--dir", self.directory,
             "--logfile", self.log_path,
             "--daemonize", "no",
+            *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -131,3 +133,26 @@ class RedisServer:
         import redis
 
         return redis.Redis.from_url(self.url, socket_timeout=5)
+
+
+class RedisClusterServer(RedisServer):
+    """A one-node Redis Cluster: cluster mode, every slot on this node."""
+
+    def __init__(self, binary: str, directory: str) -> None:
+        super().__init__(
+            binary,
+            directory,
+            ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+        )
+
+    def start(self) -> RedisClusterServer:
+        super().start()
+        client = self.client()
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+        deadline = time.monotonic() + WAIT
+        while client.cluster("info")["cluster_state"] != "ok":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not come up; see {self.log_path}")
+            time.sleep(0.01)
+        client.close()
+        return self

@@ -21,6 +21,7 @@ import time
 import pytest
 import tieredkit
 from conftest import SPAWN, WAIT
+from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
 
 from dogpile_fsbackend import RemoteError
@@ -424,3 +425,42 @@ def test_a_lock_wait_is_not_the_probe_that_the_other_calls_wait_for(private_redi
         mutex.release()
     finally:
         holder.close()
+
+
+def test_a_hung_redis_cluster_degrades_in_a_bounded_time(redis_cluster, tmp_path):
+    """dogpile's cluster backend hands redis-py only its connection_kwargs, so the tier's
+    timeouts must go there; and the cluster client's own errors ("cannot be connected")
+    mean an outage as much as a timeout does."""
+    region = make_region().configure(
+        "dogpile_fsbackend.tiered",
+        arguments={
+            "local": {"base_dir": str(tmp_path / "a")},
+            "remote_backend": "dogpile.cache.redis_cluster",
+            "remote": {"url": redis_cluster.url, "distributed_lock": True, "lock_timeout": 30},
+            "local_expiration_time": 60,
+            "remote_errors": "degrade",
+        },
+    )
+    region.set("warm", "v")
+    node = region.backend.remote.writer_client.get_default_node()
+    assert node.redis_connection.connection_pool.connection_kwargs["socket_timeout"] == 1.0
+    outcome = []
+
+    def read() -> None:
+        started = time.monotonic()
+        try:
+            outcome.append(region.get("missing"))
+        except Exception as exc:
+            outcome.append(repr(exc))
+        outcome.append(time.monotonic() - started)
+
+    with redis_cluster.paused():  # accepts nothing, answers nothing
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(WAIT)
+        hung = reader.is_alive()
+    reader.join(WAIT)
+    assert not hung, "a call to a hung cluster node never returned"
+    got, took = outcome
+    assert got is NO_VALUE  # degraded: a miss
+    assert took < 2 * 1.0 + WAIT / 6  # the tier's socket timeout and one retry
