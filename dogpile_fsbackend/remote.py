@@ -8,7 +8,8 @@ network, and then a single thread probes the remote while the others carry on
 without it.  So a dead Redis costs each process one bounded attempt per back-off
 period, never a retry storm.  The one exception is the release of a lock the
 remote holds for this process (:meth:`RemoteGuard.call_anyway`): skipping it
-would keep the key locked on every host.
+would keep the key locked on every host.  A forked child forgets a probe in
+progress: the thread making it stayed in the parent.
 
 What a call does while the remote is out depends on ``remote_errors``:
 ``"raise"`` raises :class:`RemoteError` naming the remote, ``"degrade"``
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import random
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, TypeVar
 
@@ -112,6 +115,12 @@ class RemoteGuard:
         self._probing = False
         self._last_error: BaseException | None = None
         self.attempts = self.failures = self.skipped = 0
+        _guards.add(self)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: the thread that probed (or held the lock) did not survive."""
+        self._lock = threading.Lock()
+        self._probing = False
 
     @property
     def healthy(self) -> bool:
@@ -223,3 +232,14 @@ class RemoteGuard:
         else:
             detail = f"{type(exc).__name__}: {exc}"
         raise RemoteError(f"remote tier {self.name} is unavailable: {detail}") from cause
+
+
+_guards: weakref.WeakSet[RemoteGuard] = weakref.WeakSet()
+
+
+def _reset_guards_after_fork() -> None:
+    for guard in list(_guards):
+        guard._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_guards_after_fork)

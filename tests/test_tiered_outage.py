@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 
@@ -23,6 +25,7 @@ import tieredkit
 from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
+from faultkit import fork_child, reap
 
 from dogpile_fsbackend import RemoteError
 from dogpile_fsbackend.remote import describe
@@ -464,3 +467,53 @@ def test_a_hung_redis_cluster_degrades_in_a_bounded_time(redis_cluster, tmp_path
     got, took = outcome
     assert got is NO_VALUE  # degraded: a miss
     assert took < 2 * 1.0 + WAIT / 6  # the tier's socket timeout and one retry
+
+
+def _fork_during_a_probe(url, base_dir, redis_pid, results) -> None:
+    """A pre-fork master (gunicorn --preload) forks while one of its threads probes a
+    hung Redis: the child has no such thread, so nothing ends that probe there."""
+    try:
+        region = tieredkit.region(
+            url,
+            base_dir,
+            remote_errors="degrade",
+            invalidation=None,
+            local_expiration_time=60,
+            remote_backoff=0.2,
+            remote_backoff_max=0.2,
+        )
+        guard = region.backend.guard
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            region.get("x")  # times out: the back-off begins
+            tieredkit.wait_until(lambda: time.monotonic() > guard._retry_at, "back-off over")
+            prober = threading.Thread(target=region.get, args=("y",))
+            prober.start()  # the probe: waits for the hung Redis
+            tieredkit.wait_until(lambda: guard._probing, "a thread probes")
+            child = fork_child(
+                lambda: tieredkit.wait_until(
+                    lambda: region.get("z") is NO_VALUE and guard.healthy,
+                    "the child uses Redis again",
+                    timeout=10,
+                )
+            )
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        prober.join(WAIT)
+        results.put(os.waitstatus_to_exitcode(reap(child)))
+    except BaseException as exc:
+        results.put(repr(exc))
+        raise
+
+
+def test_a_child_forked_during_a_probe_probes_again(private_redis, tmp_path):
+    results = SPAWN.Queue()
+    master = SPAWN.Process(
+        target=_fork_during_a_probe,
+        args=(private_redis.url, str(tmp_path / "a"), private_redis.process.pid, results),
+    )
+    master.start()
+    try:
+        assert results.get(timeout=2 * WAIT) == 0
+    finally:
+        master.join(WAIT)
