@@ -128,7 +128,6 @@ class Listener:
         self._recent: dict[str, int] = {}
         self._failures = 0
         self.connected = False
-        self.messages = 0
         self.subscriptions = 0  # confirmed subscriptions: 1 + reconnections
 
     @classmethod
@@ -249,7 +248,6 @@ class Listener:
                 self.subscriptions += 1
                 self._failures = 0
         elif kind == "message":
-            self.messages += 1
             decoded = decode(message.get("data"))
             if decoded is None:
                 log.debug("ignoring a foreign message on %r: %.100r", self.channel, message)

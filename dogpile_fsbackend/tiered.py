@@ -199,16 +199,13 @@ class _TieredOperations:
             return
         self.local.set_serialized_multi(copies)
         if listener is not None:
-            for key in copies:
-                if listener.changed_since(key, generation):
-                    self.local.delete(key)
+            self._drop_outdated(copies, generation)
 
     def _fits_locally(self, key: str, value: bytes) -> bool:
         """False for a value the local tier would refuse (with a CacheSizeWarning on
         every read); a set still warns."""
-        settings = self.local.settings
         size = records.HEADER_SIZE + len(layout.encode_key(key)) + len(value)
-        return size <= settings.cache_size * settings.eviction_low_water
+        return size <= self.local.room()
 
     # -- writes ---------------------------------------------------------------------
 
@@ -236,13 +233,15 @@ class _TieredOperations:
             if listener is not None and not announced:
                 self._note_unannounced(mapping)
 
-    def _drop_outdated(self, keys: Iterable[str], generation: int, changed: set[str]) -> None:
-        """Drop the copies just written of keys that another write changed after ours
-        reached the remote: heard before this write was counted (``changed``) or
-        after (``generation``).  The remote may hold the other value."""
+    def _drop_outdated(
+        self, keys: Iterable[str], generation: int, changed: Iterable[str] = ()
+    ) -> None:
+        """Drop the copies just written of keys invalidated after ``generation`` was
+        read, or in ``changed`` (see pubsub.Listener.remember): the remote may hold
+        another value than the one copied or written."""
         assert self.listener is not None
         listener = self.listener
-        outdated = changed | {key for key in keys if listener.changed_since(key, generation)}
+        outdated = {*changed, *(key for key in keys if listener.changed_since(key, generation))}
         if outdated:
             self.local.delete_multi(outdated)
 
