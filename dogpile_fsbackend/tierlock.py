@@ -12,6 +12,7 @@ back to the local lock: each host stays a correct single-host cache.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -57,10 +58,22 @@ class TierMutex(CacheMutex):
 
     dogpile shares one mutex object per key between threads, and only one
     holder exists at a time, so what the holder took is kept on the object.
-    Any thread may release (dogpile's async creators do).
+    With mode "both" this host's lock makes sure of that; with "remote" a
+    thread lock of the object does, or a thread falling back to this host's
+    lock during an outage would join a holder of the remote lock.  Any thread
+    may release (dogpile's async creators do).
     """
 
-    __slots__ = ("_expired", "_guard", "_held", "_local", "_mode", "_remote", "_written_since")
+    __slots__ = (
+        "_expired",
+        "_guard",
+        "_held",
+        "_local",
+        "_mode",
+        "_one_holder",
+        "_remote",
+        "_written_since",
+    )
 
     def __init__(
         self,
@@ -78,8 +91,24 @@ class TierMutex(CacheMutex):
         self._guard = guard
         self._written_since = written_since
         self._held: tuple[bool, bool] = (False, False)  # (local, remote) held by the holder
+        self._one_holder = threading.Lock() if mode == "remote" else None
 
     def acquire(self, wait: bool = True) -> bool:
+        one_holder = self._one_holder
+        if one_holder is None:
+            return self._acquire(wait)
+        if not one_holder.acquire(wait):
+            return False
+        try:
+            got = self._acquire(wait)
+        except BaseException:
+            one_holder.release()
+            raise
+        if not got:
+            one_holder.release()
+        return got
+
+    def _acquire(self, wait: bool) -> bool:
         local_held = False
         if self._mode == "both":
             assert self._local is not None
@@ -131,6 +160,8 @@ class TierMutex(CacheMutex):
         finally:
             if local_held:
                 self._local.release()  # type: ignore[union-attr]
+            if self._one_holder is not None:
+                self._one_holder.release()
 
     def _release_remote(self) -> None:
         try:
@@ -146,6 +177,8 @@ class TierMutex(CacheMutex):
             )
 
     def locked(self) -> bool:
+        if self._one_holder is not None and self._one_holder.locked():
+            return True
         if self._local is not None and self._local.locked():
             return True
         held = self._guard.call(self._remote.locked)

@@ -517,3 +517,29 @@ def test_a_child_forked_during_a_probe_probes_again(private_redis, tmp_path):
         assert results.get(timeout=2 * WAIT) == 0
     finally:
         master.join(WAIT)
+
+
+def test_lock_remote_keeps_one_holder_when_redis_fails_while_it_is_held(private_redis, tmp_path):
+    """lock="remote": a thread holds the Redis lock when Redis dies; another thread of
+    the process, falling back to this host's lock, must not get the key too (dogpile
+    shares one mutex object per key between a region's threads)."""
+    region = tier(
+        private_redis,
+        tmp_path,
+        lock="remote",
+        remote_errors="degrade",
+        invalidation=None,
+        local_expiration_time=60,
+        **tieredkit.FAST_BACKOFF,
+    )
+    mutex = region.backend.get_mutex("k")
+    assert mutex.acquire()  # the Redis lock
+    private_redis.kill()
+    other = []
+    thread = threading.Thread(target=lambda: other.append(mutex.acquire(False)))
+    thread.start()
+    thread.join(WAIT)
+    assert other == [False]  # the first holder still has the key
+    mutex.release()
+    assert mutex.acquire(False)  # now this host's lock, Redis being out
+    mutex.release()
