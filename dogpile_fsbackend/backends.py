@@ -317,7 +317,7 @@ class RawFSBackend(_FSBackendBase):
             reader = rawfiles.open_cached(data_path, meta, record.created)
         except (records.DamagedRecord, FileNotFoundError):
             # Only the file we read: a no-op if a writer replaced (or a reader used) it since.
-            self.store.discard(digest, found.inode, found.used_ns)
+            self.store.discard_unusable(digest, found.inode, found.used_ns)
             return NO_VALUE
         if meta.metadata is None:
             return reader

@@ -47,6 +47,9 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOE
 _ONE_READ_MAX = 1 << 20
 # Seconds a timestamp may lie ahead of the clock before it is taken for "now".
 FUTURE_TOLERANCE = 5.0
+# What keeps a reader from removing an unusable entry: a read-only filesystem, or a
+# directory another user made (root ran the application once).
+_CANNOT_REMOVE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 @contextlib.contextmanager
@@ -236,7 +239,7 @@ class Store:
             if exc.errno not in _PATH_ERRNOS:
                 raise
             if os.path.islink(path):
-                self.discard(digest, os.lstat(path).st_ino)
+                self.discard_unusable(digest, os.lstat(path).st_ino)
             return None
         try:
             info = os.fstat(fd)
@@ -248,14 +251,14 @@ class Store:
                     key_bytes = _key_of(data, digest)
                 record = records.decode(data, self.kind, key_bytes)
             except records.DamagedRecord:
-                self.discard(digest, info.st_ino)
+                self.discard_unusable(digest, info.st_ino)
                 return None
             now = time.time()
             created = record.created
             if created > now + FUTURE_TOLERANCE:  # written under a clock far ahead
                 created = min(info.st_atime, now)  # when a read first saw it (see touch)
             if self.is_expired(created, now):
-                self.discard(digest, info.st_ino)
+                self.discard_unusable(digest, info.st_ino)
                 return None
             used_ns = touch(fd, created) if self.writable else None
         finally:
@@ -427,6 +430,23 @@ class Store:
                 remove_quietly(path)
             self.last_total = self.accounting.add(shard, -size, -existed)
         return size
+
+    def discard_unusable(self, digest: str, inode: int, used_ns: int | None = None) -> None:
+        """``discard`` for a reader that found an entry expired or damaged: the read is a
+        miss either way, so an entry this process may not remove (a read-only filesystem,
+        another user's directory) stays for one that may."""
+        if not self.writable:
+            return
+        try:
+            self.discard(digest, inode, used_ns)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_REMOVE:
+                raise
+            self.warn_once(
+                self.layout.entry_path(digest),
+                f"unusable entry cannot be removed by this process ({exc.strerror}); "
+                "treated as a miss",
+            )
 
     def _entry_files_locked(self, digest: str) -> tuple[int, int, list[str]]:
         """(total bytes, 1 if the record exists else 0, data file paths) of an entry."""

@@ -766,6 +766,82 @@ def test_a_cache_on_a_read_only_filesystem_serves_hits(tmp_path):
     }
 
 
+def _misses_of_an_unremovable_cache(base_dir: str, raw_dir: str) -> dict:
+    region = pickled(base_dir, expiration_time=60)
+    raw_region = raw(raw_dir)
+    outcome = {}
+    for key, get in (("expired", region.get), ("damaged", region.get), ("file", raw_region.get)):
+        try:
+            outcome[key] = get(key) is NO_VALUE
+        except OSError as exc:
+            outcome[key] = errno.errorcode.get(exc.errno or 0, str(exc))
+    return outcome
+
+
+def _give_to_nobody_but_these_entries(top: str, entries: list[str]) -> None:
+    """Everything under ``top`` to nobody, except ``entries`` and the shard directories
+    that hold them, which stay root's (readable by all, writable by root only)."""
+    for directory, _, names in os.walk(top):
+        for path in (directory, *(os.path.join(directory, name) for name in names)):
+            os.chown(path, NOBODY, NOBODY)
+    for entry in entries:
+        level = entry
+        while os.path.basename(level) != layout.DATA_DIR:
+            os.chown(level, 0, 0)
+            level = os.path.dirname(level)
+
+
+@needs_root
+@pytest.mark.parametrize("where", ["read-only mount", "another user's cache"])
+def test_entries_a_reader_cannot_remove_are_misses_left_in_place(tmp_path, where):
+    """Items 8, 11: an entry that a get removes on the way (expired, damaged, a raw
+    record whose data file is gone) is a miss on a read-only mount, or for a user who
+    may read the cache but not write it (a web server reading the app's files), and
+    stays where it is; it used to raise EROFS or PermissionError out of get()."""
+    with faultkit.nobody_dir("unremovable") as top:
+        source = os.path.join(top, "source")
+        modes = {"file_mode": 0o644, "dir_mode": 0o755}  # readable by every user
+        region = pickled(os.path.join(source, "cache"), expiration_time=60, **modes)
+        an_hour_ago = time.time() - 3600
+        record = records.encode(records.KIND_PICKLED, b"expired", b"payload", an_hour_ago)
+        region.backend.store.write_and_publish(layout.key_digest(b"expired"), record)
+        region.set("damaged", "value")
+        with open(faultkit.entry_path(region.backend, "damaged"), "r+b") as handle:
+            handle.seek(records.HEADER_SIZE + 2)
+            handle.write(b"XX")  # the stored key and the checksum no longer match
+        raw_region = raw(os.path.join(source, "cache-raw"), **modes)
+        raw_region.set("file", io.BytesIO(b"raw bytes"))
+        for path in faultkit.data_paths(raw_region.backend, "file"):
+            os.unlink(path)
+        if where == "another user's cache":  # root ran the app once, in nobody's cache
+            _give_to_nobody_but_these_entries(
+                source,
+                [faultkit.entry_path(region.backend, key) for key in ("expired", "damaged")]
+                + [faultkit.entry_path(raw_region.backend, "file")],
+            )
+        before = faultkit.snapshot(source)
+        if where == "another user's cache":
+            outcome = faultkit.in_child_as_nobody(
+                _misses_of_an_unremovable_cache,
+                os.path.join(source, "cache"),
+                os.path.join(source, "cache-raw"),
+            )
+        else:
+            mount_point = os.path.join(top, "ro")
+            os.mkdir(mount_point)
+            with faultkit.mounted("--bind", source, target=mount_point):
+                problem = faultkit.try_mount("-o", "remount,bind,ro", mount_point)
+                if problem:
+                    pytest.skip(problem)
+                outcome = faultkit.in_child(
+                    _misses_of_an_unremovable_cache,
+                    os.path.join(mount_point, "cache"),
+                    os.path.join(mount_point, "cache-raw"),
+                )
+        assert outcome == {"expired": True, "damaged": True, "file": True}
+        assert faultkit.snapshot(source) == before
+
+
 # -- 12: tmp cleaners ----------------------------------------------------------------------
 
 
