@@ -214,6 +214,11 @@ def _copy_stream(value: Any, fd: int, limit: int) -> int:
                 "the stream is non-blocking and has no data ready; the raw backend "
                 "stores a value only when it can read it to its end",
             )
+        if isinstance(chunk, str):  # a text file inside a wrapper (NamedTemporaryFile("w+"))
+            raise TypeError(
+                f"the raw backend stores {ACCEPTED}; got {type(value).__name__}, whose "
+                f"read() returns {type(chunk).__name__}: open it in binary mode"
+            )
         if not chunk:
             return size
         size += len(chunk)

@@ -511,6 +511,30 @@ def test_a_non_blocking_pipe_that_runs_dry_is_an_error_not_a_shorter_value(tmp_p
     assert faultkit.temp_files(str(tmp_path / "cache")) == []
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tempfile.NamedTemporaryFile("w+"),  # noqa: SIM115 - closed below
+        lambda: tempfile.SpooledTemporaryFile(mode="w+"),  # noqa: SIM115
+    ],
+    ids=["NamedTemporaryFile", "SpooledTemporaryFile"],
+)
+def test_a_temporary_file_in_text_mode_is_refused_with_a_clear_error(tmp_path, make):
+    """Item 15: a text-mode temporary file is not a TextIOBase (it wraps one), so it
+    passed the type check and failed deep in the copy with "memoryview: a bytes-like
+    object is required"; now the TypeError says what the raw backend stores."""
+    region = raw(tmp_path / "cache")
+    region.set("key", io.BytesIO(b"old"))
+    with make() as value:
+        value.write("text")
+        value.seek(0)
+        with pytest.raises(TypeError, match="binary") as info:
+            region.set("key", value)
+    assert "the raw backend stores" in str(info.value)
+    assert faultkit.read_raw(region.get("key")) == b"old"
+    assert faultkit.temp_files(str(tmp_path / "cache")) == []
+
+
 def test_writing_to_a_moved_file_after_set_is_detected_as_damage(tmp_path):
     """Item 6: with file_movable=True the cache owns the caller's file after set(); a
     write through the caller's handle that changes its length makes the entry a miss."""
