@@ -946,9 +946,10 @@ def _mutex_user(base_dir, worker, warmed, deleted, barrier, calls, results):
 
 
 def test_a_deleted_lock_file_is_replaced_and_every_process_moves_to_it(tmp_path):
-    """Item 12: after ``lock`` was deleted, get_or_create ran its creator in two
-    processes at once.  Now each process notices within a second, they converge on the
-    new lock file, and the creator runs once."""
+    """Item 12: after ``lock`` was deleted, a process started afterwards made a new one
+    while the running ones stayed on the old, and get_or_create ran its creator in two
+    processes at once.  Now the running process notices within a second, both converge
+    on the new lock file, and the creator runs once."""
     base_dir = str(tmp_path / "cache")
     pickled(base_dir).set("seed", 1)
     warmed, deleted = SPAWN.Semaphore(0), SPAWN.Event()
@@ -960,12 +961,11 @@ def test_a_deleted_lock_file_is_replaced_and_every_process_moves_to_it(tmp_path)
         )
         for w in range(2)
     ]
-    for proc in procs:
-        proc.start()
-    for _ in procs:
-        assert warmed.acquire(timeout=WAIT)
+    procs[0].start()  # on the old lock file
+    assert warmed.acquire(timeout=WAIT)
     os.unlink(os.path.join(base_dir, layout.LOCK_NAME))
     deleted.set()
+    procs[1].start()  # never saw the old one
     values = [results.get(timeout=WAIT) for _ in procs]
     for proc in procs:
         proc.join(WAIT)
