@@ -21,8 +21,9 @@ lock file resets its in-process state (``os.register_at_fork``).
 
 The lock file can be deleted or replaced under running processes (a tmp
 cleaner, a hand).  Each process checks at most once a second, when it takes
-a lock, whether the path still names the file it has open, and moves to the
-file now there (creating one if none).  A lock already held stays on the
+a lock or names a temp file, whether the path still names the file it has
+open, and moves to the file now there (creating one if none), its writer
+byte with it.  A lock already held stays on the
 descriptor it was taken on and is released there; old descriptors are never
 closed, as closing one would drop every lock the process holds on that file.
 
@@ -203,19 +204,24 @@ class LockFile:
             self._spare_fds.append(self.fd)
             self.fd = fd
             self._watch.moved_to(fd)
-            slot, self._writer_slot = self._writer_slot, None
+            # The writer byte comes along without a gap: temp files being written are
+            # named after it.  (Taken there already: a 2**-48 chance; pick another.)
+            slot = self._writer_slot
+            if slot is not None and not self._lockf(fd, WRITER_BASE_OFFSET + slot, False):
+                self._writer_slot = None
         log.warning("lock file %s was deleted or replaced; moved to the new one", self.path)
-        if slot is not None:
-            self._take_writer_slot(slot)
 
     def writer_token(self) -> str:
-        """This process's writer token (hex), holding its writer byte from now on."""
+        """This process's writer token (hex), holding its writer byte from now on.
+
+        A process idle since the lock file was replaced moves first (when its check
+        is due): the token must be alive on the file that other processes judge by.
+        """
+        if self._watch.due():
+            self.check_identity()
         slot = self._writer_slot
         if slot is None:
-            with self._guard:
-                slot = self._writer_slot
-            if slot is None:
-                slot = self._take_writer_slot(None)
+            slot = self._take_writer_slot()
         return format(slot, f"0{WRITER_TOKEN_DIGITS}x")
 
     def next_temp_number(self) -> int:
@@ -228,20 +234,18 @@ class LockFile:
 
     # -- internals ------------------------------------------------------------
 
-    def _take_writer_slot(self, wanted: int | None) -> int:
-        """Lock a free writer byte (``wanted``, else a random one) for good."""
-        while True:
-            slot = wanted if wanted is not None else secrets.randbits(4 * WRITER_TOKEN_DIGITS)
-            wanted = None
-            if not self.writable or self._lockf(self.fd, WRITER_BASE_OFFSET + slot, False):
-                with self._guard:
-                    if self._writer_slot is None:
-                        self._writer_slot = slot
-                        return slot
-                    taken = self._writer_slot
-                if self.writable:  # another thread won: ours is a byte nobody else uses
-                    fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, WRITER_BASE_OFFSET + slot)
-                return taken
+    def _take_writer_slot(self) -> int:
+        """Lock a free writer byte, chosen at random, for good.
+
+        Under the guard, so that the byte is taken on the descriptor in use even
+        while another thread moves to a replaced lock file (never blocking: LOCK_NB).
+        """
+        with self._guard:
+            while self._writer_slot is None:
+                slot = secrets.randbits(4 * WRITER_TOKEN_DIGITS)
+                if not self.writable or self._lockf(self.fd, WRITER_BASE_OFFSET + slot, False):
+                    self._writer_slot = slot
+            return self._writer_slot
 
     def _held_elsewhere(self, offset: int) -> bool:
         if _FLOCK_BSD:

@@ -1054,6 +1054,80 @@ def test_a_live_writer_in_another_pid_namespace_keeps_its_temp_file(tmp_path):
     assert not os.path.exists(leftover)
 
 
+_PRUNE_IN_A_NEW_PROCESS = (
+    "import sys; from dogpile.cache import make_region; "
+    "print(make_region().configure('dogpile_fsbackend.raw', arguments={'base_dir': "
+    "sys.argv[1]}).backend.prune().scan.temp_files_removed)"
+)
+
+
+def _temp_files_removed_by_a_new_process(base_dir: str) -> int:
+    """A prune in a process started now (it judges writers by the lock file at the path)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PRUNE_IN_A_NEW_PROCESS, base_dir],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+    )
+    return int(done.stdout)
+
+
+def test_a_write_begun_after_the_lock_file_was_deleted_is_judged_by_the_new_one(
+    tmp_path, monkeypatch
+):
+    """Item 13: a process that took no lock since ``lock`` was deleted named its next temp
+    file after the writer byte it holds on the old file only; a scan in a newer process
+    found that byte free on the new file and took the live writer's temp file (once it
+    was not written for 2 s: a slow stream).  Now a writer checks the lock file, when
+    its once-a-second check is due, before it names a temp file."""
+    monkeypatch.setattr(files, "CHECK_INTERVAL", 0.0)  # due at once (after a second idle)
+    base_dir = str(tmp_path / "cache")
+    region = raw(base_dir)
+    region.set("warm", io.BytesIO(b"warm"))  # holds its writer byte on the old lock file
+    os.unlink(os.path.join(base_dir, layout.LOCK_NAME))
+    fd, temp = region.backend.store.open_temp(layout.key_digest(b"key"))  # a stream begins
+    try:
+        os.write(fd, b"the first part of a slow stream")
+        faultkit.age_temp_files(base_dir)  # not written for a while, as a slow stream
+        assert _temp_files_removed_by_a_new_process(base_dir) == 0
+        assert os.path.exists(temp)
+    finally:
+        os.close(fd)
+
+
+def test_a_write_begun_while_the_lock_file_is_being_moved_to_keeps_its_writer_byte(tmp_path):
+    """Item 13: moving to a replaced lock file gave up the writer slot for a moment; a
+    thread that began a write in that moment took another, and the move then unlocked
+    the old slot on the new file, so a scan in another process took the temp files
+    still being written under it.  The slot is now carried over without a gap."""
+    base_dir = str(tmp_path / "cache")
+    store = raw(base_dir).backend.store
+    lock_file = store.lock_file
+    fd, temp = store.open_temp(layout.key_digest(b"key"))  # a write in progress
+    tokens = []
+
+    class WriteDuringTheMove(logging.Handler):  # runs inside check_identity, after the swap
+        def emit(self, record: logging.LogRecord) -> None:
+            if "moved to the new one" in record.getMessage():
+                tokens.append(lock_file.writer_token())
+
+    handler = WriteDuringTheMove()
+    logger = logging.getLogger("dogpile_fsbackend.locking")
+    logger.addHandler(handler)
+    try:
+        os.unlink(os.path.join(base_dir, layout.LOCK_NAME))
+        lock_file.check_identity()
+        os.write(fd, b"still being written")
+        faultkit.age_temp_files(base_dir)
+        assert _temp_files_removed_by_a_new_process(base_dir) == 0
+        assert os.path.exists(temp)
+        assert tokens == [layout.temp_writer(os.path.basename(temp))]  # one slot, kept
+    finally:
+        logger.removeHandler(handler)
+        os.close(fd)
+
+
 # -- 14: clocks that were far ahead ---------------------------------------------------------
 
 
