@@ -9,7 +9,8 @@ No lock file is ever created or deleted per key.
 POSIX record locks belong to the *process*: two threads never exclude each
 other through them, and closing *any* descriptor of the file drops *all* of the
 process's locks on it.  So each process opens a lock file once (shared by every
-backend on that directory) and adds an in-process layer:
+backend on that directory, and closed when the last of them and of their mutexes
+is gone) and adds an in-process layer:
 
 * a thread lock per lock *name* (a key, a shard), so threads exclude each other
   and a second ``acquire(False)`` from the holder fails, as dogpile expects;
@@ -24,8 +25,9 @@ cleaner, a hand).  Each process checks at most once a second, when it takes
 a lock or names a temp file, whether the path still names the file it has
 open, and moves to the file now there (creating one if none), its writer
 byte with it.  A lock already held stays on the
-descriptor it was taken on and is released there; old descriptors are never
-closed, as closing one would drop every lock the process holds on that file.
+descriptor it was taken on and is released there; old descriptors stay open as
+long as the new one, as closing one would drop every lock the process holds on
+that file (its writer byte there too).
 
 Writers are told alive from dead by a lock, not by a pid or a clock: each
 process that writes holds one byte in a region of its own (``writer_token``),
@@ -49,6 +51,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Hashable, Iterator
 
 from dogpile.cache.api import CacheMutex
@@ -93,13 +96,14 @@ class _ByteLock:
 class LockFile:
     """This process's handle on one lock file; get it with :meth:`for_path`."""
 
-    _instances: dict[str, LockFile] = {}
+    # Weak: an instance lives while a backend or a mutex uses it.  Then nothing can hold
+    # or release a lock through it any more, and it closes its descriptors (__del__).
+    _instances: weakref.WeakValueDictionary[str, LockFile] = weakref.WeakValueDictionary()
     _instances_guard = threading.Lock()
-    _spare_fds: list[int] = []  # never closed: that would drop this process's locks
 
     @classmethod
     def for_path(cls, path: str, mode: int = 0o600, writable: bool = True) -> LockFile:
-        """The process-wide instance for ``path`` (opened once, never closed).
+        """The process-wide instance for ``path`` (opened once, closed with its last user).
 
         ``writable=False`` (a read-only filesystem) gives thread locks only:
         the kernel grants no write lock on a read-only descriptor, and nothing
@@ -118,9 +122,15 @@ class LockFile:
         self.fd = fd
         self.mode = mode
         self.writable = writable
+        self._old_fds: list[int] = []  # of replaced lock files: closing one drops its locks
         self._watch = files.Watch(path, fd)
         self._counter = itertools.count()
         self._reset()
+
+    def __del__(self) -> None:
+        for fd in (self.fd, *self._old_fds):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _reset(self) -> None:
         self._guard = threading.Lock()
@@ -201,7 +211,7 @@ class LockFile:
             log.warning("lock file %s was replaced by something unusable: %s", self.path, exc)
             return
         with self._guard:
-            self._spare_fds.append(self.fd)
+            self._old_fds.append(self.fd)
             self.fd = fd
             self._watch.moved_to(fd)
             # The writer byte comes along without a gap: temp files being written are
