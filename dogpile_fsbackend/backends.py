@@ -238,7 +238,7 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         key_bytes = _key_bytes(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
         self._count(key, found is not None)
-        return (found.record.payload, found.record.created) if found else NO_VALUE
+        return (found.record.payload, found.created) if found else NO_VALUE
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]
@@ -314,7 +314,7 @@ class RawFSBackend(_FSBackendBase):
         try:
             meta = records.RawMeta.from_bytes(record.payload)
             data_path = f"{self.store.layout.entry_path(digest)}.{meta.token}"
-            reader = rawfiles.open_cached(data_path, meta, record.created)
+            reader = rawfiles.open_cached(data_path, meta, found.created)
         except (records.DamagedRecord, FileNotFoundError):
             # Only the file we read: a no-op if a writer replaced (or a reader used) it since.
             self.store.discard_unusable(digest, found.inode, found.used_ns)

@@ -82,6 +82,7 @@ class Found(NamedTuple):
     """A record read from disk, and how to recognise its file later (see ``discard``)."""
 
     record: records.Record
+    created: float  # the record's, or when a read first saw it if that lies in the future
     inode: int
     used_ns: int | None  # the mtime this read stamped; None if it could not
 
@@ -263,7 +264,7 @@ class Store:
             used_ns = touch(fd, created) if self.writable else None
         finally:
             os.close(fd)
-        return Found(record, info.st_ino, used_ns)
+        return Found(record, created, info.st_ino, used_ns)
 
     def is_expired(self, created: float, now: float | None = None) -> bool:
         limit = self.settings.expiration_time

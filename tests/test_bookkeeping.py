@@ -40,6 +40,7 @@ from dogpile_fsbackend import (
     maintenance,
     marker,
     records,
+    store,
 )
 
 NOBODY = 65534
@@ -1172,6 +1173,37 @@ def test_times_in_the_future_are_taken_for_now(tmp_path):
     # A recount dated tomorrow is due now (it used to stop the periodic recount).
     region.backend.store.accounting.last_reconcile = tomorrow
     assert region.backend.store.reconcile_due()
+
+
+def _date_record(backend, key: str, kind: int, when: float) -> None:
+    """Rewrite ``key``'s record as if written at ``when`` by a clock that far off."""
+    path = faultkit.entry_path(backend, key)
+    with open(path, "rb") as handle:
+        record = records.decode(handle.read(), kind, key.encode())
+    with open(path, "wb") as handle:
+        handle.write(records.encode(kind, key.encode(), record.payload, when))
+    os.utime(path, (when, when))
+
+
+def test_a_creation_time_in_the_future_is_handed_out_as_now(tmp_path):
+    """Item 14: expiry took a record created under a clock far ahead for "now", but the
+    stamp that get_serialized_stamped hands out (the tiered backend trusts a local copy
+    by it, so a copy stored before a missed invalidation was trusted for a day) and a
+    raw hit's last_modified still carried the future time."""
+    tomorrow = time.time() + 86400
+    region = pickled(tmp_path / "pickled")
+    region.set("key", "value")
+    _date_record(region.backend, "key", records.KIND_PICKLED, tomorrow)
+    raw_region = raw(tmp_path / "raw")
+    raw_region.set("key", io.BytesIO(b"raw bytes"))
+    _date_record(raw_region.backend, "key", records.KIND_RAW, tomorrow)
+    for _ in range(2):  # the first read, and one after it re-dated the file
+        stamp = region.backend.get_serialized_stamped("key")[1]
+        assert stamp <= time.time() + store.FUTURE_TOLERANCE
+        with raw_region.get("key") as hit:
+            assert hit.read() == b"raw bytes"
+            assert hit.last_modified <= time.time() + store.FUTURE_TOLERANCE
+    assert region.get("key") == "value"
 
 
 # -- 15, 16, 17: errors that say what is wrong ------------------------------------------------
