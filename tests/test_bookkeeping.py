@@ -872,6 +872,9 @@ def test_entries_a_reader_cannot_remove_are_misses_left_in_place(tmp_path, where
 
 def _user_of_the_cache(base_dir: str, touch_interval: float, progress, stop) -> None:
     files.TOUCH_INTERVAL = touch_interval  # hourly in production; shortened for the test
+    # Times are refreshed only at an identity check (once a second in production): at the
+    # cleaner's 1 s age the files would be judged idle for the moment before each check.
+    files.CHECK_INTERVAL = touch_interval / 3
     region = pickled(base_dir)
     count = 0
     while not stop.is_set():
