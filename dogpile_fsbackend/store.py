@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 
 # O_NONBLOCK: a FIFO planted where an entry belongs must not hang the reader.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-# A path that is missing, or runs through something planted (a file, a symlink loop).
-_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
+# A path that is missing, or runs through something planted (a file, a symlink loop,
+# a Unix socket: ENXIO).
+_PATH_ERRNOS = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.ENXIO}
+)
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # An entry up to this size is read in one call; a bigger one has its header read first.
