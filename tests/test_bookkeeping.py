@@ -49,14 +49,15 @@ needs_root = pytest.mark.skipif(not ROOT, reason="needs root (mounts, other user
 BOOKKEEPING = (layout.ACCOUNTING_NAME, layout.LOCK_NAME, layout.MARKER_NAME)
 
 
-def cli(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
+def python(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """A fresh interpreter run with ``args``, its output captured as text."""
     return subprocess.run(
-        [sys.executable, "-m", "dogpile_fsbackend", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+        [sys.executable, *args], capture_output=True, text=True, timeout=WAIT, check=check
     )
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return python("-m", "dogpile_fsbackend", *args)
 
 
 def wait_for(condition, what: str, timeout: float = WAIT) -> None:
@@ -319,19 +320,13 @@ def test_a_planted_bookkeeping_file_is_a_clear_error_not_a_hang(tmp_path, name, 
         shutil.rmtree(os.path.join(base_dir, layout.DATA_DIR))
     path = os.path.join(base_dir, name)
     _plant(path, what)
-    done = subprocess.run(
-        [sys.executable, "-c", _OPEN_IN_A_CHILD, base_dir],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
+    done = python("-c", _OPEN_IN_A_CHILD, base_dir)
     assert done.stdout.startswith("BookkeepingError"), done
     assert path in done.stdout
     assert "remove it" in done.stdout or "delete it" in done.stdout
     if name != layout.MAINTENANCE_LOCK_NAME:
         for command in ("stats", "prune"):
-            outcome = cli(command, base_dir, timeout=WAIT)
+            outcome = cli(command, base_dir)
             assert outcome.returncode in (1, 2), outcome
             assert path in outcome.stderr, outcome
 
@@ -1038,19 +1033,13 @@ def test_a_live_writer_in_another_pid_namespace_keeps_its_temp_file(tmp_path):
         writer.stdout.close()
     assert faultkit.read_raw(region.get("key")) == first
     # A dead writer's temp file (its lock released by the kernel) goes at once.
-    dead = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, os; from dogpile.cache import make_region; "
-            "store = make_region().configure('dogpile_fsbackend.raw', "
-            "arguments={'base_dir': sys.argv[1]}).backend.store; "
-            "fd, path = store.open_temp('ab' * 32); os.write(fd, b'partial'); print(path)",
-            base_dir,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
+    dead = python(
+        "-c",
+        "import sys, os; from dogpile.cache import make_region; "
+        "store = make_region().configure('dogpile_fsbackend.raw', "
+        "arguments={'base_dir': sys.argv[1]}).backend.store; "
+        "fd, path = store.open_temp('ab' * 32); os.write(fd, b'partial'); print(path)",
+        base_dir,
         check=True,
     )
     leftover = dead.stdout.strip()
@@ -1069,14 +1058,7 @@ _PRUNE_IN_A_NEW_PROCESS = (
 
 def _temp_files_removed_by_a_new_process(base_dir: str) -> int:
     """A prune in a process started now (it judges writers by the lock file at the path)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _PRUNE_IN_A_NEW_PROCESS, base_dir],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=True,
-    )
-    return int(done.stdout)
+    return int(python("-c", _PRUNE_IN_A_NEW_PROCESS, base_dir, check=True).stdout)
 
 
 def test_a_write_begun_after_the_lock_file_was_deleted_is_judged_by_the_new_one(
