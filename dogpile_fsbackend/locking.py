@@ -58,6 +58,7 @@ from dogpile.cache.api import CacheMutex
 
 from . import files
 from .files import open_shared
+from .layout import WRITER_TOKEN_LEN
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ EVICTION_OFFSET = 0
 SHARD_BASE_OFFSET = 1
 KEY_BASE_OFFSET = SHARD_BASE_OFFSET + 16**3  # room for the widest shard layout
 WRITER_BASE_OFFSET = 1 << 56  # beyond every key slot (lock_slots <= 2**48)
-WRITER_TOKEN_DIGITS = 12  # hex digits of a writer's byte number (2**48 of them)
 
 _CONTENTION_ERRNOS = frozenset({errno.EACCES, errno.EAGAIN})
 _DEADLOCK_BACKOFF_MAX = 0.05
@@ -232,7 +232,7 @@ class LockFile:
         slot = self._writer_slot
         if slot is None:
             slot = self._take_writer_slot()
-        return format(slot, f"0{WRITER_TOKEN_DIGITS}x")
+        return format(slot, f"0{WRITER_TOKEN_LEN}x")
 
     def next_temp_number(self) -> int:
         return next(self._counter)
@@ -252,7 +252,7 @@ class LockFile:
         """
         with self._guard:
             while self._writer_slot is None:
-                slot = secrets.randbits(4 * WRITER_TOKEN_DIGITS)
+                slot = secrets.randbits(4 * WRITER_TOKEN_LEN)
                 if not self.writable or self._lockf(self.fd, WRITER_BASE_OFFSET + slot, False):
                     self._writer_slot = slot
             return self._writer_slot
