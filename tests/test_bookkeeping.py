@@ -752,6 +752,15 @@ def _on_a_read_only_cache(base_dir: str, entry: str) -> dict:
     logging_region = pickled(base_dir, write_errors="log")
     outcome["created"] = logging_region.get_or_create("other", lambda: "computed")
     outcome["write_errors"] = logging_region.backend.stats()["write_errors"]
+    # A value too large to cache is refused, and the key's old value cannot go either.
+    for write_errors in ("raise", "log"):
+        small = pickled(base_dir, cache_size=4096, write_errors=write_errors)
+        try:
+            with pytest.warns(CacheSizeWarning):
+                small.set("key", "x" * 10_000)
+            outcome[f"too large, {write_errors}"] = small.backend.stats()["write_errors"]
+        except OSError as exc:
+            outcome[f"too large, {write_errors}"] = errno.errorcode.get(exc.errno or 0)
     outcome["raw hit"] = faultkit.read_raw(raw(base_dir + "-raw").get("file"))
     outcome["stats"] = cli("stats", "--json", base_dir).returncode
     return outcome
@@ -783,6 +792,8 @@ def test_a_cache_on_a_read_only_filesystem_serves_hits(tmp_path):
         "set": "EROFS",
         "created": "computed",
         "write_errors": 1,
+        "too large, raise": "EROFS",
+        "too large, log": 1,
         "raw hit": b"raw bytes",
         "stats": 0,
     }
