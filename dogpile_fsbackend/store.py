@@ -169,7 +169,11 @@ class Store:
             return AccountingFile(path, count, mode, writable=self.writable)
         if not self.writable:
             raise ConfigError(
-                "base_dir", "an existing cache directory (a read-only one has no marker)", path
+                "base_dir",
+                f"a cache directory with its marker ({marker.path_of(self.settings.base_dir)} "
+                "is missing, and this read-only filesystem cannot get one: open the cache "
+                "read-write once, which re-creates it from the entries)",
+                self.settings.base_dir,
             )
         with maintenance_lock(self.settings.base_dir, mode):
             # The accounting first: one left by a process of another layout is refused

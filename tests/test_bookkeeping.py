@@ -799,6 +799,34 @@ def test_a_cache_on_a_read_only_filesystem_serves_hits(tmp_path):
     }
 
 
+def _open_read_only(base_dir: str) -> str:
+    try:
+        pickled(base_dir)
+    except ConfigError as exc:
+        return str(exc)
+    return "opened"
+
+
+@needs_root
+def test_a_read_only_cache_without_its_marker_names_the_file_and_the_way_out(tmp_path):
+    """Item 15: a read-only cache whose fsbackend.json is gone (a tmp cleaner took it)
+    cannot be adopted; the error used to show the accounting file's path as base_dir."""
+    source = tmp_path / "source"
+    pickled(source / "cache").set("key", "value")
+    os.unlink(source / "cache" / layout.MARKER_NAME)
+    mount_point = str(tmp_path / "ro")
+    os.mkdir(mount_point)
+    with faultkit.mounted("--bind", str(source), target=mount_point):
+        problem = faultkit.try_mount("-o", "remount,bind,ro", mount_point)
+        if problem:
+            pytest.skip(problem)
+        base_dir = os.path.join(mount_point, "cache")
+        message = faultkit.in_child(_open_read_only, base_dir)
+    assert f"got {base_dir!r}" in message, message
+    assert os.path.join(base_dir, layout.MARKER_NAME) in message
+    assert "read-write" in message
+
+
 def _misses_of_an_unremovable_cache(base_dir: str, raw_dir: str) -> dict:
     region = pickled(base_dir, expiration_time=60)
     raw_region = raw(raw_dir)
