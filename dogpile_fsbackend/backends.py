@@ -112,11 +112,15 @@ class _FSBackendBase(CacheBackend):
     # -- shared write path ----------------------------------------------------
 
     def _write(self, key: str, attempt: Callable[[], None], retry: bool = True) -> None:
+        """Run one write (see ``_attempt``); after one that succeeded, enforce the limit."""
+        if self._attempt(key, attempt, retry):
+            maintenance.enforce_limit(self.store)
+
+    def _attempt(self, key: str, attempt: Callable[[], None], retry: bool = True) -> bool:
         """Run one write; when the disk is full, evict a batch and try once more.
 
         A write that still fails raises (``write_errors="raise"``) or is logged
-        and counted, and the value is simply not cached (``"log"``).  After a
-        write that succeeded, the size limit is enforced.
+        and counted, and the value is simply not cached (``"log"``: False).
         """
         try:
             try:
@@ -130,8 +134,8 @@ class _FSBackendBase(CacheBackend):
                 raise
             self.store.write_errors += 1
             log.warning("value for key %r was not cached: %s", key[:80], exc)
-            return
-        maintenance.enforce_limit(self.store)
+            return False
+        return True
 
     def _made_room(self, error: OSError) -> bool:
         """Evict one batch after ``error`` (a full disk); False if nothing could go."""
@@ -158,9 +162,11 @@ class _FSBackendBase(CacheBackend):
             f"eviction_low_water ({self.settings.cache_size} x "
             f"{self.settings.eviction_low_water} = {room} bytes) and was not cached"
         )
-        self.store.delete(_digest(key))  # the key's old value must not outlive this set
         log.warning(message)
         warnings.warn(message, CacheSizeWarning, stacklevel=4)
+        # The key's old value must not outlive this set; where it cannot go (a read-only
+        # filesystem), that failed write follows write_errors like any other.
+        self._attempt(key, lambda: self.store.delete(_digest(key)), retry=False)
         return False
 
     def room(self) -> int:
@@ -238,7 +244,7 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         key_bytes = _key_bytes(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
         self._count(key, found is not None)
-        return (found.record.payload, found.record.created) if found else NO_VALUE
+        return (found.record.payload, found.created) if found else NO_VALUE
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]
@@ -314,10 +320,10 @@ class RawFSBackend(_FSBackendBase):
         try:
             meta = records.RawMeta.from_bytes(record.payload)
             data_path = f"{self.store.layout.entry_path(digest)}.{meta.token}"
-            reader = rawfiles.open_cached(data_path, meta, record.created)
+            reader = rawfiles.open_cached(data_path, meta, found.created)
         except (records.DamagedRecord, FileNotFoundError):
             # Only the file we read: a no-op if a writer replaced (or a reader used) it since.
-            self.store.discard(digest, found.inode, found.used_ns)
+            self.store.discard_unusable(digest, found.inode, found.used_ns)
             return NO_VALUE
         if meta.metadata is None:
             return reader

@@ -95,10 +95,10 @@ def open_cached(data_path: str, meta: RawMeta, created: float) -> CachedFileRead
     """Open a data file read-only at the creator's position; FileNotFoundError if gone."""
     try:
         raw = io.FileIO(data_path, "rb", opener=_nofollow_opener)
-    except OSError as exc:  # ELOOP: a symlink planted in place of the data file
-        if exc.errno != errno.ELOOP:
+    except OSError as exc:  # a symlink (ELOOP) or a socket (ENXIO) planted in its place
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):
             raise
-        raise FileNotFoundError(errno.ENOENT, "data file is a symlink", data_path) from exc
+        raise FileNotFoundError(errno.ENOENT, "data file is not a file", data_path) from exc
     try:
         info = os.fstat(raw.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size != meta.size:
@@ -213,6 +213,11 @@ def _copy_stream(value: Any, fd: int, limit: int) -> int:
                 errno.EAGAIN,
                 "the stream is non-blocking and has no data ready; the raw backend "
                 "stores a value only when it can read it to its end",
+            )
+        if isinstance(chunk, str):  # a text file inside a wrapper (NamedTemporaryFile("w+"))
+            raise TypeError(
+                f"the raw backend stores {ACCEPTED}; got {type(value).__name__}, whose "
+                f"read() returns {type(chunk).__name__}: open it in binary mode"
             )
         if not chunk:
             return size
