@@ -384,6 +384,65 @@ class RawFSBackend(_FSBackendBase):
         for key, value in mapping.items():
             self.set(key, value)
 
+    # -- for a tier above this cache (rawtiered.py) ---------------------------
+
+    def peek(self, key: str) -> CachedValue | Any:
+        """Like :meth:`get`, but not counted as a lookup (a tier reading back what it stored).
+
+        A hit still counts as a use for LRU eviction.
+        """
+        key_bytes = _key_bytes(key)
+        return self._open(layout.key_digest(key_bytes), key_bytes)
+
+    def set_incoming(
+        self, key: str, meta: records.RawMeta, created: float, fill: Callable[[int], None]
+    ) -> CachedValue | Any:
+        """Make the bytes that ``fill(fd)`` writes the entry of ``key``, described by ``meta``.
+
+        For bytes that arrive from elsewhere (another host's entry, from a
+        bucket): ``fill`` writes them to the descriptor of a fresh temp file in
+        the entry's own directory, which is then published like any raw write
+        (a rename: never a second copy), keeping ``meta``'s token, position,
+        metadata, file name and content type and ``created`` as the entry's
+        time.  A write of another length than ``meta.size`` raises ValueError
+        and publishes nothing; so does whatever ``fill`` raises.  Returns the
+        new entry as :meth:`peek` would, or NO_VALUE when it was not stored (a
+        value too big for this cache, or a failed write with
+        ``write_errors="log"``).
+        """
+        key_bytes = _key_bytes(key)
+        digest = layout.key_digest(key_bytes)
+        record = records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)
+        if not self._fits(key, meta.size + len(record)):
+            return NO_VALUE
+        stored = False
+
+        def attempt() -> None:
+            nonlocal stored
+            data_fd, data_temp = self.store.open_temp(digest)
+            record_temp = None
+            try:
+                try:
+                    fill(data_fd)
+                    written = os.fstat(data_fd).st_size
+                    self.store.sync_if_asked(data_fd)
+                finally:
+                    os.close(data_fd)
+                if written != meta.size:
+                    raise ValueError(f"{written} bytes arrived for an entry of {meta.size}")
+                record_temp = self.store.write_temp(digest, record)
+                self.store.publish(
+                    digest, record_temp, meta.size + len(record), data_temp, meta.token
+                )
+                stored = True
+            except BaseException:
+                remove_quietly(data_temp)
+                remove_quietly(record_temp)
+                raise
+
+        self._write(key, attempt, retry=False)  # the bytes arrive once: nothing to re-read
+        return self._open(digest, key_bytes) if stored else NO_VALUE
+
 
 for _backend in (PickleFSBackend, RawFSBackend):
     _backend.__doc__ = documented(_backend.__doc__, _backend._accepted_arguments)

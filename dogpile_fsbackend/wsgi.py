@@ -27,13 +27,18 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import timezone
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import quote
 
 from dogpile.cache.api import NO_VALUE, CachedValue
 from dogpile.cache.region import CacheRegion
 
 from .backends import RawFSBackend
-from .rawfiles import CachedFile, CachedFileReader, guess_type
+from .rawfiles import (
+    CachedFile,
+    CachedFileReader,
+    content_disposition,
+    guess_type,
+    header_content_type,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -42,7 +47,6 @@ if TYPE_CHECKING:
 _CHUNK = 256 * 1024
 _PATH = re.compile(r"/([0-9a-f]{64})/([0-9a-f]{1,64})")
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*", re.IGNORECASE)
-_DEFAULT_TYPE = "application/octet-stream"
 _SERVES = (
     "a cached raw value (CachedFileReader) or an open binary regular file: open(path, 'rb'), "
     "tempfile.NamedTemporaryFile(), or either wrapped in CachedFile(...), as a creator "
@@ -227,11 +231,11 @@ class CacheFileApp:
             headers += [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")]
             return _Plan("416 Range Not Satisfiable", headers, 0, 0, has_body=False)
         headers += [
-            ("Content-Type", _content_type(file.content_type)),
+            ("Content-Type", header_content_type(file.content_type)),
             ("X-Content-Type-Options", "nosniff"),
         ]
         if file.filename:
-            headers.append(("Content-Disposition", _disposition(file.filename)))
+            headers.append(("Content-Disposition", content_disposition(file.filename)))
         if byte_range is None:
             headers.append(("Content-Length", str(size)))
             return _Plan("200 OK", headers, 0, size, has_body=True)
@@ -375,23 +379,6 @@ def _http_date(value: str | None) -> int | None:
     if moment.tzinfo is None:  # "-0000": UTC, said without a zone
         moment = moment.replace(tzinfo=timezone.utc)
     return int(moment.timestamp())
-
-
-def _content_type(content_type: str | None) -> str:
-    """The stored type if it is safe to put in a header, else ``application/octet-stream``."""
-    if content_type and content_type.isascii() and content_type.isprintable():
-        return content_type
-    return _DEFAULT_TYPE
-
-
-def _disposition(filename: str) -> str:
-    """``inline`` with the name (RFC 6266): browsers show the file, and save it under it."""
-    printable = "".join(c for c in filename if c.isprintable())
-    fallback = printable.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
-    header = f'inline; filename="{fallback}"'
-    if fallback != printable:
-        header += f"; filename*=UTF-8''{quote(printable, safe='')}"
-    return header
 
 
 def _error(

@@ -1,21 +1,28 @@
-"""Real servers for the tests: a private ``redis-server`` on a free loopback port.
+"""Real servers for the tests on free loopback ports: ``redis-server`` and an S3 endpoint.
 
-Never a mock: the tiered backend is tested against the server it will meet in
-production.  Each :class:`RedisServer` runs in its own directory with
+Never a mock: the tiered backends are tested against the servers they will
+meet in production.  Each :class:`RedisServer` runs in its own directory with
 persistence off (``--save '' --appendonly no``), answers PING before it is
 handed out, and can be killed, paused and restarted on the same port for the
-outage tests.
+outage tests.  Each :class:`MotoServer` is moto's standalone S3 server (``python
+-m moto.server``), a real HTTP endpoint speaking the S3 API, started and
+stopped the same way; it keeps its objects in memory (and its temp files in
+its own directory), so a restarted one is empty.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 
 WAIT = 30.0  # seconds a server may take to start or stop
 
@@ -131,3 +138,118 @@ class RedisServer:
         import redis
 
         return redis.Redis.from_url(self.url, socket_timeout=5)
+
+
+# -- S3 ---------------------------------------------------------------------------------
+
+S3_CREDENTIALS = {
+    "aws_access_key_id": "testing",
+    "aws_secret_access_key": "testing",
+    "region_name": "us-east-1",
+}
+
+
+def moto_installed() -> bool:
+    return importlib.util.find_spec("moto") is not None
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+class MotoServer:
+    """One moto S3 server process; :attr:`endpoint_url` is where to reach it."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def s3_arguments(self) -> dict:
+        """boto3 client arguments for this server (moto takes any credentials)."""
+        return {"endpoint_url": self.endpoint_url, **S3_CREDENTIALS}
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.directory, "moto.log")
+
+    def start(self) -> MotoServer:
+        """Start on a free port (or the previous one, for a restart); wait until it answers."""
+        for _ in range(5):
+            port = self.port or free_port()
+            if self._start_on(port):
+                self.port = port
+                return self
+            if self.port:
+                time.sleep(0.2)
+        raise RuntimeError(f"moto's S3 server did not start; see {self.log_path}")
+
+    def _start_on(self, port: int) -> bool:
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        environment = {**os.environ, "TMPDIR": self.directory}  # its spooled object files
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=environment
+            )
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:  # exited: most likely the port was taken
+                return False
+            if http_ok(f"http://127.0.0.1:{port}/moto-api/data.json", timeout=0.5):
+                return True
+            time.sleep(0.05)
+        self.process.kill()
+        self.process.wait(WAIT)
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL: an outage with connections refused from now on (and every object lost)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(WAIT)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(WAIT)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """SIGSTOP: a hung endpoint (connections accepted by the kernel, never answered)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
+    def client(self):
+        """A plain boto3 client, for making buckets and looking behind the tier."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", config=Config(signature_version="s3v4"), **self.s3_arguments)
+
+    def reset(self) -> None:
+        """Forget every bucket and object (moto's own API)."""
+        request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=WAIT):
+            pass
