@@ -272,16 +272,23 @@ class RawTieredBackend(CacheBackend):
     def get_multi(self, keys: Iterable[str]) -> list[Any]:
         return [self.get(key) for key in keys]
 
-    def get_by_digest(self, digest: str) -> CachedValue | Any:
+    def get_by_digest(self, digest: str, token: str | None = None) -> CachedValue | Any:
         """Like :meth:`get`, for a caller that has only the key's SHA-256 hex (a URL).
 
         A local miss fetches the object as :meth:`get` does; an object whose key
-        was too long for its metadata is served without being kept.
+        was too long for its metadata is served without being kept.  Given the
+        ``token`` of a write (a URL names one), a local copy of another write is
+        replaced by the bucket's object if that is the write named.
         """
         value = self.local.get_by_digest(digest)
         if value is not NO_VALUE:
-            self.local_hits += 1
-            return value
+            if token is None or _reader_of(value).etag == f'"{token}"':
+                self.local_hits += 1
+                return value
+            description = self.describe_remote(digest)
+            if description is None or description.meta.token != token:
+                return value  # the caller sees that it is not the write it asked for
+            _reader_of(value).close()
         if layout.split_entry_name(digest) != (digest, None):
             return NO_VALUE
         found = self.guard.call(self._download, None, None, digest)
@@ -299,14 +306,18 @@ class RawTieredBackend(CacheBackend):
         return None if found is OUTAGE else found
 
     def presigned_url(
-        self, digest: str, method: str = "GET", expires_in: int = 3600, **response: str
+        self,
+        digest: str,
+        method: str = "GET",
+        expires_in: int = 3600,
+        cache_control: str | None = None,
     ) -> str:
         """A URL of the object of ``digest`` that anyone may fetch for ``expires_in`` s.
 
         ``method`` is ``"GET"`` or ``"HEAD"`` (a SigV4 URL is for one method);
-        ``cache_control=`` sets the response's Cache-Control.
+        ``cache_control`` becomes the response's Cache-Control.
         """
-        return self.bucket.presigned_url(digest, method, expires_in, response.get("cache_control"))
+        return self.bucket.presigned_url(digest, method, expires_in, cache_control)
 
     def _fetch(self, key: str, key_bytes: bytes) -> CachedValue | Any:
         found = self.guard.call(self._download, key, key_bytes, layout.key_digest(key_bytes))

@@ -1,0 +1,245 @@
+"""Helpers of the raw_tiered tests: regions on a real S3 endpoint, big files, simulated hosts.
+
+A simulated host is a spawned process with a ``base_dir`` of its own; hosts share
+the bucket (moto's S3 server) and, for the cross-host lock, a redis-server.
+Big files are made of 1 MiB blocks, each the block's number followed by bytes
+drawn from a seed, so any process can recompute any byte range without keeping
+the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+from conftest import SPAWN, WAIT
+from dogpile.cache import make_region
+from dogpile.cache.api import NO_VALUE
+from dogpile.cache.region import CacheRegion
+
+from dogpile_fsbackend import CachedFile
+
+MiB = 1024**2
+BUCKET = "test-bucket"
+FAST_BACKOFF = {"remote_backoff": 0.2, "remote_backoff_max": 0.5}
+MISS = "<miss>"
+
+
+def arguments(
+    s3_arguments: dict,
+    base_dir: str,
+    redis_url: str | None = None,
+    local: dict | None = None,
+    **top: Any,
+) -> dict[str, Any]:
+    """raw_tiered arguments that raise no pitfall warning (the suite turns them into errors)."""
+    found: dict[str, Any] = {
+        "local": {"base_dir": base_dir, "cache_size": "4GiB", **(local or {})},
+        "bucket": BUCKET,
+        "prefix": "files/",
+        "s3": dict(s3_arguments),
+        **top,
+    }
+    if redis_url is not None:
+        found["lock_backend"] = "dogpile.cache.redis"
+        found["lock"] = {"url": redis_url, "lock_timeout": 60, "lock_sleep": 0.01}
+    return found
+
+
+def region(
+    s3_arguments: dict,
+    base_dir: str,
+    redis_url: str | None = None,
+    expiration_time: float | None = None,
+    **top: Any,
+) -> CacheRegion:
+    return make_region().configure(
+        "dogpile_fsbackend.raw_tiered",
+        expiration_time=expiration_time,
+        arguments=arguments(s3_arguments, base_dir, redis_url, **top),
+    )
+
+
+# -- big files of recomputable blocks ---------------------------------------------------
+
+
+def base_block(seed: int) -> bytes:
+    return random.Random(seed).randbytes(MiB)
+
+
+def block(base: bytes, index: int) -> bytes:
+    return index.to_bytes(8, "big") + base[8:]
+
+
+def write_blocks(path: str, blocks: int, seed: int) -> str:
+    """Write ``blocks`` MiB to ``path``; the SHA-256 hex of the whole file."""
+    base, whole = base_block(seed), hashlib.sha256()
+    with open(path, "wb") as out:
+        for index in range(blocks):
+            data = block(base, index)
+            out.write(data)
+            whole.update(data)
+    return whole.hexdigest()
+
+
+def expected_bytes(seed: int, start: int, stop: int) -> bytes:
+    base = base_block(seed)
+    first, last = start // MiB, (stop - 1) // MiB
+    blocks = b"".join(block(base, i) for i in range(first, last + 1))
+    return blocks[start - first * MiB : stop - first * MiB]
+
+
+def sha256_of(reader: Any) -> tuple[str, int]:
+    """(SHA-256 hex, bytes) of a file from its start, read in 1 MiB chunks."""
+    reader.seek(0)
+    digest, size = hashlib.sha256(), 0
+    while chunk := reader.read(MiB):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def describe(value: Any) -> dict[str, Any] | str:
+    """What a get returned, as a picklable dict: the reader's attributes and content digest."""
+    if value is NO_VALUE:
+        return MISS
+    position = value.tell()
+    with value:
+        digest, size = sha256_of(value)
+        return {
+            "filename": value.filename,
+            "content_type": value.content_type,
+            "content_length": value.content_length,
+            "last_modified": value.last_modified,
+            "etag": value.etag,
+            "position": position,
+            "sha256": digest,
+            "size": size,
+        }
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise LookupError(field)
+
+
+# -- simulated hosts --------------------------------------------------------------------
+
+
+def _creator(base_dir: str, blocks: int, seed: int, filename: str, log_path: str, pause: float):
+    def create() -> CachedFile:
+        with open(log_path, "a") as log:
+            log.write(json.dumps([os.getpid(), time.time()]) + "\n")
+        time.sleep(pause)  # so that the other hosts' processes come while it runs
+        out = tempfile.NamedTemporaryFile(dir=base_dir, delete=False)  # noqa: SIM115
+        out.close()
+        write_blocks(out.name, blocks, seed)
+        return CachedFile(open(out.name, "rb"), filename=filename)  # noqa: SIM115
+
+    return create
+
+
+def _host_main(s3_arguments, base_dir, redis_url, top, inbox, outbox) -> None:
+    """A simulated host's process: runs the commands it is sent, answers each one."""
+    tier = region(s3_arguments, base_dir, redis_url, **top)
+    outbox.put(("ready", os.getpid()))
+    while True:
+        command, *args = inbox.get()
+        try:
+            if command == "get":
+                answer: Any = describe(tier.get(args[0]))
+            elif command == "get_or_create":  # key, blocks, seed, filename, log_path, pause
+                key, *creator_args = args
+                created = tier.get_or_create(key, _creator(base_dir, *creator_args))
+                created.close()  # the first call returns the creator's own file
+                answer = describe(tier.get(key))
+            elif command == "set_blocks":  # key, blocks, seed, filename: a movable file
+                key, blocks, seed, filename = args
+                path = os.path.join(base_dir, f"new-{key}")
+                os.makedirs(base_dir, exist_ok=True)
+                digest = write_blocks(path, blocks, seed)
+                rss_before = status_kib("VmRSS")
+                started = time.monotonic()
+                with open(path, "rb") as handle:
+                    tier.set(key, CachedFile(handle, filename=filename))
+                answer = {
+                    "sha256": digest,
+                    "seconds": time.monotonic() - started,
+                    "rss_before_kib": rss_before,
+                    "hwm_kib": status_kib("VmHWM"),
+                }
+            elif command == "drop_local":  # this host's copy only, as an eviction would
+                answer = tier.backend.local.delete(args[0])
+            elif command == "get_measured":  # a get and a full read, with RSS around it
+                rss_before = status_kib("VmRSS")
+                started = time.monotonic()
+                value = tier.get(args[0])
+                seconds = time.monotonic() - started
+                answer = {
+                    **describe(value),
+                    "seconds": seconds,
+                    "rss_before_kib": rss_before,
+                    "hwm_kib": status_kib("VmHWM"),
+                }
+            elif command == "delete":
+                answer = tier.delete(args[0])
+            elif command == "stats":
+                answer = tier.backend.stats()
+            elif command == "stop":
+                outbox.put(("ok", None))
+                return
+            else:
+                raise ValueError(f"unknown command {command!r}")
+        except Exception as exc:
+            outbox.put(("error", f"{type(exc).__name__}: {exc}"))
+        else:
+            outbox.put(("ok", answer))
+
+
+class Host:
+    """A simulated host: a spawned process with a base_dir of its own."""
+
+    def __init__(
+        self, s3_arguments: dict, base_dir: str, redis_url: str | None = None, **top: Any
+    ) -> None:
+        self._inbox, self._outbox = SPAWN.Queue(), SPAWN.Queue()
+        self.process = SPAWN.Process(
+            target=_host_main,
+            args=(s3_arguments, base_dir, redis_url, top, self._inbox, self._outbox),
+            daemon=True,
+        )
+        self.process.start()
+        kind, self.pid = self._outbox.get(timeout=WAIT)
+        assert kind == "ready"
+
+    def __call__(self, command: str, *args: Any, timeout: float = 2 * WAIT) -> Any:
+        self._inbox.put((command, *args))
+        kind, answer = self._outbox.get(timeout=timeout)
+        if kind == "error":
+            raise AssertionError(f"host {self.pid}: {answer}")
+        return answer
+
+    def send(self, command: str, *args: Any) -> None:
+        self._inbox.put((command, *args))
+
+    def answer(self, timeout: float = 2 * WAIT) -> Any:
+        kind, answer = self._outbox.get(timeout=timeout)
+        if kind == "error":
+            raise AssertionError(f"host {self.pid}: {answer}")
+        return answer
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self._inbox.put(("stop",))
+            self.process.join(WAIT)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(WAIT)
