@@ -177,7 +177,7 @@ class RawTieredBackend(CacheBackend):
     """
 
     def __init__(self, arguments: Mapping[str, Any]) -> None:
-        settings = _parse(arguments)
+        settings = _parse(arguments, local_given=has_tier(arguments, "local"))
         local_arguments = tier_arguments(arguments, "local")
         local = local_tier(lambda: RawFSBackend(local_arguments))
         lock = None
@@ -193,8 +193,11 @@ class RawTieredBackend(CacheBackend):
         """From ``configure_from_config``: ``<prefix>local.*``, ``<prefix>s3.*`` and
         ``<prefix>lock.*`` keys go to each tier (the local tier and the lock backend
         coerce their own strings; ``s3.config.*`` keys become botocore's Config)."""
-        settings = _parse(top_level_of_config(config_dict, prefix))
         local_prefix, lock_prefix = f"{prefix}local.", f"{prefix}lock."
+        settings = _parse(
+            top_level_of_config(config_dict, prefix),
+            local_given=any(key.startswith(local_prefix) for key in config_dict),
+        )
         local_config = as_config(sub_config(config_dict, local_prefix), local_prefix)
         local = local_tier(
             lambda: cast(RawFSBackend, RawFSBackend.from_config_dict(local_config, local_prefix))
@@ -537,8 +540,8 @@ def _reader_of(value: Any) -> CachedFileReader:
     return reader
 
 
-def _parse(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    if not has_tier(arguments, "local"):
+def _parse(arguments: Mapping[str, Any], local_given: bool) -> dict[str, Any]:
+    if not local_given:
         raise ConfigError(
             "local", "given: a dict of the local tier's arguments (base_dir, ...)", None
         )

@@ -142,7 +142,7 @@ def _creator(base_dir: str, blocks: int, seed: int, filename: str, log_path: str
         out = tempfile.NamedTemporaryFile(dir=base_dir, delete=False)  # noqa: SIM115
         out.close()
         write_blocks(out.name, blocks, seed)
-        return CachedFile(open(out.name, "rb"), filename=filename)  # noqa: SIM115
+        return CachedFile(open(out.name, "rb"), filename=filename)
 
     return create
 
