@@ -9,6 +9,7 @@ the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -243,3 +244,76 @@ class Host:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(WAIT)
+
+
+class CuttingProxy:
+    """A TCP relay to ``port`` that cuts every connection after ``limit`` bytes of answer.
+
+    A real network fault, not a fake S3: requests and answers are the server's
+    own, until the connection is closed in the middle of a transfer.
+    """
+
+    def __init__(self, port: int, limit: int) -> None:
+        import socket
+        import threading
+
+        self._target = port
+        self.limit = limit
+        self.cuts = 0
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(16)
+        self._socket.settimeout(0.05)  # so that close() is seen: accept() does not wake up
+        self._stop = threading.Event()
+        self.port = self._socket.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            server = socket.create_connection(("127.0.0.1", self._target), timeout=WAIT)
+            for source, target, limit in ((client, server, None), (server, client, self.limit)):
+                thread = threading.Thread(
+                    target=self._relay, args=(source, target, limit, client, server), daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+
+    def _relay(self, source, target, limit, *both) -> None:
+        sent = 0
+        try:
+            while data := source.recv(65536):
+                if limit is not None and sent + len(data) >= limit:
+                    target.sendall(data[: limit - sent])
+                    self.cuts += 1
+                    break
+                target.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for connection in both:  # one side ended: end the other
+            with contextlib.suppress(OSError):
+                connection.shutdown(2)
+            connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self._socket.close()
+        for thread in self._threads:
+            thread.join(WAIT)
