@@ -437,7 +437,12 @@ class RawTieredBackend(CacheBackend):
                 reader.filename,
                 reader.content_type,
             )
-            if self.guard.call(self._upload, digest, reader, meta, key_bytes) is not OUTAGE:
+            try:
+                uploaded = self.guard.call(self._upload, digest, reader, meta, key_bytes)
+            except DamagedObject as exc:  # the caller wrote to its moved file after set()
+                log.warning("%s: key %r was not uploaded: %s", self.bucket, key[:80], exc)
+                return
+            if uploaded is not OUTAGE:
                 self.uploads += 1
 
     def _upload(

@@ -230,7 +230,7 @@ class CacheFileApp:
         backend = cache.actual_backend if isinstance(cache, CacheRegion) else cache
         if not isinstance(backend, (RawFSBackend, RawTieredBackend)):
             raise TypeError(
-                "CacheFileApp serves the dogpile_fsbackend.raw and raw_tiered backends, "
+                "CacheFileApp serves the dogpile_fsbackend.raw backend (or raw_tiered), "
                 f"not {type(backend)!r}"
             )
         if self.presign and not isinstance(backend, RawTieredBackend):
