@@ -136,6 +136,21 @@ def rotated(items: Sequence[Any], shift: int) -> list[Any]:
     return [*items[shift:], *items[:shift]]
 
 
+def generate_file(path: str, size: int) -> None:
+    """A file of ``size`` random bytes (incompressible, so no layer can cheat on it)."""
+    with open(path, "wb") as out:
+        left = size
+        while left:
+            block = os.urandom(min(left, 4 * MiB))
+            out.write(block)
+            left -= len(block)
+
+
+def size_label(size: int) -> str:
+    """``"64 MiB"``, ``"1 GiB"``: how the tables name a file size."""
+    return f"{size / GiB:g} GiB" if size >= GiB else f"{size // MiB} MiB"
+
+
 def dir_bytes(path: str) -> int:
     """Apparent size of every file below ``path``."""
     total = 0

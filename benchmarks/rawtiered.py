@@ -30,7 +30,18 @@ import traceback
 from collections import defaultdict
 from typing import Any
 
-from common import MiB, Params, Table, WorkloadResult, fmt_num, median, read_status_kib, rotated
+from common import (
+    MiB,
+    Params,
+    Table,
+    WorkloadResult,
+    fmt_num,
+    generate_file,
+    median,
+    read_status_kib,
+    rotated,
+    size_label,
+)
 
 from dogpile_fsbackend.layout import encode_key, key_digest
 
@@ -162,7 +173,7 @@ def raw_tiered(params: Params, workdir: str) -> WorkloadResult:
             case_dir = os.path.join(workdir, f"size-{size}")
             for host in ("host-a", "host-b"):
                 os.makedirs(os.path.join(case_dir, host))
-            _generate(os.path.join(case_dir, "source"), size)
+            generate_file(os.path.join(case_dir, "source"), size)
             args = (moto.s3_arguments, redis.url, size, case_dir)
             for repeat in range(params.rawtiered_repeats):
                 for case in rotated([SET, SET_DIRECT], repeat):
@@ -176,15 +187,6 @@ def raw_tiered(params: Params, workdir: str) -> WorkloadResult:
         moto.stop()
         redis.stop()
     return _report(params, results)
-
-
-def _generate(path: str, size: int) -> None:
-    with open(path, "wb") as out:
-        left = size
-        while left:
-            block = os.urandom(min(left, 4 * MiB))
-            out.write(block)
-            left -= len(block)
 
 
 def _report(
@@ -205,7 +207,7 @@ def _report(
     )
     records: list[dict[str, Any]] = []
     for size in params.rawtiered_sizes:
-        label = f"{size / 2**30:g} GiB" if size >= 2**30 else f"{size // MiB} MiB"
+        label = size_label(size)
         floors = {
             SET: SET_DIRECT,
             SET_DIRECT: SET_DIRECT,

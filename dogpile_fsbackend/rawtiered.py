@@ -495,13 +495,7 @@ class RawTieredBackend(CacheBackend):
 
     def has_lock_timeout(self) -> bool:
         """True if the lock backend's lock can expire while held (then two creators may run)."""
-        if self.lock is None:
-            return False
-        base = redisremote.innermost(self.lock)
-        redis_timeout = getattr(base, "distributed_lock", False) and getattr(
-            base, "lock_timeout", None
-        )
-        return bool(self.lock.has_lock_timeout() or redis_timeout)
+        return self.lock is not None and redisremote.lock_can_expire(self.lock)
 
     # -- maintenance: this host's tier ------------------------------------------------
 

@@ -33,7 +33,6 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -45,9 +44,10 @@ from types import TracebackType
 from typing import Any
 
 from .config import parse_size
-from .exceptions import ConfigError, MissingExtraError
+from .exceptions import ConfigError
 from .rawfiles import content_disposition, header_content_type
 from .records import DamagedRecord, RawMeta
+from .remote import require_extra
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,6 @@ MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit
 
 class DamagedObject(Exception):
     """An object's bytes do not match its description (length or CRC32)."""
-
-
-def require_boto3(feature: str) -> Any:
-    """The ``boto3`` module, or MissingExtraError saying how to install it."""
-    try:
-        return importlib.import_module("boto3")
-    except ImportError as exc:
-        raise MissingExtraError(
-            f"{feature} needs boto3, an optional extra: pip install dogpile_fsbackend[s3]"
-        ) from exc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +238,7 @@ class Bucket:
     ) -> None:
         self.name = name
         self.prefix = prefix
-        self._boto3 = require_boto3("dogpile_fsbackend.raw_tiered")
+        self._boto3 = require_extra("boto3", "s3", "dogpile_fsbackend.raw_tiered")
         import botocore.config
         import botocore.exceptions
         from boto3.s3.transfer import TransferConfig

@@ -279,13 +279,7 @@ class _TieredOperations:
 
     def has_lock_timeout(self) -> bool:
         """True if the remote's lock can expire while held (then two creators may run)."""
-        if self.lock_mode == "local":
-            return False
-        base = redisremote.innermost(self.remote)
-        redis_timeout = getattr(base, "distributed_lock", False) and getattr(
-            base, "lock_timeout", None
-        )
-        return bool(self.remote.has_lock_timeout() or redis_timeout)
+        return self.lock_mode != "local" and redisremote.lock_can_expire(self.remote)
 
     # -- observability --------------------------------------------------------------
 

@@ -18,7 +18,8 @@ import tempfile
 import time
 from typing import Any
 
-from conftest import SPAWN, WAIT
+import hostkit
+from conftest import WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
 from dogpile.cache.region import CacheRegion
@@ -151,99 +152,61 @@ def _creator(base_dir: str, blocks: int, seed: int, filename: str, log_path: str
 def _host_main(s3_arguments, base_dir, redis_url, top, inbox, outbox) -> None:
     """A simulated host's process: runs the commands it is sent, answers each one."""
     tier = region(s3_arguments, base_dir, redis_url, **top)
-    outbox.put(("ready", os.getpid()))
-    while True:
-        command, *args = inbox.get()
-        try:
-            if command == "get":
-                answer: Any = describe(tier.get(args[0]))
-            elif command == "get_or_create":  # key, blocks, seed, filename, log_path, pause
-                key, *creator_args = args
-                created = tier.get_or_create(key, _creator(base_dir, *creator_args))
-                created.close()  # the first call returns the creator's own file
-                answer = describe(tier.get(key))
-            elif command == "set_blocks":  # key, blocks, seed, filename: a movable file
-                key, blocks, seed, filename = args
-                path = os.path.join(base_dir, f"new-{key}")
-                os.makedirs(base_dir, exist_ok=True)
-                digest = write_blocks(path, blocks, seed)
-                rss_before = status_kib("VmRSS")
-                started = time.monotonic()
-                with open(path, "rb") as handle:
-                    tier.set(key, CachedFile(handle, filename=filename))
-                answer = {
-                    "sha256": digest,
-                    "seconds": time.monotonic() - started,
-                    "rss_before_kib": rss_before,
-                    "hwm_kib": status_kib("VmHWM"),
-                }
-            elif command == "drop_local":  # this host's copy only, as an eviction would
-                answer = tier.backend.local.delete(args[0])
-            elif command == "get_measured":  # a get and a full read, with RSS around it
-                rss_before = status_kib("VmRSS")
-                started = time.monotonic()
-                value = tier.get(args[0])
-                seconds = time.monotonic() - started
-                answer = {
-                    **describe(value),
-                    "seconds": seconds,
-                    "rss_before_kib": rss_before,
-                    "hwm_kib": status_kib("VmHWM"),
-                }
-            elif command == "delete":
-                answer = tier.delete(args[0])
-            elif command == "stats":
-                answer = tier.backend.stats()
-            elif command == "stop":
-                outbox.put(("ok", None))
-                return
-            else:
-                raise ValueError(f"unknown command {command!r}")
-        except Exception as exc:
-            outbox.put(("error", f"{type(exc).__name__}: {exc}"))
-        else:
-            outbox.put(("ok", answer))
+
+    def measured(operation) -> dict[str, Any]:
+        """What ``operation()`` returns, with its time and the peak RSS around it."""
+        rss_before = status_kib("VmRSS")
+        started = time.monotonic()
+        answer = operation()
+        return {
+            **answer,
+            "seconds": time.monotonic() - started,
+            "rss_before_kib": rss_before,
+            "hwm_kib": status_kib("VmHWM"),
+        }
+
+    def set_blocks(key: str, blocks: int, seed: int, filename: str) -> dict[str, Any]:
+        """A movable file of ``blocks`` MiB stored under ``key``: its SHA-256, measured."""
+        path = os.path.join(base_dir, f"new-{key}")
+        os.makedirs(base_dir, exist_ok=True)
+        digest = write_blocks(path, blocks, seed)
+
+        def store() -> dict[str, Any]:
+            with open(path, "rb") as handle:
+                tier.set(key, CachedFile(handle, filename=filename))
+            return {"sha256": digest}
+
+        return measured(store)
+
+    def handle(command: str, args: list[Any]) -> Any:
+        if command == "get":
+            return describe(tier.get(args[0]))
+        if command == "get_or_create":  # key, blocks, seed, filename, log_path, pause
+            key, *creator_args = args
+            tier.get_or_create(key, _creator(base_dir, *creator_args)).close()
+            return describe(tier.get(key))  # the first call returned the creator's own file
+        if command == "set_blocks":
+            return set_blocks(*args)
+        if command == "get_measured":  # a get and a full read, measured
+            return measured(lambda: describe(tier.get(args[0])))
+        if command == "drop_local":  # this host's copy only, as an eviction would
+            return tier.backend.local.delete(args[0])
+        if command == "delete":
+            return tier.delete(args[0])
+        if command == "stats":
+            return tier.backend.stats()
+        raise hostkit.unknown(command)
+
+    hostkit.serve(handle, inbox, outbox)
 
 
-class Host:
+class Host(hostkit.ProcessHost):
     """A simulated host: a spawned process with a base_dir of its own."""
 
     def __init__(
         self, s3_arguments: dict, base_dir: str, redis_url: str | None = None, **top: Any
     ) -> None:
-        self._inbox, self._outbox = SPAWN.Queue(), SPAWN.Queue()
-        self.process = SPAWN.Process(
-            target=_host_main,
-            args=(s3_arguments, base_dir, redis_url, top, self._inbox, self._outbox),
-            daemon=True,
-        )
-        self.process.start()
-        kind, self.pid = self._outbox.get(timeout=WAIT)
-        assert kind == "ready"
-
-    def __call__(self, command: str, *args: Any, timeout: float = 2 * WAIT) -> Any:
-        self._inbox.put((command, *args))
-        kind, answer = self._outbox.get(timeout=timeout)
-        if kind == "error":
-            raise AssertionError(f"host {self.pid}: {answer}")
-        return answer
-
-    def send(self, command: str, *args: Any) -> None:
-        self._inbox.put((command, *args))
-
-    def answer(self, timeout: float = 2 * WAIT) -> Any:
-        kind, answer = self._outbox.get(timeout=timeout)
-        if kind == "error":
-            raise AssertionError(f"host {self.pid}: {answer}")
-        return answer
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            self._inbox.put(("stop",))
-            self.process.join(WAIT)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(WAIT)
+        super().__init__(_host_main, s3_arguments, base_dir, redis_url, top)
 
 
 class CuttingProxy:
