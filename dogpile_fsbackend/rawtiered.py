@@ -94,9 +94,10 @@ def _lock_backend_name(name: str, value: Any) -> str | None:
 
 
 def _concurrency(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+    number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 64:
         raise ConfigError(name, "an integer from 1 to 64", value)
-    return value
+    return number
 
 
 PARSERS = {

@@ -238,6 +238,7 @@ class Bucket:
     ) -> None:
         self.name = name
         self.prefix = prefix
+        self.concurrency = concurrency
         self._boto3 = require_extra("boto3", "s3", "dogpile_fsbackend.raw_tiered")
         import botocore.config
         import botocore.exceptions
@@ -410,10 +411,11 @@ def _session(boto3: Any) -> Any:
 
 
 def _is_not_found(error: Any) -> bool:
+    """True for "no such object" (a miss); a missing bucket (``NoSuchBucket``, also a
+    404) is an outage.  A HEAD's answer has no body to tell them apart: its "404" is a
+    miss, and the next GET tells."""
     response = getattr(error, "response", {}) or {}
-    code = str(response.get("Error", {}).get("Code", ""))
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code in ("404", "NoSuchKey", "NotFound") or status == 404
+    return str(response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound")
 
 
 def parse_part_size(name: str, value: Any) -> int:

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import zlib
 
 import pytest
 import s3kit
@@ -26,9 +27,15 @@ from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
 from s3kit import BUCKET, MiB
 
-from dogpile_fsbackend import CachedFile, ConfigError, MissingExtraError, RawTieredBackend
+from dogpile_fsbackend import (
+    CachedFile,
+    ConfigError,
+    MissingExtraError,
+    RawTieredBackend,
+    RemoteError,
+)
 from dogpile_fsbackend.layout import encode_key, key_digest
-from dogpile_fsbackend.s3tier import METADATA_NAME
+from dogpile_fsbackend.s3tier import METADATA_NAME, DamagedObject, file_crc32
 
 
 @pytest.fixture
@@ -147,6 +154,8 @@ def test_a_damaged_object_is_a_miss_never_published_and_left_alone(tiers, s3, ca
     assert b.backend.stats()["damaged_objects"] == 1
     assert b.backend.local.peek("k") is NO_VALUE  # not published
     assert head(s3, "k")["ContentLength"] == 14  # and not deleted: the creator replaces it
+    tiny = tiers("tiny", local={"cache_size": 8})  # would serve it from an unnamed file
+    assert tiny.get("k") is NO_VALUE  # checked there too
     assert b.get_or_create("k", lambda: io.BytesIO(b"made again")).read() == b"made again"
     assert content(a.get("k")) == b"the real bytes"  # host a's copy is its own
 
@@ -156,6 +165,12 @@ def test_a_truncated_or_foreign_object_is_a_miss_and_never_deleted(tiers, s3, ca
     a.set("short", io.BytesIO(b"0123456789"))
     metadata = head(s3, "short")["Metadata"]
     client = s3.client()
+    # Another key's description under this key's name (as a hash collision would be).
+    client.copy_object(
+        Bucket=BUCKET,
+        Key=object_name("stolen"),
+        CopySource={"Bucket": BUCKET, "Key": object_name("short")},
+    )
     client.put_object(Bucket=BUCKET, Key=object_name("short"), Body=b"01234", Metadata=metadata)
     client.put_object(Bucket=BUCKET, Key=object_name("foreign"), Body=b"someone else's")
     client.put_object(
@@ -164,17 +179,24 @@ def test_a_truncated_or_foreign_object_is_a_miss_and_never_deleted(tiers, s3, ca
         Body=b"x",
         Metadata={METADATA_NAME: "not base64 json!"},
     )
-    # Another key's description under this key's name (as a hash collision would be).
-    client.copy_object(
-        Bucket=BUCKET,
-        Key=object_name("stolen"),
-        CopySource={"Bucket": BUCKET, "Key": object_name("short")},
-    )
+    fields = json.loads(base64.urlsafe_b64decode(metadata[METADATA_NAME]))
+    for key, change in (("newer", {"v": 2}), ("absurd", {"crc32": -1})):
+        header = base64.urlsafe_b64encode(json.dumps({**fields, **change}).encode()).decode()
+        client.put_object(
+            Bucket=BUCKET,
+            Key=object_name(key),
+            Body=b"0123456789",
+            Metadata={METADATA_NAME: header},
+        )
+    keys = ("short", "foreign", "garbled", "stolen", "newer", "absurd")
     with caplog.at_level(logging.WARNING):
-        for key in ("short", "foreign", "garbled", "stolen"):
+        for key in keys:
             assert b.get(key) is NO_VALUE, key
-    assert "not a raw_tiered entry" in caplog.text
-    for key in ("short", "foreign", "garbled", "stolen"):
+    for reason in ("bytes, its description says", "no x-amz-meta", "unreadable", "another key"):
+        assert reason in caplog.text
+    assert "not a description of this format version" in caplog.text
+    assert "out of range" in caplog.text
+    for key in keys:
         assert head(s3, key)  # all still there
     assert b.backend.stats()["entries"] == 0
 
@@ -329,16 +351,52 @@ arguments.part_size = 8MiB
         ({"lock_backend": "no.such.backend"}, "lock_backend"),
         ({"s3": {"config": 5}}, "s3.config"),
         ({"local": {"base_dir": 5}}, "local.base_dir"),
+        ({"local": None}, "local"),
+        ({"prefix": "p" * 901}, "prefix"),
+        ({"concurrency": "many"}, "concurrency"),
+        ({"s3": {"endpoint_url": "not a url"}}, "s3"),
     ],
 )
 def test_a_bad_argument_names_itself(s3, tmp_path, change, argument):
     arguments = s3kit.arguments(s3.s3_arguments, str(tmp_path / "a"))
     arguments.update(change)
-    if change.get("bucket", "") is None:
-        del arguments["bucket"]
+    for name, value in change.items():
+        if value is None:
+            del arguments[name]
     with pytest.raises(ConfigError) as raised:
         RawTieredBackend(arguments)
     assert raised.value.argument == argument
+
+
+def test_multi_operations_ini_style_values_and_the_lock_timeout(tiers):
+    a, b = tiers("a", bucket=2024, concurrency="2"), tiers("b")  # as an ini file gives them
+    assert (a.backend.bucket.name, a.backend.bucket.concurrency) == ("2024", 2)
+    b.set_multi({"x": io.BytesIO(b"1"), "y": io.BytesIO(b"2")})
+    assert [content(v) for v in tiers("c").get_multi(["x", "y"])] == [b"1", b"2"]
+    b.delete_multi(["x", "y"])
+    assert tiers("d").get_multi(["x", "y"]) == [NO_VALUE, NO_VALUE]
+    assert b.backend.has_lock_timeout()  # Redis's lock_timeout: two creators are possible
+
+
+def test_a_missing_bucket_is_an_outage_that_names_it(tiers):
+    with pytest.raises(RemoteError, match=r"S3 bucket 'no-such-bucket'.*NoSuchBucket"):
+        tiers("a", bucket="no-such-bucket").get("k")
+    degrading = tiers("b", bucket="no-such-bucket", remote_errors="degrade")
+    assert degrading.get("k") is NO_VALUE
+    degrading.set("k", io.BytesIO(b"kept here"))
+    assert content(degrading.get("k")) == b"kept here"
+
+
+def test_a_file_that_shrinks_is_an_error_naming_the_bytes(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"12345")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert file_crc32(fd, 5) == zlib.crc32(b"12345")
+        with pytest.raises(DamagedObject, match="ended after 5 of 6 bytes"):
+            file_crc32(fd, 6)
+    finally:
+        os.close(fd)
 
 
 def test_the_arguments_are_never_modified(s3, redis_url, tmp_path):

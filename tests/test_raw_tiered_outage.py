@@ -79,6 +79,19 @@ def test_degrade_serves_and_writes_locally_while_the_bucket_is_down(
     assert read(other.get("after")) == b"shared again"
 
 
+def test_degrade_serves_an_old_copy_it_cannot_check(private_s3, redis_url, tmp_path):
+    region = tier(
+        private_s3, tmp_path, redis_url, remote_errors="degrade", local_expiration_time=60
+    )
+    region.set("k", io.BytesIO(b"old but here"))
+    value = region.backend.local.peek("k")
+    with value.payload as reader:  # a copy older than local_expiration_time
+        os.utime(reader.name, (time.time() - 120, time.time() - 120))
+    private_s3.kill()
+    assert read(region.get("k")) == b"old but here"
+    assert region.backend.stats()["revalidations"] == 0  # it could not check
+
+
 def test_raise_raises_remote_error_naming_the_bucket(private_s3, redis_url, tmp_path):
     region = tier(private_s3, tmp_path, redis_url, **FAST_BACKOFF)
     region.set("cached", io.BytesIO(b"v"))

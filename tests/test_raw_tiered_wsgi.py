@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 import s3kit
+from dogpile.cache.api import NO_VALUE
 from test_wsgi import fetch, running
 
 from dogpile_fsbackend import CachedFile, CacheFileApp, ConfigError
@@ -107,10 +108,11 @@ def test_presign_serves_a_file_that_is_on_this_host_itself(stored, serve):
 
 def test_presign_always_redirects_every_request(stored, serve):
     a, _ = stored
-    app = CacheFileApp(a, presign="always")
+    app = CacheFileApp(a, presign="always", cache_control=None)
     port = serve(app)
     answer = fetch(port, app.url_for("video|1"))
     assert answer.status == 307
+    assert "response-cache-control" not in answer.headers["Location"]
     assert get(answer.headers["Location"])[2] == DATA
 
 
@@ -154,6 +156,7 @@ def test_old_urls_deleted_and_invalidated_entries_are_404(tiers, serve, presign)
     port = serve(CacheFileApp(b, presign=presign))
     assert fetch(port, old).status == 404
     assert fetch(port, new).status in (200, 307)
+    assert fetch(port, old).status == 404  # also once host b holds the new write
     b.invalidate()  # as region.get would not return it, the app does not serve it
     assert fetch(port, new).status == 404
     assert CacheFileApp(b, presign=presign).url_for("k") is None
@@ -177,3 +180,4 @@ def test_a_malformed_digest_never_reaches_the_bucket(tiers, serve):
     digest = key_digest(encode_key("missing"))
     assert fetch(port, f"/{digest}/abc").status == 404
     assert b.backend.describe_remote("not-a-digest") is None
+    assert b.backend.get_by_digest("not-a-digest") is NO_VALUE
