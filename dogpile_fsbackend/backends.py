@@ -64,7 +64,7 @@ class _FSBackendBase(CacheBackend):
         """The key's mutex: across processes (a byte of the lock file), or among this
         process's threads only with ``distributed_lock=False``."""
         if self.settings.distributed_lock:
-            mutex: CacheMutex = self.store.key_mutex(_key_bytes(key))
+            mutex: CacheMutex = self.store.key_mutex(checked_key(key))
         else:
             mutex = self._thread_mutexes.get(key)
         return RecheckingMutex(mutex, self._lookups, key)
@@ -178,7 +178,8 @@ class _FSBackendBase(CacheBackend):
             self.store.misses += 1
 
 
-def _key_bytes(key: str) -> bytes:
+def checked_key(key: str) -> bytes:
+    """The bytes that identify ``key``; TypeError (saying what to do) unless it is a str."""
     if not isinstance(key, str):
         raise TypeError(
             f"dogpile_fsbackend keys must be str, got {type(key).__name__}: {key!r:.80} "
@@ -188,7 +189,7 @@ def _key_bytes(key: str) -> bytes:
 
 
 def _digest(key: str) -> str:
-    return layout.key_digest(_key_bytes(key))
+    return layout.key_digest(checked_key(key))
 
 
 def _unpickle(data: bytes) -> Any:
@@ -235,7 +236,7 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         A tier above this cache (``dogpile_fsbackend.tiered``) judges whether
         it may still trust a local copy by that time.
         """
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
         self._count(key, found is not None)
         return (found.record.payload, found.record.created) if found else NO_VALUE
@@ -244,7 +245,7 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         return [self.get_serialized(key) for key in keys]
 
     def set_serialized(self, key: str, value: bytes) -> None:
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
         created = time.time()
         data = records.encode(records.KIND_PICKLED, key_bytes, value, created)
@@ -287,7 +288,7 @@ class RawFSBackend(_FSBackendBase):
     _accepted_arguments = SETTING_NAMES
 
     def get(self, key: str) -> CachedValue | Any:
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
         value = self._open(digest, key_bytes)
         self._count(key, value is not NO_VALUE)
@@ -331,7 +332,7 @@ class RawFSBackend(_FSBackendBase):
         if isinstance(value, CachedValue):
             value, metadata = value.payload, value.metadata
         fileobj, filename, content_type = rawfiles.unwrap(value)
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
         created = time.time()
 
@@ -391,7 +392,7 @@ class RawFSBackend(_FSBackendBase):
 
         A hit still counts as a use for LRU eviction.
         """
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         return self._open(layout.key_digest(key_bytes), key_bytes)
 
     def set_incoming(
@@ -410,7 +411,7 @@ class RawFSBackend(_FSBackendBase):
         value too big for this cache, or a failed write with
         ``write_errors="log"``).
         """
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
         record = records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)
         if not self._fits(key, meta.size + len(record)):

@@ -33,7 +33,7 @@ from typing import Any, cast
 from dogpile.cache.api import NO_VALUE, CacheBackend, CachedValue, CacheMutex
 
 from . import layout, rawfiles, redisremote
-from .backends import RawFSBackend
+from .backends import RawFSBackend, checked_key
 from .config import parse_seconds
 from .exceptions import ConfigError, RemoteConfigWarning
 from .rawfiles import CachedFileReader
@@ -267,7 +267,7 @@ class RawTieredBackend(CacheBackend):
     def get(self, key: str) -> CachedValue | Any:
         value = self.local.get(key)
         if value is NO_VALUE:
-            return self._fetch(key, layout.encode_key(key))
+            return self._fetch(key, checked_key(key))
         if self._is_fresh(value):
             self.local_hits += 1
             return value
@@ -397,7 +397,7 @@ class RawTieredBackend(CacheBackend):
     def _revalidate(self, key: str, value: Any) -> Any:
         """A local copy older than local_expiration_time: still the bucket's object?"""
         reader = _reader_of(value)
-        key_bytes = layout.encode_key(key)
+        key_bytes = checked_key(key)
         description = self.guard.call(self.bucket.describe, layout.key_digest(key_bytes))
         if description is OUTAGE:  # degrade: this host's copy is what there is
             self.local_hits += 1
@@ -423,7 +423,7 @@ class RawTieredBackend(CacheBackend):
         _, filename, content_type = rawfiles.unwrap(payload)
         check_describable(filename, content_type, metadata)  # before anything is stored
         self.local.set(key, value)
-        key_bytes = layout.encode_key(key)
+        key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
         stored = self.local.peek(key)
         if stored is NO_VALUE:  # not cached here (too big, or a logged write error)
@@ -461,7 +461,7 @@ class RawTieredBackend(CacheBackend):
     def delete(self, key: str) -> None:
         """Remove the object and this host's copy (the copy even if the bucket failed)."""
         try:
-            self.guard.call(self.bucket.delete, layout.key_digest(layout.encode_key(key)))
+            self.guard.call(self.bucket.delete, layout.key_digest(checked_key(key)))
         finally:
             self.local.delete(key)
 
@@ -475,7 +475,7 @@ class RawTieredBackend(CacheBackend):
         local = self.local.get_mutex(key)
         if self.lock is None or self.lock_guard is None:
             return local
-        digest = layout.key_digest(layout.encode_key(key))
+        digest = layout.key_digest(checked_key(key))
         remote = self.lock.get_mutex(f"dogpile_fsbackend:raw_tiered:{self.bucket.name}:{digest}")
         return tier_mutex(
             "both",

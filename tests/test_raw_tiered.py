@@ -435,3 +435,17 @@ def test_without_the_extra_the_error_says_how_to_install_it(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "boto3", None)  # what an uninstalled module looks like
     with pytest.raises(MissingExtraError, match=r"pip install dogpile_fsbackend\[s3\]"):
         RawTieredBackend({"local": {"base_dir": str(tmp_path / "a")}, "bucket": BUCKET})
+
+
+def test_keys_must_be_str_before_anything_is_asked_of_the_bucket(tiers):
+    region = tiers("a")
+    backend = region.backend
+    for call in (
+        lambda: backend.get(5),
+        lambda: backend.set(5, io.BytesIO(b"v")),
+        lambda: backend.delete(5),
+        lambda: backend.get_mutex(5),
+    ):
+        with pytest.raises(TypeError, match="keys must be str"):
+            call()
+    assert backend.guard.attempts == 0
