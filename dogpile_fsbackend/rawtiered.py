@@ -160,7 +160,7 @@ class RawTieredBackend(CacheBackend):
      and 30 s read timeouts, one retry.
     :param lock_backend: a dogpile backend by name whose distributed mutex makes
      one creator across hosts (``"dogpile.cache.redis"``); only its mutex is
-     used.  Default ``None``: one creator per host (with a warning).
+     used.  Default ``None``: one creator per host (logged).
     :param lock: the lock backend's arguments (``distributed_lock`` is on unless
      given; for Redis the tier's bounded timeouts apply, as in ``tiered``).
     :param local_expiration_time: seconds a local copy is served before it is
@@ -250,15 +250,15 @@ class RawTieredBackend(CacheBackend):
         self._warn_pitfalls()
 
     def _warn_pitfalls(self) -> None:
-        found = []
-        if self.lock is None:
-            found.append(
-                "no lock_backend: every host may run the creator of a key at the same time "
-                "(one creator per host); give lock_backend='dogpile.cache.redis' and its 'lock'"
+        if self.lock is None:  # a choice one may make (no Redis around): said, not warned
+            log.warning(
+                "dogpile_fsbackend.raw_tiered (%s): no lock_backend, so every host may run "
+                "the creator of a key at the same time (one creator per host); give "
+                "lock_backend='dogpile.cache.redis' and its 'lock' for one across hosts",
+                self.guard.name,
             )
-        else:
-            found += redisremote.pitfalls(self.lock, "both")
-        for message in found:
+            return
+        for message in redisremote.pitfalls(self.lock, "both"):
             log.warning("dogpile_fsbackend.raw_tiered (%s): %s", self.guard.name, message)
             warnings.warn(message, RemoteConfigWarning, stacklevel=5)
 

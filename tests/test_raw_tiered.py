@@ -406,12 +406,24 @@ def test_the_arguments_are_never_modified(s3, redis_url, tmp_path):
     assert arguments == copy
 
 
-def test_without_a_lock_backend_it_warns_and_locks_per_host(s3, tmp_path):
-    with pytest.warns(UserWarning, match="no lock_backend"):
+def test_without_a_lock_backend_it_says_so_and_locks_per_host(s3, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
         region = s3kit.region(s3.s3_arguments, str(tmp_path / "a"))
+    assert "no lock_backend" in caplog.text
     mutex = region.backend.get_mutex("k")
     assert mutex.acquire()
+    assert not mutex.acquire(False)  # this host's lock
     mutex.release()
+    assert not region.backend.has_lock_timeout()
+    region.set("k", io.BytesIO(b"v"))  # the bucket is used all the same
+    assert content(s3kit.region(s3.s3_arguments, str(tmp_path / "b")).get("k")) == b"v"
+
+
+def test_the_lock_backends_pitfalls_are_warned(s3, redis_url, tmp_path):
+    arguments = s3kit.arguments(s3.s3_arguments, str(tmp_path / "a"), redis_url)
+    del arguments["lock"]["lock_timeout"]
+    with pytest.warns(UserWarning, match="no lock_timeout"):
+        RawTieredBackend(arguments)
 
 
 def test_the_lifecycle_rules_of_the_readme_are_accepted_by_s3(s3):
