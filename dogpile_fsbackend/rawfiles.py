@@ -24,6 +24,7 @@ import os
 import stat
 import tempfile
 from typing import IO, Any
+from urllib.parse import quote
 
 from .records import RawMeta
 
@@ -103,10 +104,15 @@ def open_cached(data_path: str, meta: RawMeta, created: float) -> CachedFileRead
         info = os.fstat(raw.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size != meta.size:
             raise FileNotFoundError(errno.ENOENT, "data file does not match its record", data_path)
-        reader = CachedFileReader(raw)
+        return reader_over(raw, meta, created)
     except BaseException:
         raw.close()
         raise
+
+
+def reader_over(raw: io.FileIO, meta: RawMeta, created: float) -> CachedFileReader:
+    """A CachedFileReader of ``raw`` (an entry's bytes), at the creator's position."""
+    reader = CachedFileReader(raw)
     reader.filename = meta.filename
     reader.content_type = meta.content_type
     reader.content_length = meta.size
@@ -139,6 +145,30 @@ def guess_type(fileobj: Any, filename: str | None) -> str | None:
     """The content type ``mimetypes`` guesses from ``filename``, else from the file's name."""
     name = filename or getattr(fileobj, "name", None)
     return mimetypes.guess_type(name)[0] if isinstance(name, str) else None
+
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def header_content_type(content_type: str | None) -> str:
+    """The stored type if it is safe to put in a header, else ``application/octet-stream``."""
+    if content_type and content_type.isascii() and content_type.isprintable():
+        return content_type
+    return DEFAULT_CONTENT_TYPE
+
+
+def content_disposition(filename: str) -> str:
+    """``inline`` with the name (RFC 6266): browsers show the file, and save it under it.
+
+    Plain ASCII either way (a UTF-8 name goes in ``filename*``), as HTTP headers
+    and S3 object headers need.
+    """
+    printable = "".join(c for c in filename if c.isprintable())
+    fallback = printable.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+    header = f'inline; filename="{fallback}"'
+    if fallback != printable:
+        header += f"; filename*=UTF-8''{quote(printable, safe='')}"
+    return header
 
 
 def stage(
