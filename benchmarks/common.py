@@ -65,6 +65,9 @@ class Params:
     tiered_processes: int = 3
     tiered_keys: int = 30
     tiered_creator_ms: float = 20.0
+    # 8. large files across hosts (raw_tiered, on local S3 and Redis servers)
+    rawtiered_sizes: tuple[int, ...] = (64 * MiB, GiB)
+    rawtiered_repeats: int = 3
 
     def growth_cap(self, backend: str) -> int | None:
         return dict(self.growth_caps).get(backend)
@@ -95,6 +98,8 @@ QUICK = Params(
     tiered_batch=40,
     tiered_coherence_rounds=20,
     tiered_keys=6,
+    rawtiered_sizes=(8 * MiB, 32 * MiB),
+    rawtiered_repeats=1,
 )
 
 
@@ -129,6 +134,21 @@ def rotated(items: Sequence[Any], shift: int) -> list[Any]:
         return []
     shift %= len(items)
     return [*items[shift:], *items[:shift]]
+
+
+def generate_file(path: str, size: int) -> None:
+    """A file of ``size`` random bytes (incompressible, so no layer can cheat on it)."""
+    with open(path, "wb") as out:
+        left = size
+        while left:
+            block = os.urandom(min(left, 4 * MiB))
+            out.write(block)
+            left -= len(block)
+
+
+def size_label(size: int) -> str:
+    """``"64 MiB"``, ``"1 GiB"``: how the tables name a file size."""
+    return f"{size / GiB:g} GiB" if size >= GiB else f"{size // MiB} MiB"
 
 
 def dir_bytes(path: str) -> int:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import bigfiles
+import rawtiered
 import report
 import shared_invalidation
 import tiered
@@ -51,6 +52,7 @@ WORKLOADS: list[tuple[str, str, Callable[[Params, str], WorkloadResult]]] = [
     ("5", "eviction", workloads.eviction),
     ("6", "invalidation", shared_invalidation.shared_invalidation),
     ("7", "tiered", tiered.tiered),
+    ("8", "raw_tiered", rawtiered.raw_tiered),
 ]
 
 
@@ -69,14 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         help="workloads to run, by number or name (small, growth, dogpile, raw, eviction, "
-        "invalidation, tiered); "
+        "invalidation, tiered, raw_tiered); "
         "comma-separated or repeated",
     )
     parser.add_argument(
         "--tmp",
         default=tempfile.gettempdir(),
         help="where caches and generated files go (default: %(default)s); "
-        "needs about 3 GiB free for the full run",
+        "needs about 4 GiB free for the full run",
     )
     args = parser.parse_args(argv)
     names = {number: name for number, name, _ in WORKLOADS}

@@ -23,6 +23,7 @@ from .exceptions import (
 from .invalidation import SharedInvalidation
 from .maintenance import PruneResult, ScanReport
 from .rawfiles import CachedFile, CachedFileReader
+from .rawtiered import RawTieredBackend
 from .tiered import TieredBackend, TieredProxy
 from .wsgi import CacheFileApp, mount
 
@@ -40,6 +41,7 @@ __all__ = [
     "PickleFSBackend",
     "PruneResult",
     "RawFSBackend",
+    "RawTieredBackend",
     "RemoteConfigWarning",
     "RemoteError",
     "ScanReport",

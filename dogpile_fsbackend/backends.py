@@ -64,7 +64,7 @@ class _FSBackendBase(CacheBackend):
         """The key's mutex: across processes (a byte of the lock file), or among this
         process's threads only with ``distributed_lock=False``."""
         if self.settings.distributed_lock:
-            mutex: CacheMutex = self.store.key_mutex(_key_bytes(key))
+            mutex: CacheMutex = self.store.key_mutex(checked_key(key))
         else:
             mutex = self._thread_mutexes.get(key)
         return self.rechecking(mutex, key)
@@ -117,11 +117,15 @@ class _FSBackendBase(CacheBackend):
     # -- shared write path ----------------------------------------------------
 
     def _write(self, key: str, attempt: Callable[[], None], retry: bool = True) -> None:
+        """Run one write (see ``_attempt``); after one that succeeded, enforce the limit."""
+        if self._attempt(key, attempt, retry):
+            maintenance.enforce_limit(self.store)
+
+    def _attempt(self, key: str, attempt: Callable[[], None], retry: bool = True) -> bool:
         """Run one write; when the disk is full, evict a batch and try once more.
 
         A write that still fails raises (``write_errors="raise"``) or is logged
-        and counted, and the value is simply not cached (``"log"``).  After a
-        write that succeeded, the size limit is enforced.
+        and counted, and the value is simply not cached (``"log"``: False).
         """
         try:
             try:
@@ -135,8 +139,8 @@ class _FSBackendBase(CacheBackend):
                 raise
             self.store.write_errors += 1
             log.warning("value for key %r was not cached: %s", key[:80], exc)
-            return
-        maintenance.enforce_limit(self.store)
+            return False
+        return True
 
     def _made_room(self, error: OSError) -> bool:
         """Evict one batch after ``error`` (a full disk); False if nothing could go."""
@@ -163,9 +167,11 @@ class _FSBackendBase(CacheBackend):
             f"eviction_low_water ({self.settings.cache_size} x "
             f"{self.settings.eviction_low_water} = {room} bytes) and was not cached"
         )
-        self.store.delete(_digest(key))  # the key's old value must not outlive this set
         log.warning(message)
         warnings.warn(message, CacheSizeWarning, stacklevel=4)
+        # The key's old value must not outlive this set; where it cannot go (a read-only
+        # filesystem), that failed write follows write_errors like any other.
+        self._attempt(key, lambda: self.store.delete(_digest(key)), retry=False)
         return False
 
     def room(self) -> int:
@@ -183,7 +189,8 @@ class _FSBackendBase(CacheBackend):
             self.store.misses += 1
 
 
-def _key_bytes(key: str) -> bytes:
+def checked_key(key: str) -> bytes:
+    """The bytes that identify ``key``; TypeError (saying what to do) unless it is a str."""
     if not isinstance(key, str):
         raise TypeError(
             f"dogpile_fsbackend keys must be str, got {type(key).__name__}: {key!r:.80} "
@@ -193,7 +200,7 @@ def _key_bytes(key: str) -> bytes:
 
 
 def _digest(key: str) -> str:
-    return layout.key_digest(_key_bytes(key))
+    return layout.key_digest(checked_key(key))
 
 
 def _unpickle(data: bytes) -> Any:
@@ -243,17 +250,17 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         it may still trust a local copy by that time; with ``count=False`` it
         looks at a copy without that look counting as a hit or a miss.
         """
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
         if count:
             self._count(key, found is not None)
-        return (found.record.payload, found.record.created) if found else NO_VALUE
+        return (found.record.payload, found.created) if found else NO_VALUE
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]
 
     def set_serialized(self, key: str, value: bytes) -> None:
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
         created = time.time()
         data = records.encode(records.KIND_PICKLED, key_bytes, value, created)
@@ -296,7 +303,7 @@ class RawFSBackend(_FSBackendBase):
     _accepted_arguments = SETTING_NAMES
 
     def get(self, key: str) -> CachedValue | Any:
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
         value = self._open(digest, key_bytes)
         self._count(key, value is not NO_VALUE)
@@ -323,10 +330,10 @@ class RawFSBackend(_FSBackendBase):
         try:
             meta = records.RawMeta.from_bytes(record.payload)
             data_path = f"{self.store.layout.entry_path(digest)}.{meta.token}"
-            reader = rawfiles.open_cached(data_path, meta, record.created)
+            reader = rawfiles.open_cached(data_path, meta, found.created)
         except (records.DamagedRecord, FileNotFoundError):
             # Only the file we read: a no-op if a writer replaced (or a reader used) it since.
-            self.store.discard(digest, found.inode, found.used_ns)
+            self.store.discard_unusable(digest, found.inode, found.used_ns)
             return NO_VALUE
         if meta.metadata is None:
             return reader
@@ -340,7 +347,7 @@ class RawFSBackend(_FSBackendBase):
         if isinstance(value, CachedValue):
             value, metadata = value.payload, value.metadata
         fileobj, filename, content_type = rawfiles.unwrap(value)
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
         created = time.time()
 
@@ -392,6 +399,65 @@ class RawFSBackend(_FSBackendBase):
     def set_multi(self, mapping: Mapping[str, Any]) -> None:
         for key, value in mapping.items():
             self.set(key, value)
+
+    # -- for a tier above this cache (rawtiered.py) ---------------------------
+
+    def peek(self, key: str) -> CachedValue | Any:
+        """Like :meth:`get`, but not counted as a lookup (a tier reading back what it stored).
+
+        A hit still counts as a use for LRU eviction.
+        """
+        key_bytes = checked_key(key)
+        return self._open(layout.key_digest(key_bytes), key_bytes)
+
+    def set_incoming(
+        self, key: str, meta: records.RawMeta, created: float, fill: Callable[[int], None]
+    ) -> CachedValue | Any:
+        """Make the bytes that ``fill(fd)`` writes the entry of ``key``, described by ``meta``.
+
+        For bytes that arrive from elsewhere (another host's entry, from a
+        bucket): ``fill`` writes them to the descriptor of a fresh temp file in
+        the entry's own directory, which is then published like any raw write
+        (a rename: never a second copy), keeping ``meta``'s token, position,
+        metadata, file name and content type and ``created`` as the entry's
+        time.  A write of another length than ``meta.size`` raises ValueError
+        and publishes nothing; so does whatever ``fill`` raises.  Returns the
+        new entry as :meth:`peek` would, or NO_VALUE when it was not stored (a
+        value too big for this cache, or a failed write with
+        ``write_errors="log"``).
+        """
+        key_bytes = checked_key(key)
+        digest = layout.key_digest(key_bytes)
+        record = records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)
+        if not self._fits(key, meta.size + len(record)):
+            return NO_VALUE
+        stored = False
+
+        def attempt() -> None:
+            nonlocal stored
+            data_fd, data_temp = self.store.open_temp(digest)
+            record_temp = None
+            try:
+                try:
+                    fill(data_fd)
+                    written = os.fstat(data_fd).st_size
+                    self.store.sync_if_asked(data_fd)
+                finally:
+                    os.close(data_fd)
+                if written != meta.size:
+                    raise ValueError(f"{written} bytes arrived for an entry of {meta.size}")
+                record_temp = self.store.write_temp(digest, record)
+                self.store.publish(
+                    digest, record_temp, meta.size + len(record), data_temp, meta.token
+                )
+                stored = True
+            except BaseException:
+                remove_quietly(data_temp)
+                remove_quietly(record_temp)
+                raise
+
+        self._write(key, attempt, retry=False)  # the bytes arrive once: nothing to re-read
+        return self._open(digest, key_bytes) if stored else NO_VALUE
 
 
 for _backend in (PickleFSBackend, RawFSBackend):

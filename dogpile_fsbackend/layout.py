@@ -37,7 +37,7 @@ INVALIDATION_TEMP_NAME = "invalidation.tmp"  # one writer at a time, under the l
 DATA_DIR = "data"
 TEMP_PREFIX = ".tmp-"
 HASH_HEX_LEN = 64
-WRITER_TOKEN_LEN = 12  # hex digits: a byte of the lock file (see locking.py)
+WRITER_TOKEN_LEN = 12  # hex digits of a writer's byte of the lock file (see locking.py)
 
 
 def encode_key(key: str | bytes) -> bytes:

@@ -24,6 +24,7 @@ import os
 import stat
 import tempfile
 from typing import IO, Any
+from urllib.parse import quote
 
 from .records import RawMeta
 
@@ -95,18 +96,23 @@ def open_cached(data_path: str, meta: RawMeta, created: float) -> CachedFileRead
     """Open a data file read-only at the creator's position; FileNotFoundError if gone."""
     try:
         raw = io.FileIO(data_path, "rb", opener=_nofollow_opener)
-    except OSError as exc:  # ELOOP: a symlink planted in place of the data file
-        if exc.errno != errno.ELOOP:
+    except OSError as exc:  # a symlink (ELOOP) or a socket (ENXIO) planted in its place
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):
             raise
-        raise FileNotFoundError(errno.ENOENT, "data file is a symlink", data_path) from exc
+        raise FileNotFoundError(errno.ENOENT, "data file is not a file", data_path) from exc
     try:
         info = os.fstat(raw.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size != meta.size:
             raise FileNotFoundError(errno.ENOENT, "data file does not match its record", data_path)
-        reader = CachedFileReader(raw)
+        return reader_over(raw, meta, created)
     except BaseException:
         raw.close()
         raise
+
+
+def reader_over(raw: io.FileIO, meta: RawMeta, created: float) -> CachedFileReader:
+    """A CachedFileReader of ``raw`` (an entry's bytes), at the creator's position."""
+    reader = CachedFileReader(raw)
     reader.filename = meta.filename
     reader.content_type = meta.content_type
     reader.content_length = meta.size
@@ -139,6 +145,30 @@ def guess_type(fileobj: Any, filename: str | None) -> str | None:
     """The content type ``mimetypes`` guesses from ``filename``, else from the file's name."""
     name = filename or getattr(fileobj, "name", None)
     return mimetypes.guess_type(name)[0] if isinstance(name, str) else None
+
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def header_content_type(content_type: str | None) -> str:
+    """The stored type if it is safe to put in a header, else ``application/octet-stream``."""
+    if content_type and content_type.isascii() and content_type.isprintable():
+        return content_type
+    return DEFAULT_CONTENT_TYPE
+
+
+def content_disposition(filename: str) -> str:
+    """``inline`` with the name (RFC 6266): browsers show the file, and save it under it.
+
+    Plain ASCII either way (a UTF-8 name goes in ``filename*``), as HTTP headers
+    and S3 object headers need.
+    """
+    printable = "".join(c for c in filename if c.isprintable())
+    fallback = printable.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+    header = f'inline; filename="{fallback}"'
+    if fallback != printable:
+        header += f"; filename*=UTF-8''{quote(printable, safe='')}"
+    return header
 
 
 def stage(
@@ -213,6 +243,11 @@ def _copy_stream(value: Any, fd: int, limit: int) -> int:
                 errno.EAGAIN,
                 "the stream is non-blocking and has no data ready; the raw backend "
                 "stores a value only when it can read it to its end",
+            )
+        if isinstance(chunk, str):  # a text file inside a wrapper (NamedTemporaryFile("w+"))
+            raise TypeError(
+                f"the raw backend stores {ACCEPTED}; got {type(value).__name__}, whose "
+                f"read() returns {type(chunk).__name__}: open it in binary mode"
             )
         if not chunk:
             return size

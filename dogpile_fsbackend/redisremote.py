@@ -12,7 +12,6 @@ Nothing here imports ``redis`` before a Redis remote is configured.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ from dogpile.cache.backends.redis import (  # dogpile defers its own ``import re
 )
 from dogpile.cache.proxy import ProxyBackend
 
-from .exceptions import MissingExtraError
+from .remote import require_extra
 
 if TYPE_CHECKING:
     import redis
@@ -36,13 +35,7 @@ LOCK_SLEEP_DEFAULT = 0.1  # dogpile's default lock_sleep
 
 def require_redis(feature: str) -> Any:
     """The ``redis`` module, or MissingExtraError saying how to install it."""
-    try:
-        return importlib.import_module("redis")
-    except ImportError as exc:
-        raise MissingExtraError(
-            f"{feature} needs the redis client, an optional extra: "
-            "pip install dogpile_fsbackend[redis]"
-        ) from exc
+    return require_extra("redis", "redis", feature)
 
 
 def is_redis_class(backend_class: type[CacheBackend]) -> bool:
@@ -129,6 +122,15 @@ def lock_expired_errors(backend: CacheBackend) -> tuple[type[BaseException], ...
     if not isinstance(innermost(backend), RedisBackend):
         return ()
     return (require_redis("a Redis remote").exceptions.LockNotOwnedError,)
+
+
+def lock_can_expire(backend: CacheBackend) -> bool:
+    """True if ``backend``'s lock can expire while held (then two creators may run)."""
+    base = innermost(backend)
+    redis_timeout = getattr(base, "distributed_lock", False) and getattr(
+        base, "lock_timeout", None
+    )
+    return bool(backend.has_lock_timeout() or redis_timeout)
 
 
 def pitfalls(backend: CacheBackend, lock_mode: str) -> list[str]:

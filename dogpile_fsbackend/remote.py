@@ -20,6 +20,7 @@ transition to an outage and back is logged once each.
 from __future__ import annotations
 
 import enum
+import importlib
 import logging
 import os
 import random
@@ -36,7 +37,7 @@ from dogpile.cache.region import (  # type: ignore[attr-defined]  # dogpile's on
 )
 from dogpile.util import PluginLoader
 
-from .exceptions import ConfigError, RemoteError
+from .exceptions import ConfigError, MissingExtraError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,17 @@ class _Outage(enum.Enum):
 OUTAGE: Final = _Outage.OUTAGE
 """Returned by :meth:`RemoteGuard.call` instead of a result when degrading."""
 Outage = Literal[_Outage.OUTAGE]
+
+
+def require_extra(module: str, extra: str, feature: str) -> Any:
+    """The module ``module`` of the optional extra ``extra``, or MissingExtraError
+    saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{feature} needs {module}, an optional extra: pip install dogpile_fsbackend[{extra}]"
+        ) from exc
 
 
 def load_backend(name: Any, argument: str) -> type[CacheBackend]:

@@ -39,14 +39,20 @@ log = logging.getLogger(__name__)
 
 # O_NONBLOCK: a FIFO planted where an entry belongs must not hang the reader.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-# A path that is missing, or runs through something planted (a file, a symlink loop).
-_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
+# A path that is missing, or runs through something planted (a file, a symlink loop,
+# a Unix socket: ENXIO).
+_PATH_ERRNOS = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.ENXIO}
+)
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # An entry up to this size is read in one call; a bigger one has its header read first.
 _ONE_READ_MAX = 1 << 20
 # Seconds a timestamp may lie ahead of the clock before it is taken for "now".
 FUTURE_TOLERANCE = 5.0
+# What keeps a reader from removing an unusable entry: a read-only filesystem, or a
+# directory another user made (root ran the application once).
+_CANNOT_REMOVE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 @contextlib.contextmanager
@@ -79,6 +85,7 @@ class Found(NamedTuple):
     """A record read from disk, and how to recognise its file later (see ``discard``)."""
 
     record: records.Record
+    created: float  # the record's, or when a read first saw it if that lies in the future
     inode: int
     used_ns: int | None  # the mtime this read stamped; None if it could not
 
@@ -162,7 +169,11 @@ class Store:
             return AccountingFile(path, count, mode, writable=self.writable)
         if not self.writable:
             raise ConfigError(
-                "base_dir", "an existing cache directory (a read-only one has no marker)", path
+                "base_dir",
+                f"a cache directory with its marker ({marker.path_of(self.settings.base_dir)} "
+                "is missing, and this read-only filesystem cannot get one: open the cache "
+                "read-write once, which re-creates it from the entries)",
+                self.settings.base_dir,
             )
         with maintenance_lock(self.settings.base_dir, mode):
             # The accounting first: one left by a process of another layout is refused
@@ -236,7 +247,7 @@ class Store:
             if exc.errno not in _PATH_ERRNOS:
                 raise
             if os.path.islink(path):
-                self.discard(digest, os.lstat(path).st_ino)
+                self.discard_unusable(digest, os.lstat(path).st_ino)
             return None
         try:
             info = os.fstat(fd)
@@ -248,19 +259,19 @@ class Store:
                     key_bytes = _key_of(data, digest)
                 record = records.decode(data, self.kind, key_bytes)
             except records.DamagedRecord:
-                self.discard(digest, info.st_ino)
+                self.discard_unusable(digest, info.st_ino)
                 return None
             now = time.time()
             created = record.created
             if created > now + FUTURE_TOLERANCE:  # written under a clock far ahead
                 created = min(info.st_atime, now)  # when a read first saw it (see touch)
             if self.is_expired(created, now):
-                self.discard(digest, info.st_ino)
+                self.discard_unusable(digest, info.st_ino)
                 return None
             used_ns = touch(fd, created) if self.writable else None
         finally:
             os.close(fd)
-        return Found(record, info.st_ino, used_ns)
+        return Found(record, created, info.st_ino, used_ns)
 
     def is_expired(self, created: float, now: float | None = None) -> bool:
         limit = self.settings.expiration_time
@@ -427,6 +438,23 @@ class Store:
                 remove_quietly(path)
             self.last_total = self.accounting.add(shard, -size, -existed)
         return size
+
+    def discard_unusable(self, digest: str, inode: int, used_ns: int | None = None) -> None:
+        """``discard`` for a reader that found an entry expired or damaged: the read is a
+        miss either way, so an entry this process may not remove (a read-only filesystem,
+        another user's directory) stays for one that may."""
+        if not self.writable:
+            return
+        try:
+            self.discard(digest, inode, used_ns)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_REMOVE:
+                raise
+            self.warn_once(
+                self.layout.entry_path(digest),
+                f"unusable entry cannot be removed by this process ({exc.strerror}); "
+                "treated as a miss",
+            )
 
     def _entry_files_locked(self, digest: str) -> tuple[int, int, list[str]]:
         """(total bytes, 1 if the record exists else 0, data file paths) of an entry."""

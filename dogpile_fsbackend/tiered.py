@@ -33,6 +33,8 @@ from .tierconfig import (
     OUTAGE_DEFAULTS,
     OUTAGE_PARSERS,
     as_config,
+    has_tier,
+    local_tier,
     parse_choice,
     parse_lock_mode,
     parse_top_level,
@@ -361,13 +363,7 @@ class _TieredOperations:
 
     def has_lock_timeout(self) -> bool:
         """True if the remote's lock can expire while held (then two creators may run)."""
-        if self.lock_mode == "local":
-            return False
-        base = redisremote.innermost(self.remote)
-        redis_timeout = getattr(base, "distributed_lock", False) and getattr(
-            base, "lock_timeout", None
-        )
-        return bool(self.remote.has_lock_timeout() or redis_timeout)
+        return self.lock_mode != "local" and redisremote.lock_can_expire(self.remote)
 
     # -- observability --------------------------------------------------------------
 
@@ -429,13 +425,13 @@ class TieredBackend(_TieredOperations, BytesBackend):
     """
 
     def __init__(self, arguments: Mapping[str, Any]) -> None:
-        settings = _parse(arguments, local_given=_has_tier(arguments, "local"))
+        settings = _parse(arguments, local_given=has_tier(arguments, "local"))
         remote_class = load_backend(settings["remote_backend"], "remote_backend")
         remote_arguments = redisremote.with_defaults(
             remote_class, tier_arguments(arguments, "remote")
         )
         local_arguments = _local_arguments(tier_arguments(arguments, "local"), settings)
-        local = _local_tier(lambda: PickleFSBackend(local_arguments))
+        local = local_tier(lambda: PickleFSBackend(local_arguments))
         remote = remote_class(remote_arguments)
         self._setup(
             settings, local, remote, describe(settings["remote_backend"], remote_arguments)
@@ -458,7 +454,7 @@ class TieredBackend(_TieredOperations, BytesBackend):
         remote_arguments = redisremote.with_defaults(
             remote_class, sub_config(config_dict, remote_prefix)
         )
-        local = _local_tier(
+        local = local_tier(
             lambda: cast(
                 PickleFSBackend, PickleFSBackend.from_config_dict(local_config, local_prefix)
             )
@@ -501,9 +497,9 @@ class TieredProxy(_TieredOperations, ProxyBackend):
                 raise ConfigError(
                     name, "left out: the backend a TieredProxy wraps is the remote", merged[name]
                 )
-        self._settings = _parse(merged, local_given=_has_tier(merged, "local"), proxy=True)
+        self._settings = _parse(merged, local_given=has_tier(merged, "local"), proxy=True)
         local_arguments = _local_arguments(tier_arguments(merged, "local"), self._settings)
-        self._local = _local_tier(lambda: PickleFSBackend(local_arguments))
+        self._local = local_tier(lambda: PickleFSBackend(local_arguments))
 
     def wrap(self, backend: CacheBackend) -> TieredProxy:
         super().wrap(backend)
@@ -547,10 +543,6 @@ def _parse(
     return parse_top_level(arguments, parsers, DEFAULTS, TIERS)
 
 
-def _has_tier(arguments: Mapping[str, Any], tier: str) -> bool:
-    return tier in arguments or any(key.startswith(f"{tier}.") for key in arguments)
-
-
 def _local_arguments(arguments: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """The local tier's arguments, with ``local_expiration_time`` as its expiration."""
     limit = settings["local_expiration_time"]
@@ -558,13 +550,6 @@ def _local_arguments(arguments: dict[str, Any], settings: Mapping[str, Any]) -> 
         own = parse_seconds("local.expiration_time", arguments.get("expiration_time"))
         arguments["expiration_time"] = min(limit, own if own is not None else math.inf)
     return arguments
-
-
-def _local_tier(build: Callable[[], PickleFSBackend]) -> PickleFSBackend:
-    try:
-        return build()
-    except ConfigError as exc:
-        raise exc.within("local") from exc
 
 
 def _origin(local: PickleFSBackend) -> str:

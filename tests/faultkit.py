@@ -394,6 +394,24 @@ def nobody_dir(prefix: str) -> Iterator[str]:
         shutil.rmtree(top, ignore_errors=True)
 
 
+def plant_socket(path: str) -> Any:
+    """A Unix socket bound at ``path`` (close it after use).  Bound from its directory:
+    a socket's address holds at most 107 bytes, less than a deep cache path."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    here = os.getcwd()
+    os.chdir(os.path.dirname(path))
+    try:
+        sock.bind(os.path.basename(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.chdir(here)
+    return sock
+
+
 def read_text(path: str) -> str:
     with open(path) as handle:
         return handle.read()
