@@ -67,6 +67,11 @@ class _FSBackendBase(CacheBackend):
             mutex: CacheMutex = self.store.key_mutex(checked_key(key))
         else:
             mutex = self._thread_mutexes.get(key)
+        return self.rechecking(mutex, key)
+
+    def rechecking(self, mutex: CacheMutex, key: str) -> RecheckingMutex:
+        """``mutex`` (this backend's own, or one a tier above uses in its place) made to
+        count dogpile's look again under it as part of the same lookup (lookups.py)."""
         return RecheckingMutex(mutex, self._lookups, key)
 
     def delete(self, key: str) -> None:
@@ -236,15 +241,19 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         found = self.get_serialized_stamped(key)
         return found[0] if found is not NO_VALUE else NO_VALUE
 
-    def get_serialized_stamped(self, key: str) -> tuple[bytes, float] | NoValueType:
+    def get_serialized_stamped(
+        self, key: str, count: bool = True
+    ) -> tuple[bytes, float] | NoValueType:
         """Like :meth:`get_serialized`, plus when this cache stored the bytes.
 
         A tier above this cache (``dogpile_fsbackend.tiered``) judges whether
-        it may still trust a local copy by that time.
+        it may still trust a local copy by that time; with ``count=False`` it
+        looks at a copy without that look counting as a hit or a miss.
         """
         key_bytes = checked_key(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
-        self._count(key, found is not None)
+        if count:
+            self._count(key, found is not None)
         return (found.record.payload, found.created) if found else NO_VALUE
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:

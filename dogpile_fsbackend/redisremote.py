@@ -73,6 +73,10 @@ def with_defaults(
     found.setdefault("socket_timeout", SOCKET_TIMEOUT)
     connection_kwargs = dict(found.get("connection_kwargs") or {})
     connection_kwargs.setdefault("retry", Retry(NoBackoff(), 1))
+    if issubclass(backend_class, RedisClusterBackend):
+        # dogpile's cluster backend hands redis-py its connection_kwargs only.
+        for name in ("socket_connect_timeout", "socket_timeout"):
+            connection_kwargs.setdefault(name, found[name])
     found["connection_kwargs"] = connection_kwargs
     return found
 
@@ -95,17 +99,22 @@ def error_types(backend: CacheBackend) -> tuple[type[BaseException], ...]:
     """Exceptions from ``backend`` that mean "the remote is out", not a bug.
 
     For Redis: connection failures and timeouts, and error replies (out of
-    memory, read-only replica, loading, no permission).  OSError always.
+    memory, read-only replica, loading, no permission); for a cluster, its
+    client's own errors too.  OSError always.
     """
-    if not isinstance(innermost(backend), RedisBackend):
+    base = innermost(backend)
+    if not isinstance(base, RedisBackend):
         return (OSError,)
     exceptions = require_redis("a Redis remote").exceptions
-    return (
+    found = (
         OSError,
         exceptions.ConnectionError,
         exceptions.TimeoutError,
         exceptions.ResponseError,
     )
+    if isinstance(base, RedisClusterBackend):  # "cannot be connected", a slot not covered
+        return (*found, exceptions.RedisClusterException)
+    return found
 
 
 def lock_expired_errors(backend: CacheBackend) -> tuple[type[BaseException], ...]:

@@ -8,7 +8,13 @@ import tempfile
 
 import pytest
 from dogpile.cache import make_region
-from servers import MotoServer, RedisServer, moto_installed, redis_server_binary
+from servers import (
+    MotoServer,
+    RedisClusterServer,
+    RedisServer,
+    moto_installed,
+    redis_server_binary,
+)
 
 # Spawned children inherit no locks or threads from the test runner.
 SPAWN = multiprocessing.get_context("spawn")
@@ -94,6 +100,14 @@ def redis_url(redis_server):
 def private_redis(tmp_path):
     """A redis-server of the test's own, to kill, pause and restart."""
     server = RedisServer(_redis_binary(), str(tmp_path / "redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A one-node Redis Cluster of the test's own (dogpile.cache.redis_cluster)."""
+    server = RedisClusterServer(_redis_binary(), str(tmp_path / "redis-cluster")).start()
     yield server
     server.stop()
 

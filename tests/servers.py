@@ -170,6 +170,29 @@ class RedisServer(ServerProcess):
         return redis.Redis.from_url(self.url, socket_timeout=5)
 
 
+class RedisClusterServer(RedisServer):
+    """A one-node Redis Cluster: cluster mode, every slot on this node."""
+
+    def command(self, port: int) -> list[str]:
+        return [
+            *super().command(port),
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+        ]  # fmt: skip
+
+    def start(self) -> RedisClusterServer:
+        super().start()
+        client = self.client()
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+        deadline = time.monotonic() + WAIT
+        while client.cluster("info")["cluster_state"] != "ok":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not come up; see {self.log_path}")
+            time.sleep(0.01)
+        client.close()
+        return self
+
+
 # -- S3 ---------------------------------------------------------------------------------
 
 S3_CREDENTIALS = {
