@@ -17,6 +17,7 @@ from .exceptions import (
     FSBackendError,
     MissingExtraError,
     NotACacheError,
+    ReadOnlyError,
     RemoteConfigWarning,
     RemoteError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "PickleFSBackend",
     "PruneResult",
     "RawFSBackend",
+    "ReadOnlyError",
     "RemoteConfigWarning",
     "RemoteError",
     "ScanReport",
