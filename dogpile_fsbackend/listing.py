@@ -9,7 +9,10 @@ allows it, never stamping them, never removing anything.  An entry that is
 damaged, foreign, expired, unreadable or not where a get would look for it is
 simply not listed; reads and scans deal with it.
 
-``delete_matching`` removes what that walk lists, one entry at a time through
+``delete_matching`` removes every entry whose key matches, expired and
+damaged ones too (a get would remove those anyway, and a user who deletes a
+user's keys wants none of them left on disk): the key, which must hash to the
+file's name, is all it judges by.  It removes them one at a time through
 ``Store.discard`` with the inode it judged: under the entry's shard lock for a
 moment, and only if the file is still the one judged, so a value rewritten
 meanwhile (a new file) stays.
@@ -56,19 +59,22 @@ class Deleted:
     removed_bytes: int = 0
 
 
-def entries(store: Store, prefix: bytes, progress: Progress | None = None) -> Iterator[Listed]:
-    """Every live entry whose key starts with ``prefix``, shard by shard."""
+def entries(
+    store: Store, prefix: bytes, progress: Progress | None = None, *, live: bool = True
+) -> Iterator[Listed]:
+    """Every live entry whose key starts with ``prefix``, shard by shard; with
+    ``live=False`` also the expired and damaged ones that still name their key."""
     for shard in range(store.layout.shard_count):
         for directory, path, spelled in _entry_dirs(store, shard):
-            yield from _live_entries(store, directory, path, spelled, prefix)
+            yield from _entries_in(store, directory, path, spelled, prefix, live)
         if progress:
             progress(1)
 
 
 def delete_matching(store: Store, prefix: bytes, progress: Progress | None = None) -> Deleted:
-    """Remove every live entry whose key starts with ``prefix`` (see the module docstring)."""
+    """Remove every entry whose key starts with ``prefix`` (see the module docstring)."""
     deleted = Deleted()
-    for entry in entries(store, prefix, progress):
+    for entry in entries(store, prefix, progress, live=False):
         if freed := store.discard(entry.digest, entry.inode):
             deleted.removed += 1
             deleted.removed_bytes += freed
@@ -138,10 +144,10 @@ def _hex_subdirectories(store: Store, directory: int) -> list[str]:
     )
 
 
-def _live_entries(
-    store: Store, directory: int, path: str, spelled: str, prefix: bytes
+def _entries_in(
+    store: Store, directory: int, path: str, spelled: str, prefix: bytes, live: bool
 ) -> Iterator[Listed]:
-    now = time.time()
+    now = time.time() if live else None
     for item in _names(directory):
         parsed = paths.split_entry_name(item.name)
         if parsed is None or parsed[1] is not None or not item.name.startswith(spelled):
@@ -152,9 +158,11 @@ def _live_entries(
 
 
 def _judge(
-    store: Store, directory: int, path: str, digest: str, prefix: bytes, now: float
+    store: Store, directory: int, path: str, digest: str, prefix: bytes, now: float | None
 ) -> Listed | None:
-    """The entry ``digest`` if it is live and its key starts with ``prefix``."""
+    """The entry ``digest`` if its key starts with ``prefix`` and, given ``now``, it is
+    live then (whole, unexpired, with its data file); without ``now``, any entry that
+    names such a key."""
     try:
         fd = open_quietly(digest, _ENTRY_FLAGS, dir_fd=directory)
     except PermissionError:
@@ -168,29 +176,39 @@ def _judge(
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             return None
-        data = os.pread(fd, _HEAD, 0)
-        key = _key_of(data, digest)
-        if key is None and len(data) < info.st_size:  # a key longer than the first read
-            data = read_entry(fd, info.st_size)
-            key = _key_of(data, digest)
-        if key is None or not key.startswith(prefix) or (text := paths.decode_key(key)) is None:
+        key, data = _matching_key(fd, info.st_size, digest, prefix)
+        if key is None or (text := paths.decode_key(key)) is None:
             return None  # not this entry's key, not asked for, or never a str's (not ours)
-        if len(data) < info.st_size:
-            data = read_entry(fd, info.st_size)
-        record = records.decode(data, store.kind, key)
-    except records.DamagedRecord:
-        return None
+        try:
+            if len(data) < info.st_size:
+                data = read_entry(fd, info.st_size)
+            record: records.Record | None = records.decode(data, store.kind, key)
+        except records.DamagedRecord:
+            record = None
     finally:
         os.close(fd)
-    if store.is_expired(creation_time(record, info, now), now):
+    data_size = _data_size(record, directory, digest) if store.kind == records.KIND_RAW else 0
+    if now is None:
+        return Listed(text, digest, info.st_ino, info.st_size + (data_size or 0))
+    if (
+        record is None
+        or data_size is None
+        or store.is_expired(creation_time(record, info, now), now)
+    ):
         return None
-    size = info.st_size
-    if store.kind == records.KIND_RAW:
-        data_size = _data_size(record, directory, digest)
-        if data_size is None:
-            return None
-        size += data_size
-    return Listed(text, digest, info.st_ino, size)
+    return Listed(text, digest, info.st_ino, info.st_size + data_size)
+
+
+def _matching_key(fd: int, size: int, digest: str, prefix: bytes) -> tuple[bytes | None, bytes]:
+    """(the entry's key if it hashes to ``digest`` and starts with ``prefix``, the bytes
+    read): usually one small read, as the key follows the header."""
+    data = os.pread(fd, _HEAD, 0)
+    key = _key_of(data, digest)
+    if key is None and len(data) < size:  # a key longer than the first read
+        with contextlib.suppress(records.DamagedRecord):
+            data = read_entry(fd, size)
+            key = _key_of(data, digest)
+    return (key if key is not None and key.startswith(prefix) else None), data
 
 
 def _key_of(data: bytes, digest: str) -> bytes | None:
@@ -198,8 +216,10 @@ def _key_of(data: bytes, digest: str) -> bytes | None:
     return key if key is not None and paths.key_digest(key) == digest else None
 
 
-def _data_size(record: records.Record, directory: int, digest: str) -> int | None:
+def _data_size(record: records.Record | None, directory: int, digest: str) -> int | None:
     """The size of a raw entry's data file; None if a get would find none that fits."""
+    if record is None:
+        return None
     with contextlib.suppress(records.DamagedRecord, FileNotFoundError):
         meta = records.RawMeta.from_bytes(record.payload)
         info = os.stat(f"{digest}.{meta.token}", dir_fd=directory, follow_symlinks=False)
