@@ -3,9 +3,9 @@
 ``stats`` reads the shared counters (no scan); ``prune``, ``verify``,
 ``clear`` and ``delete`` scan the cache shard by shard and are safe while
 applications keep using it.  ``keys`` lists the stored keys as a stream, in
-constant memory.  What only reads (``stats``, ``keys``, a ``--dry-run``)
-opens the cache read-only: it creates and changes nothing, so it works on a
-read-only mount and as a user who may only read the cache.
+constant memory.  ``keys`` and every ``--dry-run`` open the cache read-only:
+they create and change nothing, so they work on a read-only mount and as a
+user who may only read the cache.
 
 The size limit and expiration time are application settings that the cache
 directory does not record, so ``prune`` only evicts for size or age when given
@@ -233,7 +233,10 @@ class _Command:
     options: Mapping[str, str] = dataclasses.field(default_factory=dict)  # name -> its help
     scans: bool = True  # visits every shard, so it can show progress
     dry_run_scans: bool = False  # its --dry-run visits every shard too
-    writes: bool = True  # changes the cache (unless given --dry-run)
+    # Refused at once on a read-only cache.  A --dry-run opens the cache read-only; stats
+    # opens it as the applications do (it reports a planted lock file, repairs a damaged
+    # accounting file), which on a read-only filesystem is read-only too.
+    changes: bool = True
     confirms: bool = False  # asks before it starts when run on a terminal
 
 
@@ -243,7 +246,7 @@ _MAINTENANCE = {
         _stats,
         {"--cache-size": "the applications' cache_size, e.g. 2GiB, to show how full it is"},
         scans=False,
-        writes=False,
+        changes=False,
     ),
     "prune": _Command(
         "remove expired and damaged entries, evict down to --cache-size, recount",
@@ -329,12 +332,11 @@ def _run_maintenance(args: argparse.Namespace) -> int:
         and (command.dry_run_scans or not args.dry_run)
         and (sys.stderr.isatty() if args.progress is None else args.progress)
     )
-    writes = command.writes and not args.dry_run
     try:
         store = open_cache(
-            args.directory, args.cache_size, args.expiration_time, read_only=not writes
+            args.directory, args.cache_size, args.expiration_time, read_only=args.dry_run
         )
-        if writes:
+        if command.changes and not args.dry_run:
             store.check_writable(args.command)
         asks = command.confirms and not (args.dry_run or args.yes) and sys.stdin.isatty()
         if asks and not _confirm(args.command, store):
