@@ -121,7 +121,7 @@ class _FSBackendBase(CacheBackend):
 
     def verify(self) -> maintenance.ScanReport:
         """Check every entry, remove damaged ones and fix the accounting."""
-        self.store.check_writable("verify (it repairs what it finds)")
+        self.store.check_writable("verify")  # it repairs what it finds
         return maintenance.verify(self.store)
 
     def clear(self) -> maintenance.PruneResult:
