@@ -133,6 +133,22 @@ def check_raw_hit(key: str, value: Any, writers: int | None = None) -> str | Non
     return check_blob(key, read_raw(value), writers)
 
 
+def set_bytes(backend: Any, kind: str, key: str, value: bytes) -> None:
+    """Store ``value`` under ``key`` on either backend ("pickled" or "raw")."""
+    if kind == "raw":
+        backend.set(key, io.BytesIO(value))
+    else:
+        backend.set_serialized(key, value)
+
+
+def get_bytes(backend: Any, kind: str, key: str) -> bytes | None:
+    """The bytes stored under ``key`` on either backend; None for a miss."""
+    found = backend.get(key) if kind == "raw" else backend.get_serialized(key)
+    if found is NO_VALUE:
+        return None
+    return read_raw(found) if kind == "raw" else found
+
+
 def blob_file(blob: bytes) -> io.BytesIO:
     return io.BytesIO(blob)
 

@@ -8,7 +8,6 @@ other processes writing meanwhile.
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import time
@@ -18,8 +17,7 @@ import faultkit
 import pytest
 from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
-from dogpile.cache.api import NO_VALUE
-from faultkit import disk_usage, entry_path
+from faultkit import disk_usage, entry_path, get_bytes, set_bytes
 
 from dogpile_fsbackend import layout, records
 
@@ -45,20 +43,6 @@ def _region(kind: str, base_dir: str, **arguments):
     )
 
 
-def _set(backend, kind: str, key: str, value: bytes) -> None:
-    if kind == "raw":
-        backend.set(key, io.BytesIO(value))
-    else:
-        backend.set_serialized(key, value)
-
-
-def _get(backend, kind: str, key: str) -> bytes | None:
-    found = backend.get(key) if kind == "raw" else backend.get_serialized(key)
-    if found is NO_VALUE:
-        return None
-    return faultkit.read_raw(found) if kind == "raw" else found
-
-
 def _value(key: str) -> bytes:
     return key.encode("utf-8", "surrogatepass")[:100] * 3 + b"!"
 
@@ -66,7 +50,7 @@ def _value(key: str) -> bytes:
 def _filled(kind: str, base_dir: str, keys=ODD_KEYS, **arguments):
     backend = _region(kind, base_dir, **arguments).backend
     for key in keys:
-        _set(backend, kind, key, _value(key))
+        set_bytes(backend, kind, key, _value(key))
     return backend
 
 
@@ -192,7 +176,7 @@ def test_keys_leaves_out_what_a_get_would_miss_and_removes_nothing(cache_dir, tm
     )
     assert faultkit.tree_state(cache_dir) == before  # nothing removed, nothing touched
     for key in set(UNLISTED) - set(neighbours) - {"no data file"}:
-        assert _get(backend, kind, key) is None, key  # what a get makes of them
+        assert get_bytes(backend, kind, key) is None, key  # what a get makes of them
 
 
 def _date_back(backend, key: str, seconds: float) -> None:
@@ -273,7 +257,7 @@ def test_delete_matching_removes_the_matching_entries_only(cache_dir, kind):
     assert not any(os.path.lexists(p) for p in user_1 + data_files)
     for key in ODD_KEYS:
         expected = None if key.startswith("user:1:") else _value(key)
-        assert _get(backend, kind, key) == expected, key
+        assert get_bytes(backend, kind, key) == expected, key
     assert backend.delete_matching("user:1:") == 0
     assert backend.delete_matching("lone \udc80") == 1
     assert (backend.stats()["bytes"], backend.stats()["entries"]) == disk_usage(cache_dir)
@@ -308,7 +292,7 @@ def test_delete_matching_also_removes_expired_and_damaged_entries_of_matching_ke
 def _rewrite_on_signal(base_dir: str, kind: str, key: str, go, done) -> None:
     go.wait(WAIT)
     backend = _region(kind, base_dir).backend
-    _set(backend, kind, key, b"rewritten meanwhile")
+    set_bytes(backend, kind, key, b"rewritten meanwhile")
     done.set()
 
 
@@ -340,8 +324,8 @@ def test_delete_matching_keeps_an_entry_rewritten_after_it_was_judged(
         writer.join(WAIT)
     assert writer.exitcode == 0
     assert removed == 1  # only user:1:orders
-    assert _get(backend, kind, "user:1:profile") == b"rewritten meanwhile"
-    assert _get(backend, kind, "user:1:orders") is None
+    assert get_bytes(backend, kind, "user:1:profile") == b"rewritten meanwhile"
+    assert get_bytes(backend, kind, "user:1:orders") is None
     assert (backend.stats()["bytes"], backend.stats()["entries"]) == disk_usage(cache_dir)
 
 
@@ -351,7 +335,7 @@ def _keep_writing(base_dir: str, writer: int, ready, stop, results) -> None:
         backend.set_serialized(f"stays:{writer}:{index}", f"{writer}:{index}".encode())
     ready.wait(WAIT)
     count = 0
-    while not stop.is_set():
+    while not stop.isset_bytes():
         backend.set_serialized(f"goes:{writer}:{count % 20}", f"{writer}:{count}".encode())
         count += 1
     results.put(count)
