@@ -335,7 +335,7 @@ def _keep_writing(base_dir: str, writer: int, ready, stop, results) -> None:
         backend.set_serialized(f"stays:{writer}:{index}", f"{writer}:{index}".encode())
     ready.wait(WAIT)
     count = 0
-    while not stop.isset_bytes():
+    while not stop.is_set():
         backend.set_serialized(f"goes:{writer}:{count % 20}", f"{writer}:{count}".encode())
         count += 1
     results.put(count)
