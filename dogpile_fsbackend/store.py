@@ -126,14 +126,14 @@ class Store:
         (None if it is not).  A read-only cache must already exist: it creates nothing."""
         base_dir = self.settings.base_dir
         if self.settings.read_only:
-            _check_reachable(base_dir)
+            _check_reachable(base_dir, read_only=True)
             if not os.path.isdir(base_dir):
                 raise ConfigError(
                     "base_dir", "an existing cache directory when read_only=True", base_dir
                 )
             for directory in (base_dir, self.layout.data_dir):
                 if os.path.isdir(directory) and not os.access(directory, os.R_OK | os.X_OK):
-                    raise _not_accessible(directory, "read")
+                    raise _not_accessible(directory, True)
             return "read_only=True"
         try:
             for directory in (base_dir, self.layout.data_dir):
@@ -241,7 +241,7 @@ class Store:
     def lock_file(self) -> LockFile:
         """The lock file; a read-only store has none: it locks nothing, as it changes nothing."""
         if self._lock_file is None:
-            raise self.read_only_error("lock it for a change")
+            raise self.read_only_error("take a lock (only changes take one)")
         return self._lock_file
 
     def key_mutex(self, key_bytes: bytes) -> FileMutex:
@@ -617,28 +617,34 @@ def _read_exactly(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _check_reachable(directory: str) -> None:
+def _check_reachable(directory: str, read_only: bool = False) -> None:
     """Raise a clear ConfigError if ``directory`` exists but this process may not enter it."""
     try:
         os.stat(directory)
     except FileNotFoundError:
         return
     except PermissionError:
-        raise _not_accessible(os.path.dirname(directory)) from None
+        raise _not_accessible(os.path.dirname(directory), read_only) from None
     if os.path.isdir(directory) and not os.access(directory, os.X_OK):
-        raise _not_accessible(directory)
+        raise _not_accessible(directory, read_only)
 
 
-def _not_accessible(directory: str, need: str = "read and write") -> ConfigError:
+def _not_accessible(directory: str, read_only: bool = False) -> ConfigError:
     try:
         info = os.stat(directory)
         owner = f"it belongs to uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}"
     except OSError:
         owner = "it cannot even be looked at"
+    if read_only:
+        need, how = "read", "read access (dir_mode=0o755, file_mode=0o644 where it is built)"
+    else:
+        need, how = (
+            "read and write",
+            "access (a shared group with dir_mode=0o770, file_mode=0o660)",
+        )
     return ConfigError(
         "base_dir",
         f"a directory this process (uid {os.geteuid()}) can {need}; {directory} is "
-        f"not accessible: {owner}. Run as its owner, or give this user access "
-        "(a shared group with dir_mode=0o770, file_mode=0o660)",
+        f"not accessible: {owner}. Run as its owner, or give this user {how}",
         directory,
     )

@@ -463,3 +463,25 @@ def test_a_read_only_backend_beside_a_writable_one_in_one_process(tmp_path, firs
     assert read_only.get_serialized("written") == b"by the writer"
     assert os.stat(entry).st_mtime_ns == stamped
     assert sorted(read_only.keys()) == ["seed", "written"]
+
+
+def _open_read_only(base_dir: str) -> str:
+    try:
+        PickleFSBackend({"base_dir": base_dir, "read_only": True})
+    except ConfigError as exc:
+        return str(exc)
+    return "opened"
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to run the reader as another user")
+def test_a_private_cache_of_another_user_says_who_owns_it():
+    top = tempfile.mkdtemp(prefix="dogpile-fsbackend-ro-")
+    try:
+        os.chmod(top, 0o755)
+        base_dir = os.path.join(top, "cache")
+        _region("pickled", base_dir).set("k", 1)  # private: 0o700 / 0o600, as by default
+        message = faultkit.in_child_as_nobody(_open_read_only, base_dir)
+        assert f"can read; {base_dir} is not accessible: it belongs to uid 0" in message
+        assert "read access (dir_mode=0o755, file_mode=0o644" in message
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
