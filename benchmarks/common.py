@@ -65,6 +65,9 @@ class Params:
     tiered_processes: int = 3
     tiered_keys: int = 30
     tiered_creator_ms: float = 20.0
+    # 8. listing and deleting keys
+    listing_entries: int = 1_000_000
+    listing_repeats: int = 3
 
     def growth_cap(self, backend: str) -> int | None:
         return dict(self.growth_caps).get(backend)
@@ -95,6 +98,8 @@ QUICK = Params(
     tiered_batch=40,
     tiered_coherence_rounds=20,
     tiered_keys=6,
+    listing_entries=20_000,
+    listing_repeats=2,
 )
 
 

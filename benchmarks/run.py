@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import bigfiles
+import listing
 import report
 import shared_invalidation
 import tiered
@@ -51,6 +52,7 @@ WORKLOADS: list[tuple[str, str, Callable[[Params, str], WorkloadResult]]] = [
     ("5", "eviction", workloads.eviction),
     ("6", "invalidation", shared_invalidation.shared_invalidation),
     ("7", "tiered", tiered.tiered),
+    ("8", "listing", listing.listing),
 ]
 
 
@@ -69,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         help="workloads to run, by number or name (small, growth, dogpile, raw, eviction, "
-        "invalidation, tiered); "
+        "invalidation, tiered, listing); "
         "comma-separated or repeated",
     )
     parser.add_argument(
