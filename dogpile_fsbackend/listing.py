@@ -43,7 +43,7 @@ _HEAD = 4096  # first read of a record: its header and, nearly always, its whole
 
 @dataclasses.dataclass(frozen=True)
 class Listed:
-    """A live entry as the walk judged it."""
+    """An entry as the walk judged it (see ``entries``)."""
 
     key: str
     digest: str
