@@ -68,6 +68,9 @@ class Params:
     # 8. large files across hosts (raw_tiered, on local S3 and Redis servers)
     rawtiered_sizes: tuple[int, ...] = (64 * MiB, GiB)
     rawtiered_repeats: int = 3
+    # 9. listing and deleting keys
+    listing_entries: int = 1_000_000
+    listing_repeats: int = 3
 
     def growth_cap(self, backend: str) -> int | None:
         return dict(self.growth_caps).get(backend)
@@ -100,6 +103,8 @@ QUICK = Params(
     tiered_keys=6,
     rawtiered_sizes=(8 * MiB, 32 * MiB),
     rawtiered_repeats=1,
+    listing_entries=20_000,
+    listing_repeats=2,
 )
 
 

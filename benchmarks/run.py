@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import bigfiles
+import listing
 import rawtiered
 import report
 import shared_invalidation
@@ -53,6 +54,7 @@ WORKLOADS: list[tuple[str, str, Callable[[Params, str], WorkloadResult]]] = [
     ("6", "invalidation", shared_invalidation.shared_invalidation),
     ("7", "tiered", tiered.tiered),
     ("8", "raw_tiered", rawtiered.raw_tiered),
+    ("9", "listing", listing.listing),
 ]
 
 
@@ -71,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         help="workloads to run, by number or name (small, growth, dogpile, raw, eviction, "
-        "invalidation, tiered, raw_tiered); "
+        "invalidation, tiered, raw_tiered, listing); "
         "comma-separated or repeated",
     )
     parser.add_argument(

@@ -17,6 +17,7 @@ from .exceptions import (
     FSBackendError,
     MissingExtraError,
     NotACacheError,
+    ReadOnlyError,
     RemoteConfigWarning,
     RemoteError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "PruneResult",
     "RawFSBackend",
     "RawTieredBackend",
+    "ReadOnlyError",
     "RemoteConfigWarning",
     "RemoteError",
     "ScanReport",

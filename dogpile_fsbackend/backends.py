@@ -9,7 +9,7 @@ import pickle
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dogpile.cache.api import (
@@ -21,7 +21,7 @@ from dogpile.cache.api import (
     CantDeserializeException,
 )
 
-from . import layout, maintenance, rawfiles, records
+from . import layout, listing, maintenance, rawfiles, records
 from .config import SETTING_NAMES, documented, parse_arguments
 from .exceptions import CacheSizeWarning
 from .lookups import LookupTracker, RecheckingMutex, ThreadMutexes
@@ -62,9 +62,11 @@ class _FSBackendBase(CacheBackend):
 
     def get_mutex(self, key: str) -> RecheckingMutex:
         """The key's mutex: across processes (a byte of the lock file), or among this
-        process's threads only with ``distributed_lock=False``."""
-        if self.settings.distributed_lock:
-            mutex: CacheMutex = self.store.key_mutex(checked_key(key))
+        process's threads only with ``distributed_lock=False`` or on a read-only cache
+        (which may not lock its lock file, and stores nothing another process could use)."""
+        key_bytes = checked_key(key)
+        if self.settings.distributed_lock and self.store.writable:
+            mutex: CacheMutex = self.store.key_mutex(key_bytes)
         else:
             mutex = self._thread_mutexes.get(key)
         return self.rechecking(mutex, key)
@@ -75,24 +77,61 @@ class _FSBackendBase(CacheBackend):
         return RecheckingMutex(mutex, self._lookups, key)
 
     def delete(self, key: str) -> None:
-        self.store.delete(_digest(key))
+        digest = _digest(key)
+        self.store.check_writable(f"delete key {key[:80]!r}")
+        self.store.delete(digest)
 
     def delete_multi(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.delete(key)
 
+    # -- listing --------------------------------------------------------------
+
+    def keys(self, prefix: str | None = None) -> Iterator[str]:
+        """The keys of the live entries (those starting with ``prefix``), as stored.
+
+        An iterator in constant memory: it reads one shard directory at a time,
+        in no particular order.  It changes nothing (no recency, no removal)
+        and leaves out damaged, foreign and expired entries.  The keys are
+        those the backend was given: after a region's ``key_mangler``, if any.
+        Entries written or removed while it runs may or may not be listed.
+        """
+        encoded = b"" if prefix is None else _prefix_bytes(prefix)
+        return (entry.key for entry in listing.entries(self.store, encoded))
+
+    def delete_matching(self, prefix: str) -> int:
+        """Remove every live entry whose key starts with ``prefix``; the number removed.
+
+        Safe while other processes use the cache: each entry is removed under
+        its shard's lock for a moment, and only if it is still the file that
+        was judged, so a value written meanwhile stays.  ``prefix`` is matched
+        against the stored keys (see :meth:`keys`) and must not be empty: to
+        remove everything, use :meth:`clear`.
+        """
+        encoded = _prefix_bytes(prefix)
+        if not encoded:
+            raise ValueError(
+                "delete_matching() needs a non-empty prefix (an empty one matches every "
+                "key); to remove every entry, use clear()"
+            )
+        self.store.check_writable(f"delete the keys starting with {prefix[:80]!r}")
+        return listing.delete_matching(self.store, encoded).removed
+
     # -- maintenance ----------------------------------------------------------
 
     def prune(self) -> maintenance.PruneResult:
         """Remove expired entries, evict down to the limit, and reconcile the accounting."""
+        self.store.check_writable("prune")
         return maintenance.prune(self.store)
 
     def verify(self) -> maintenance.ScanReport:
         """Check every entry, remove damaged ones and fix the accounting."""
+        self.store.check_writable("verify")  # it repairs what it finds
         return maintenance.verify(self.store)
 
     def clear(self) -> maintenance.PruneResult:
         """Remove every entry, safely while other processes use the cache."""
+        self.store.check_writable("clear")
         return maintenance.clear(self.store)
 
     def stats(self) -> dict[str, int]:
@@ -115,6 +154,23 @@ class _FSBackendBase(CacheBackend):
         }
 
     # -- shared write path ----------------------------------------------------
+
+    def _refuse_set(self, key: str) -> None:
+        """A set on a read-only cache.
+
+        dogpile's ``get_or_create`` stores the value it created while it holds
+        the key's mutex: that set is skipped, so a miss still returns its value
+        (uncached).  Any other set raises ReadOnlyError, or with
+        ``write_errors="log"`` is logged and counted.
+        """
+        if self._thread_mutexes.is_held(key):
+            log.debug("read-only cache: the value created for key %r is not stored", key[:80])
+            return
+
+        def refuse() -> None:
+            raise self.store.read_only_error(f"store key {key[:80]!r}")
+
+        self._write(key, refuse, retry=False)
 
     def _write(self, key: str, attempt: Callable[[], None], retry: bool = True) -> None:
         """Run one write (see ``_attempt``); after one that succeeded, enforce the limit."""
@@ -199,6 +255,14 @@ def checked_key(key: str) -> bytes:
     return layout.encode_key(key)
 
 
+def _prefix_bytes(prefix: str) -> bytes:
+    if not isinstance(prefix, str):
+        raise TypeError(
+            f"a key prefix must be str, like the keys; got {type(prefix).__name__}: {prefix!r:.80}"
+        )
+    return layout.encode_key(prefix)
+
+
 def _digest(key: str) -> str:
     return layout.key_digest(checked_key(key))
 
@@ -261,6 +325,9 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
 
     def set_serialized(self, key: str, value: bytes) -> None:
         key_bytes = checked_key(key)
+        if not self.store.writable:
+            self._refuse_set(key)
+            return
         digest = layout.key_digest(key_bytes)
         created = time.time()
         data = records.encode(records.KIND_PICKLED, key_bytes, value, created)
@@ -330,7 +397,9 @@ class RawFSBackend(_FSBackendBase):
         try:
             meta = records.RawMeta.from_bytes(record.payload)
             data_path = f"{self.store.layout.entry_path(digest)}.{meta.token}"
-            reader = rawfiles.open_cached(data_path, meta, found.created)
+            reader = rawfiles.open_cached(
+                data_path, meta, found.created, quiet=not self.store.writable
+            )
         except (records.DamagedRecord, FileNotFoundError):
             # Only the file we read: a no-op if a writer replaced (or a reader used) it since.
             self.store.discard_unusable(digest, found.inode, found.used_ns)
@@ -348,6 +417,9 @@ class RawFSBackend(_FSBackendBase):
             value, metadata = value.payload, value.metadata
         fileobj, filename, content_type = rawfiles.unwrap(value)
         key_bytes = checked_key(key)
+        if not self.store.writable:
+            self._refuse_set(key)
+            return
         digest = layout.key_digest(key_bytes)
         created = time.time()
 

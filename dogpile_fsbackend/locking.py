@@ -102,26 +102,23 @@ class LockFile:
     _instances_guard = threading.Lock()
 
     @classmethod
-    def for_path(cls, path: str, mode: int = 0o600, writable: bool = True) -> LockFile:
+    def for_path(cls, path: str, mode: int = 0o600) -> LockFile:
         """The process-wide instance for ``path`` (opened once, closed with its last user).
 
-        ``writable=False`` (a read-only filesystem) gives thread locks only:
-        the kernel grants no write lock on a read-only descriptor, and nothing
-        can be written there anyway.
+        A read-only cache opens none (see store.py): it has nothing to lock.
         """
         real_path = os.path.realpath(path)
         with cls._instances_guard:
             existing = cls._instances.get(real_path)
             if existing is None:
-                fd = open_shared(path, mode, writable=writable)
-                existing = cls._instances[real_path] = cls(path, fd, mode, writable)
+                fd = open_shared(path, mode)
+                existing = cls._instances[real_path] = cls(path, fd, mode)
             return existing
 
-    def __init__(self, path: str, fd: int, mode: int, writable: bool) -> None:
+    def __init__(self, path: str, fd: int, mode: int) -> None:
         self.path = path
         self.fd = fd
         self.mode = mode
-        self.writable = writable
         self._old_fds: list[int] = []  # of replaced lock files: closing one drops its locks
         self._watch = files.Watch(path, fd)
         self._counter = itertools.count()
@@ -176,7 +173,7 @@ class LockFile:
                 raise RuntimeError(f"release of an unlocked lock {name!r}")
             byte = self._bytes[offset]
             byte.holders -= 1
-            if byte.holders == 0 and self.writable:
+            if byte.holders == 0:
                 fcntl.lockf(byte.fd, fcntl.LOCK_UN, 1, offset)
             self._forget_byte_user(offset, byte)
             entry.lock.release()
@@ -203,8 +200,8 @@ class LockFile:
 
         Locks held meanwhile stay on the old descriptor until released.
         """
-        if self._watch.still_current(self.fd) or not self.writable:
-            return  # (nothing can be re-created on a read-only filesystem)
+        if self._watch.still_current(self.fd):
+            return
         try:
             fd = open_shared(self.path, self.mode)
         except OSError as exc:
@@ -253,7 +250,7 @@ class LockFile:
         with self._guard:
             while self._writer_slot is None:
                 slot = secrets.randbits(4 * WRITER_TOKEN_LEN)
-                if not self.writable or self._lockf(self.fd, WRITER_BASE_OFFSET + slot, False):
+                if self._lockf(self.fd, WRITER_BASE_OFFSET + slot, False):
                     self._writer_slot = slot
             return self._writer_slot
 
@@ -292,7 +289,7 @@ class LockFile:
                         acquired = True
                         return True
                 fd = self.fd
-                if self.writable and not self._lockf(fd, offset, wait):
+                if not self._lockf(fd, offset, wait):
                     return False
                 with self._guard:
                     byte.holders = 1

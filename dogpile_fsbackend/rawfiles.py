@@ -26,6 +26,7 @@ import tempfile
 from typing import IO, Any
 from urllib.parse import quote
 
+from .files import open_quietly
 from .records import RawMeta
 
 _KERNEL_COPY_FALLBACK = frozenset(
@@ -92,10 +93,16 @@ class CachedFileReader(io.BufferedReader):
 _BUFFERED_FILE_TYPES = (io.BufferedReader, io.BufferedRandom, CachedFileReader)
 
 
-def open_cached(data_path: str, meta: RawMeta, created: float) -> CachedFileReader:
-    """Open a data file read-only at the creator's position; FileNotFoundError if gone."""
+def open_cached(
+    data_path: str, meta: RawMeta, created: float, *, quiet: bool = False
+) -> CachedFileReader:
+    """Open a data file read-only at the creator's position; FileNotFoundError if gone.
+
+    ``quiet`` (a read-only cache): reading it does not update its atime, where
+    the kernel allows that.
+    """
     try:
-        raw = io.FileIO(data_path, "rb", opener=_nofollow_opener)
+        raw = io.FileIO(data_path, "rb", opener=_quiet_opener if quiet else _nofollow_opener)
     except OSError as exc:  # a symlink (ELOOP) or a socket (ENXIO) planted in its place
         if exc.errno not in (errno.ELOOP, errno.ENXIO):
             raise
@@ -356,6 +363,13 @@ def _fileno(value: Any) -> int | None:
     return fd
 
 
+# O_NONBLOCK: a FIFO planted in place of a data file must not hang the reader.
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
 def _nofollow_opener(path: str, flags: int) -> int:
-    # O_NONBLOCK: a FIFO planted in place of a data file must not hang the reader.
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    return os.open(path, flags | _OPEN_FLAGS)
+
+
+def _quiet_opener(path: str, flags: int) -> int:
+    return open_quietly(path, flags | _OPEN_FLAGS)

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from dogpile.cache.api import CacheBackend
+from dogpile.cache.backends import redis as dogpile_redis
 from dogpile.cache.backends.redis import (  # dogpile defers its own ``import redis``
     RedisBackend,
-    RedisClusterBackend,
     RedisSentinelBackend,
 )
 from dogpile.cache.proxy import ProxyBackend
@@ -27,6 +27,11 @@ from .remote import require_extra
 
 if TYPE_CHECKING:
     import redis
+
+# dogpile.cache.redis_cluster arrived in dogpile.cache 1.3.2; before it, no remote is one.
+_CLUSTER_CLASSES: tuple[type[CacheBackend], ...] = tuple(
+    filter(None, [getattr(dogpile_redis, "RedisClusterBackend", None)])
+)
 
 CONNECT_TIMEOUT = 0.5  # seconds; a TCP handshake on a LAN takes well under 1 ms
 SOCKET_TIMEOUT = 1.0  # per read or write, not per value
@@ -73,7 +78,7 @@ def with_defaults(
     found.setdefault("socket_timeout", SOCKET_TIMEOUT)
     connection_kwargs = dict(found.get("connection_kwargs") or {})
     connection_kwargs.setdefault("retry", Retry(NoBackoff(), 1))
-    if issubclass(backend_class, RedisClusterBackend):
+    if issubclass(backend_class, _CLUSTER_CLASSES):
         # dogpile's cluster backend hands redis-py its connection_kwargs only.
         for name in ("socket_connect_timeout", "socket_timeout"):
             connection_kwargs.setdefault(name, found[name])
@@ -92,7 +97,7 @@ def client_of(backend: CacheBackend) -> redis.Redis | None:
 
 def supports_pubsub(backend: CacheBackend) -> bool:
     base = innermost(backend)
-    return isinstance(base, RedisBackend) and not isinstance(base, RedisClusterBackend)
+    return isinstance(base, RedisBackend) and not isinstance(base, _CLUSTER_CLASSES)
 
 
 def error_types(backend: CacheBackend) -> tuple[type[BaseException], ...]:
@@ -112,7 +117,7 @@ def error_types(backend: CacheBackend) -> tuple[type[BaseException], ...]:
         exceptions.TimeoutError,
         exceptions.ResponseError,
     )
-    if isinstance(base, RedisClusterBackend):  # "cannot be connected", a slot not covered
+    if isinstance(base, _CLUSTER_CLASSES):  # "cannot be connected", a slot not covered
         return (*found, exceptions.RedisClusterException)
     return found
 

@@ -28,8 +28,8 @@ from . import files, marker, records
 from . import layout as paths
 from .accounting import AccountingFile
 from .config import Settings
-from .exceptions import ConfigError
-from .files import make_dir, open_shared
+from .exceptions import ConfigError, ReadOnlyError
+from .files import make_dir, open_quietly, open_shared
 from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _PATH_ERRNOS = frozenset(
     {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.ENXIO}
 )
-_O_NOATIME = getattr(os, "O_NOATIME", 0)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # An entry up to this size is read in one call; a bigger one has its header read first.
 _ONE_READ_MAX = 1 << 20
@@ -91,7 +90,12 @@ class Found(NamedTuple):
 
 
 class Store:
-    """One cache directory as seen by one backend instance."""
+    """One cache directory as seen by one backend instance.
+
+    A read-only store (``read_only=True``, or a filesystem mounted read-only)
+    creates, changes and locks nothing: it has no lock file, its hits are not
+    stamped, what it finds damaged stays, and every change raises ReadOnlyError.
+    """
 
     def __init__(self, settings: Settings, kind: int) -> None:
         self.settings = settings
@@ -103,10 +107,13 @@ class Store:
         self.hits = self.misses = self.writes = self.evictions = self.write_errors = 0
         self.last_total = 0  # total bytes as the last publish or discard left them
         self._warned: set[str] = set()  # paths already reported unreadable or foreign
-        self._prepare_base_dir()
-        self.writable = not is_read_only(settings.base_dir)
-        self.lock_file = LockFile.for_path(
-            self.layout.path(paths.LOCK_NAME), settings.file_mode, self.writable
+        # Why this store may change nothing (None: it may), for ReadOnlyError messages.
+        self.read_only_reason = self._prepare_base_dir()
+        self.writable = self.read_only_reason is None
+        self._lock_file = (
+            LockFile.for_path(self.layout.path(paths.LOCK_NAME), settings.file_mode)
+            if self.writable
+            else None
         )
         self.accounting = self._open_or_create()
         self._next_check = time.monotonic() + files.CHECK_INTERVAL
@@ -121,8 +128,20 @@ class Store:
             self.kind, settings.shard_depth, settings.shard_width, settings.lock_slots
         )
 
-    def _prepare_base_dir(self) -> None:
+    def _prepare_base_dir(self) -> str | None:
+        """Make ``base_dir`` and ``data/`` if missing; return why the cache is read-only
+        (None if it is not).  A read-only cache must already exist: it creates nothing."""
         base_dir = self.settings.base_dir
+        if self.settings.read_only:
+            _check_reachable(base_dir, read_only=True)
+            if not os.path.isdir(base_dir):
+                raise ConfigError(
+                    "base_dir", "an existing cache directory when read_only=True", base_dir
+                )
+            for directory in (base_dir, self.layout.data_dir):
+                if os.path.isdir(directory) and not os.access(directory, os.R_OK | os.X_OK):
+                    raise _not_accessible(directory, True)
+            return "read_only=True"
         try:
             for directory in (base_dir, self.layout.data_dir):
                 _check_reachable(directory)
@@ -150,10 +169,11 @@ class Store:
                 base_dir,
             ) from exc
         if is_read_only(base_dir):
-            return  # gets are served; every write reports EROFS
+            return "its filesystem is mounted read-only"  # gets are served, as read_only=True
         for directory in (base_dir, self.layout.data_dir):
             if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
                 raise _not_accessible(directory)
+        return None
 
     def _open_or_create(self) -> AccountingFile:
         """Open an existing cache without locking; set one up under the maintenance lock.
@@ -170,9 +190,9 @@ class Store:
         if not self.writable:
             raise ConfigError(
                 "base_dir",
-                f"a cache directory with its marker ({marker.path_of(self.settings.base_dir)} "
-                "is missing, and this read-only filesystem cannot get one: open the cache "
-                "read-write once, which re-creates it from the entries)",
+                f"an existing cache directory when {self.read_only_reason} (it has no "
+                f"{paths.MARKER_NAME}, and nothing was created: open the cache read-write "
+                "once, which re-creates the marker from the entries)",
                 self.settings.base_dir,
             )
         with maintenance_lock(self.settings.base_dir, mode):
@@ -211,7 +231,26 @@ class Store:
             self._warned.add(path)
             log.warning("%s: %s", path, problem)
 
+    def read_only_error(self, action: str) -> ReadOnlyError:
+        """The error for ``action`` (``"store key 'k'"``) asked of a read-only store."""
+        return ReadOnlyError(
+            errno.EROFS,
+            f"cannot {action}: the cache is read-only ({self.read_only_reason})",
+            self.settings.base_dir,
+        )
+
+    def check_writable(self, action: str) -> None:
+        if not self.writable:
+            raise self.read_only_error(action)
+
     # -- locks ----------------------------------------------------------------
+
+    @property
+    def lock_file(self) -> LockFile:
+        """The lock file; a read-only store has none: it locks nothing, as it changes nothing."""
+        if self._lock_file is None:
+            raise self.read_only_error("take a lock (only changes take one)")
+        return self._lock_file
 
     def key_mutex(self, key_bytes: bytes) -> FileMutex:
         return FileMutex(self.lock_file, key_bytes, self.settings.lock_slots)
@@ -231,13 +270,14 @@ class Store:
         """The live record of a key, or None (a miss).
 
         A damaged, foreign or expired file is removed on the way.  A hit makes
-        the entry the most recently used one.  ``key_bytes=None`` looks an
-        entry up by ``digest`` alone (a URL names no key): the key stored in
-        the record must then hash to ``digest``.
+        the entry the most recently used one.  A read-only store does neither,
+        and does not even update the entry's atime where the kernel lets it.
+        ``key_bytes=None`` looks an entry up by ``digest`` alone (a URL names no
+        key): the key stored in the record must then hash to ``digest``.
         """
         path = self.layout.entry_path(digest)
         try:
-            fd = os.open(path, _READ_FLAGS)
+            fd = os.open(path, _READ_FLAGS) if self.writable else open_quietly(path, _READ_FLAGS)
         except FileNotFoundError:
             return None
         except PermissionError:  # another user's file: not ours to read, nor to delete
@@ -262,9 +302,7 @@ class Store:
                 self.discard_unusable(digest, info.st_ino)
                 return None
             now = time.time()
-            created = record.created
-            if created > now + FUTURE_TOLERANCE:  # written under a clock far ahead
-                created = min(info.st_atime, now)  # when a read first saw it (see touch)
+            created = creation_time(record, info, now)
             if self.is_expired(created, now):
                 self.discard_unusable(digest, info.st_ino)
                 return None
@@ -419,8 +457,11 @@ class Store:
     def discard(self, digest: str, inode: int | None = None, used_ns: int | None = None) -> int:
         """Remove an entry; given ``inode``/``used_ns``, only if it is still the file judged.
 
-        Returns the bytes freed (0 if the entry was gone, replaced or used meanwhile).
+        Returns the bytes freed (0 if the entry was gone, replaced or used meanwhile,
+        or if the store is read-only: reads repair nothing there).
         """
+        if not self.writable:
+            return 0
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
         with self.shard_locked(shard):
@@ -490,11 +531,7 @@ class Store:
         symlinks and, where we own it, without touching atime, which holds the
         creation time that expiry is judged by.  Raises OSError or DamagedRecord.
         """
-        path = self.layout.entry_path(digest)
-        try:
-            fd = os.open(path, _READ_FLAGS | _O_NOATIME)
-        except PermissionError:  # O_NOATIME needs the file's owner
-            fd = os.open(path, _READ_FLAGS)
+        fd = open_quietly(self.layout.entry_path(digest), _READ_FLAGS)
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -536,6 +573,14 @@ class Store:
             or last > now + FUTURE_TOLERANCE  # a clock that was far ahead: recount now
             or (interval is not None and now - last > interval)
         )
+
+
+def creation_time(record: records.Record, info: os.stat_result, now: float) -> float:
+    """When an entry was created, for expiry: its record's time, unless a clock far ahead
+    wrote it; then when a read first saw it (its atime, see ``touch``), at most now."""
+    if record.created > now + FUTURE_TOLERANCE:
+        return min(info.st_atime, now)
+    return record.created
 
 
 def touch(fd: int, created: float) -> int | None:
@@ -597,28 +642,34 @@ def _read_exactly(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _check_reachable(directory: str) -> None:
+def _check_reachable(directory: str, read_only: bool = False) -> None:
     """Raise a clear ConfigError if ``directory`` exists but this process may not enter it."""
     try:
         os.stat(directory)
     except FileNotFoundError:
         return
     except PermissionError:
-        raise _not_accessible(os.path.dirname(directory)) from None
+        raise _not_accessible(os.path.dirname(directory), read_only) from None
     if os.path.isdir(directory) and not os.access(directory, os.X_OK):
-        raise _not_accessible(directory)
+        raise _not_accessible(directory, read_only)
 
 
-def _not_accessible(directory: str) -> ConfigError:
+def _not_accessible(directory: str, read_only: bool = False) -> ConfigError:
     try:
         info = os.stat(directory)
         owner = f"it belongs to uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}"
     except OSError:
         owner = "it cannot even be looked at"
+    if read_only:
+        need, how = "read", "read access (dir_mode=0o755, file_mode=0o644 where it is built)"
+    else:
+        need, how = (
+            "read and write",
+            "access (a shared group with dir_mode=0o770, file_mode=0o660)",
+        )
     return ConfigError(
         "base_dir",
-        f"a directory this process (uid {os.geteuid()}) can read and write; {directory} is "
-        f"not accessible: {owner}. Run as its owner, or give this user access "
-        "(a shared group with dir_mode=0o770, file_mode=0o660)",
+        f"a directory this process (uid {os.geteuid()}) can {need}; {directory} is "
+        f"not accessible: {owner}. Run as its owner, or give this user {how}",
         directory,
     )

@@ -749,8 +749,10 @@ def _on_a_read_only_cache(base_dir: str, entry: str) -> dict:
     with pytest.raises(OSError) as info:
         region.set("key", "new")
     outcome["set"] = errno.errorcode.get(info.value.errno or 0)
+    outcome["set error"] = type(info.value).__name__
+    outcome["created"] = region.get_or_create("other", lambda: "computed")  # not stored
     logging_region = pickled(base_dir, write_errors="log")
-    outcome["created"] = logging_region.get_or_create("other", lambda: "computed")
+    logging_region.set("key", "new")
     outcome["write_errors"] = logging_region.backend.stats()["write_errors"]
     # A value too large to cache is refused, and the key's old value cannot go either.
     for write_errors in ("raise", "log"):
@@ -769,8 +771,8 @@ def _on_a_read_only_cache(base_dir: str, entry: str) -> dict:
 @needs_root
 def test_a_cache_on_a_read_only_filesystem_serves_hits(tmp_path):
     """Item 11: a cache on a read-only bind mount opens, serves hits without stamping
-    them, reports EROFS for sets (or logs them with write_errors='log'), and CLI stats
-    works."""
+    them, raises ReadOnlyError (EROFS) for sets (or logs them with write_errors='log'),
+    returns what get_or_create created, and CLI stats works."""
     source = tmp_path / "source"
     region = pickled(source / "cache")
     region.set("key", "value")
@@ -790,6 +792,7 @@ def test_a_cache_on_a_read_only_filesystem_serves_hits(tmp_path):
         "hit": "value",
         "stamped": False,
         "set": "EROFS",
+        "set error": "ReadOnlyError",
         "created": "computed",
         "write_errors": 1,
         "too large, raise": "EROFS",

@@ -267,6 +267,7 @@ def test_arguments_are_never_modified(redis_url, tmp_path):
         ({"local": "/var/cache"}, "local", "dict"),
         ({"local": {"cache_size": "lots"}}, "local.base_dir", "base_dir"),
         ({"local": {"base_dir": "{tmp}/x", "cache_size": "lots"}}, "local.cache_size", "GiB"),
+        ({"local": {"base_dir": "{tmp}/x", "read_only": "yes"}}, "local.read_only", "copy"),
     ],
 )
 def test_a_bad_argument_is_named(redis_url, tmp_path, change, argument, allowed):
