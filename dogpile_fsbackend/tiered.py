@@ -18,9 +18,9 @@ import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CacheMutex, NoValueType
+from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CacheMutex
 from dogpile.cache.proxy import ProxyBackend
 
 from . import layout, records, redisremote
@@ -43,6 +43,9 @@ from .tierconfig import (
     top_level_of_config,
 )
 from .tierlock import tier_mutex
+
+if TYPE_CHECKING:
+    from dogpile.cache.api import NoValueType  # dogpile.cache 1.3.3+ only
 
 log = logging.getLogger(__name__)
 
