@@ -190,9 +190,10 @@ class Store:
         if not self.writable:
             raise ConfigError(
                 "base_dir",
-                f"an existing cache directory when {self.read_only_reason} (it has no "
-                f"{paths.MARKER_NAME}, and nothing was created: open the cache read-write "
-                "once, which re-creates the marker from the entries)",
+                f"an existing cache directory when {self.read_only_reason} (its marker "
+                f"{marker.path_of(self.settings.base_dir)} is missing, and nothing was "
+                "created: open the cache read-write once, which re-creates the marker "
+                "from the entries)",
                 self.settings.base_dir,
             )
         with maintenance_lock(self.settings.base_dir, mode):
