@@ -191,9 +191,9 @@ class Store:
             raise ConfigError(
                 "base_dir",
                 f"an existing cache directory when {self.read_only_reason} (its marker "
-                f"{marker.path_of(self.settings.base_dir)} is missing, and nothing was "
-                "created: open the cache read-write once, which re-creates the marker "
-                "from the entries)",
+                f"{marker.path_of(self.settings.base_dir)} is missing and nothing was "
+                "created; if this is a cache whose marker was lost, open it read-write "
+                "once, which re-creates the marker from the entries)",
                 self.settings.base_dir,
             )
         with maintenance_lock(self.settings.base_dir, mode):
