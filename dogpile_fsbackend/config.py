@@ -249,16 +249,19 @@ ARGUMENT_DOCS = {
     "``'1h'``, ``'7d'``) after which an entry is a miss and goes first on eviction; "
     "independent of the region's ``expiration_time``.  Defaults to ``None`` (never).",
     "distributed_lock": "``get_mutex`` returns a mutex across processes (a byte of the lock "
-    "file); ``False`` or ``None``: a mutex among this process's threads only.  Defaults to "
-    "``True``.",
+    "file); ``False`` or ``None``: a mutex among this process's threads only, as dogpile's "
+    "own fallback.  Defaults to ``True``.",
     "file_movable": "raw backend only: rename a caller's named file on the cache's "
-    "filesystem into the cache instead of copying it.  Defaults to ``False``.",
+    "filesystem into the cache instead of copying it; the file then belongs to the cache "
+    "(writing to it afterwards changes what later hits read).  Defaults to ``False``.",
     "shard_depth": "levels of shard directories, 1 to 4; fixed when the directory is "
     "created.  Defaults to ``2``.",
     "shard_width": "hex digits per shard level, 1 to 3 (``16**width`` directories per "
-    "level); fixed at creation.  Defaults to ``1``.",
-    "lock_slots": "bytes of the (sparse) lock file that key mutexes hash onto; fixed at "
-    "creation.  Defaults to ``2**32``.",
+    "level; with the default depth, 256 leaf directories, like git's objects); fixed at "
+    "creation.  Defaults to ``1``.",
+    "lock_slots": "bytes of the lock file that key mutexes hash onto (the file stays "
+    "sparse: an unlocked byte costs nothing, so distinct keys practically never share one); "
+    "fixed at creation.  Defaults to ``2**32``.",
     "file_mode": "permissions of entry files, an int or an octal string such as ``'640'``.  "
     "Defaults to ``0o600``.",
     "dir_mode": "permissions of shard directories.  Defaults to ``0o700``.",
@@ -272,16 +275,17 @@ ARGUMENT_DOCS = {
     "named by an older release) is reclaimed; a live writer's temp file never is.  Defaults "
     "to ``3600``.",
     "write_errors": "what a write that fails with an ``OSError`` does after its one retry "
-    "(a full disk is retried once after evicting a batch): ``'raise'`` raises it, "
-    "``'log'`` logs a warning, counts it in ``stats()['write_errors']`` and leaves the value "
-    "uncached.  Defaults to ``'raise'``.",
+    "(a full disk is retried once after evicting a batch): ``'raise'`` raises it to the "
+    "caller of ``set()`` / ``get_or_create()``; ``'log'`` logs a warning, counts it in "
+    "``stats()['write_errors']`` and leaves the value uncached.  Defaults to ``'raise'``.",
     "read_only": "open an existing cache (shipped in an image, on a read-only mount, or "
     "another user's with read permission) without creating or changing any file: hits are "
     "not stamped, nothing damaged is removed, ``get_mutex`` excludes this process's threads "
     "only.  ``get_or_create`` still returns the value it created, without storing it; any "
     "other set, a delete, ``delete_matching``, ``prune``, ``verify`` and ``clear`` raise "
-    ":class:`ReadOnlyError`.  A directory that is not a cache raises :class:`ConfigError`.  "
-    "Defaults to ``False``.",
+    ":class:`ReadOnlyError`.  A directory that is not a cache raises :class:`ConfigError`, "
+    "and a filesystem mounted read-only has the same effect as ``True``.  Defaults to "
+    "``False``.",
 }
 
 

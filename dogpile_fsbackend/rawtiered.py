@@ -150,29 +150,37 @@ class RawTieredBackend(CacheBackend):
     :class:`CachedFileReader`, on whichever host it was created.  Needs the
     ``[s3]`` extra (boto3).
 
-    :param local: the local tier's arguments (those of ``dogpile_fsbackend.raw``).
-    :param bucket: the bucket, which must exist.  Required.
+    :param local: the local tier's arguments: those of ``dogpile_fsbackend.raw``.
+     Required.
+    :param bucket: the bucket.  It must exist; the backend never creates one.  Required.
     :param prefix: put before every object name (default ``""``); objects are
-     named ``<prefix><sha256 hex of the key>``.
-    :param s3: boto3 ``client("s3", ...)`` arguments (``endpoint_url``,
-     ``region_name``, credentials, ``config``: a botocore ``Config`` or a dict
-     of its arguments).  The tier's defaults under yours: SigV4, 2 s connect
-     and 30 s read timeouts, one retry.
+     named ``<prefix><SHA-256 hex of the key>``.
+    :param s3: boto3 ``client("s3", ...)`` arguments (default ``{}``): ``endpoint_url``,
+     ``region_name``, credentials (or boto3's usual environment, profile or instance
+     role), ``config`` (a botocore ``Config`` or a dict of its arguments).  The tier's
+     defaults under yours: SigV4 (boto3 would presign with SigV2, which newer AWS regions
+     refuse), 2 s connect and 30 s read timeouts, one retry.
     :param lock_backend: a dogpile backend by name whose distributed mutex makes
      one creator across hosts (``"dogpile.cache.redis"``); only its mutex is
-     used.  Default ``None``: one creator per host (logged).
-    :param lock: the lock backend's arguments (``distributed_lock`` is on unless
-     given; for Redis the tier's bounded timeouts apply, as in ``tiered``).
-    :param local_expiration_time: seconds a local copy is served before it is
-     checked against the bucket again (one HEAD request).  Default ``None``:
-     until deleted or evicted here.
-    :param part_size: bytes per multipart part, at least 5 MiB (default 16 MiB).
+     used.  Default ``None``: each host may run a creator once (logged when the backend
+     is made).
+    :param lock: the lock backend's arguments (default ``{}``).  ``distributed_lock`` is
+     on unless given; for Redis the tiered backend's bounded timeouts apply, and the same
+     pitfall warnings (a missing ``lock_timeout``, for one).
+    :param local_expiration_time: seconds a host serves its copy before checking it
+     against the bucket again (one HEAD request; the file is downloaded again only if
+     another write replaced it, and dropped if it was deleted).  Default ``None``: until
+     deleted or evicted on this host.
+    :param part_size: multipart part size, and the size from which uploads are multipart,
+     at least 5 MiB (default 16 MiB; boto3 raises it for files that would need more than
+     10,000 parts).
     :param concurrency: parts uploaded at once (default 4).
     :param remote_errors: ``"raise"`` (default): a failed bucket or lock call
-     raises :class:`RemoteError` naming it; ``"degrade"``: serve and write
-     locally, with local locks, until it answers again (logged once).
-    :param remote_backoff: seconds without calls after a failure (default 1),
-     doubling on each failed probe up to ``remote_backoff_max`` (default 30).
+     raises :class:`RemoteError` naming the bucket (or the lock backend); ``"degrade"``:
+     serve and write locally, with this host's lock, until it answers again (logged once).
+    :param remote_backoff: seconds without calls to a failed bucket or lock backend
+     (default 1), doubling on each failed probe up to ``remote_backoff_max``.
+    :param remote_backoff_max: the longest back-off, in seconds (default 30).
 
     .. versionadded:: 0.2.0
     """

@@ -408,21 +408,31 @@ class TieredBackend(_TieredOperations, BytesBackend):
             },
         )
 
-    :param local: the local tier's arguments (those of ``dogpile_fsbackend.pickled``).
-    :param remote_backend: the remote tier, any dogpile backend by name.
-    :param remote: the remote tier's arguments.  For Redis, a tier adds
-     ``socket_connect_timeout=0.5``, ``socket_timeout=1``, one immediate retry
-     and ``thread_local_lock=False`` unless given.
-    :param lock: ``"both"`` (default: this host's lock, then the remote's),
-     ``"remote"`` or ``"local"``.
+    :param local: the local tier's arguments: those of ``dogpile_fsbackend.pickled``
+     (``base_dir``, ``cache_size``, ...).  Required.
+    :param remote_backend: the shared tier, any dogpile backend by name
+     (``"dogpile.cache.redis"``, ``"dogpile.cache.redis_sentinel"``, ...).  Required.
+    :param remote: the remote tier's arguments (default ``{}``).  For dogpile's Redis
+     backends the tier adds ``socket_connect_timeout=0.5``, ``socket_timeout=1``, one
+     immediate retry (``connection_kwargs={"retry": Retry(NoBackoff(), 1)}``) and
+     ``thread_local_lock=False`` unless given (for ``redis_cluster`` the timeouts go
+     into ``connection_kwargs``, the only arguments dogpile's cluster backend passes on).
+    :param lock: ``"both"`` (default): this host's kernel lock, then the remote's lock;
+     ``"remote"``: the remote's only; ``"local"``: one creator per host.
     :param local_expiration_time: seconds a local copy is used before it is read
-     from the remote again: the most it may lag another host's write or delete
-     (default ``None``: until invalidated or evicted).
-    :param invalidation: ``"pubsub"`` (default for Redis remotes) or ``None``.
-    :param channel: the pub/sub channel (default ``dogpile_fsbackend:invalidate:<db>``).
-    :param remote_errors: ``"raise"`` (default) or ``"degrade"``.
+     from the remote again: the most it may lag another host's write or delete (it
+     becomes the local tier's ``expiration_time``).  Default ``None``: until
+     invalidated or evicted.
+    :param invalidation: ``"pubsub"`` (the default for Redis remotes, else ``None``):
+     writes and deletes are announced on a Redis channel and every host drops its copy.
+    :param channel: the pub/sub channel (default ``dogpile_fsbackend:invalidate:<db>``:
+     Redis channels are server-wide, so one per database).
+    :param remote_errors: ``"raise"`` (default): a failed remote call raises
+     :class:`RemoteError` naming the remote; ``"degrade"``: serve and write locally, with
+     local locks, until the remote answers again.
     :param remote_backoff: seconds without remote calls after a failure (default 1),
-     doubling on each failed probe up to ``remote_backoff_max`` (default 30).
+     doubling on each failed probe up to ``remote_backoff_max``.
+    :param remote_backoff_max: the longest back-off, in seconds (default 30).
 
     .. versionadded:: 0.2.0
     """

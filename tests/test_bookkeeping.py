@@ -927,7 +927,7 @@ def test_systemd_tmpfiles_leaves_the_bookkeeping_files_of_a_busy_cache(tmp_path)
     """Item 12: locking never changes a file's times, so an age-based cleaner took the
     bookkeeping files of a busy cache.  Now they are refreshed (hourly; every 0.3 s
     here) and a real ``systemd-tmpfiles --clean`` with a 1 s age keeps them, while it
-    removes an idle file beside them; the README's exclusion line keeps everything."""
+    removes an idle file beside them; the exclusion line of the docs' Caveats keeps everything."""
     if shutil.which("systemd-tmpfiles") is None:
         pytest.skip("systemd-tmpfiles is not installed")
     base_dir = str(tmp_path / "cache")
@@ -950,7 +950,7 @@ def test_systemd_tmpfiles_leaves_the_bookkeeping_files_of_a_busy_cache(tmp_path)
         assert not os.path.exists(idle)  # the cleaner did run, and judged by age
         for name in (*BOOKKEEPING, layout.MAINTENANCE_LOCK_NAME):
             assert os.path.exists(os.path.join(base_dir, name)), name
-        # With the exclusion line the README shows, nothing at all is cleaned.
+        # With the exclusion line the docs' Caveats show, nothing at all is cleaned.
         with open(idle, "w") as handle:
             handle.write("idle again")
         time.sleep(1.5)  # the idle file must be older than the cleaner's 1 s age

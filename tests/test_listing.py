@@ -374,7 +374,7 @@ def test_delete_matching_while_other_processes_write(cache_dir):
 
 
 def test_a_region_key_mangler_and_cache_on_arguments(cache_dir):
-    """The README's recipes: keys are stored as mangled, so a prefix is mangled the same
+    """The recipes of docs/usage.md: keys are stored as mangled, so a prefix is mangled the same
     way; cache_on_arguments keys start with '<module>:<function name>|'."""
     region = make_region(key_mangler=lambda key: "app1:" + key).configure(
         "dogpile_fsbackend.pickled", arguments={"base_dir": cache_dir}

@@ -426,9 +426,9 @@ def test_the_lock_backends_pitfalls_are_warned(s3, redis_url, tmp_path):
         RawTieredBackend(arguments)
 
 
-def test_the_lifecycle_rules_of_the_readme_are_accepted_by_s3(s3):
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as readme:
-        text = readme.read()
+def test_the_lifecycle_rules_of_the_docs_are_accepted_by_s3(s3):
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "recipes.md")) as recipes:
+        text = recipes.read()
     start = text.index("```json", text.index("<!-- lifecycle rules -->")) + len("```json")
     rules = json.loads(text[start : text.index("```", start)])
     client = s3.client()

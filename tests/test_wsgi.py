@@ -595,7 +595,7 @@ def test_file_wrapper_lets_the_server_use_sendfile(region):
     assert server.sendfile_calls == [(0, size), (4000, size - 4000), (size - 10, 10)]
 
 
-# -- the README example ---------------------------------------------------------------
+# -- the example of docs/recipes.md -----------------------------------------------------
 
 
 def png(width: int, height: int, shade: int) -> bytes:
@@ -615,7 +615,7 @@ def png(width: int, height: int, shade: int) -> bytes:
 
 
 class Charts(NamedTuple):
-    """The README example's region, app, memoized chart function and its key function."""
+    """The docs' example's region, app, memoized chart function and its key function."""
 
     region: object
     files: CacheFileApp
@@ -671,13 +671,13 @@ def test_readme_example(cache_dir, serve):
 
 
 def test_readme_flask_example(cache_dir, serve):
-    """The README's Flask recipe, verbatim, behind a real HTTP server."""
+    """The Flask recipe of docs/recipes.md, verbatim, behind a real HTTP server."""
     from flask import Flask, abort, redirect, request, send_file
     from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
     charts, files, chart, chart_key, renders = readme_charts(cache_dir, 640, 480)
 
-    # -- from the README --
+    # -- from docs/recipes.md --
     app = Flask(__name__)
     app.wsgi_app = mount(app.wsgi_app, files)  # /files/... as above
 
@@ -714,7 +714,7 @@ def test_readme_flask_example(cache_dir, serve):
             abort(404)
         return send_cached(reader)
 
-    # -- end of the README's code --
+    # -- end of the docs' code --
     port = serve(app)
     image = png(640, 480, 5)
     whole = fetch(port, "/chart/5.png")
