@@ -66,8 +66,8 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Protocol
 
 from dogpile.cache.region import RegionInvalidationStrategy
 
@@ -377,7 +377,9 @@ class SharedInvalidation(RegionInvalidationStrategy):
         now = time.time_ns()
         times = InvalidationTimes(hard_ns=now) if hard else InvalidationTimes(soft_ns=now)
         self._honour(times)
-        self.merge(times)
+        merged = self.merge(times)
+        for announce in _announcers(self.directory):  # other hosts (tierinvalidation.py)
+            announce(merged)
 
     def is_invalidated(self, timestamp: float) -> bool:
         return timestamp < self._check().invalidated_at
@@ -609,6 +611,41 @@ class SharedInvalidation(RegionInvalidationStrategy):
         if os.geteuid() == 0:
             owner = like or os.stat(self.directory)
             os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
+# -- other hosts ------------------------------------------------------------------------
+
+# Per directory (its real path), the tiers that carry this process's invalidations to
+# other hosts: weak, so that a backend no longer used stops announcing.
+_ANNOUNCERS: dict[str, weakref.WeakSet[Announcer]] = {}
+_ANNOUNCERS_GUARD = threading.Lock()
+
+
+class Announcer(Protocol):
+    """A tier that tells other hosts of an invalidation (see tierinvalidation.py)."""
+
+    def announce_invalidation(self, times: InvalidationTimes) -> None: ...
+
+
+def announce_with(directory: str, announcer: Announcer) -> None:
+    """After each ``invalidate()`` of a SharedInvalidation on ``directory`` in this
+    process, call ``announcer.announce_invalidation(times)`` with the times the file then holds,
+    for as long as ``announcer`` lives."""
+    with _ANNOUNCERS_GUARD:
+        _ANNOUNCERS.setdefault(os.path.realpath(directory), weakref.WeakSet()).add(announcer)
+
+
+def _announcers(directory: str) -> list[Callable[[InvalidationTimes], None]]:
+    with _ANNOUNCERS_GUARD:
+        found = _ANNOUNCERS.get(os.path.realpath(directory), ())
+        return [announcer.announce_invalidation for announcer in found]
+
+
+def strategies_on(directory: str) -> list[SharedInvalidation]:
+    """This process's SharedInvalidations on ``directory``: a tier merges what other
+    hosts announce only where the application uses one."""
+    real = os.path.realpath(directory)
+    return [s for s in list(_INSTANCES) if os.path.realpath(s.directory) == real]
 
 
 # -- fork -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ class Subscriber(Protocol):
     origin: str  # its local tier, as messages name it
 
     def invalidated(self, origin: str, entries: Sequence[tuple[str, str | None]]) -> None: ...
+
+    def region_invalidated(self, soft_ns: int, hard_ns: int) -> None: ...
+
+    def subscribed(self) -> None: ...
 
 
 def value_digest(value: bytes) -> str:
@@ -92,6 +96,28 @@ def decode(data: Any) -> tuple[str, str, list[tuple[str, str | None]]] | None:
     ):
         return None
     return origin, process, entries
+
+
+def encode_region(soft_ns: int, hard_ns: int) -> bytes:
+    """A region invalidation: the SharedInvalidation times of the regions on this
+    channel (see tierinvalidation.py)."""
+    message = {"p": _process_token, "i": [soft_ns, hard_ns]}
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def decode_region(data: Any) -> tuple[str, int, int] | None:
+    """``(process, soft_ns, hard_ns)``, or None for anything else."""
+    try:
+        message = json.loads(data)
+        process, (soft_ns, hard_ns) = message["p"], message["i"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not all(
+        isinstance(ns, int) and not isinstance(ns, bool) and 0 <= ns < 2**63
+        for ns in (soft_ns, hard_ns)
+    ):
+        return None
+    return process, soft_ns, hard_ns
 
 
 class Listener:
@@ -247,12 +273,30 @@ class Listener:
                 self.connected = True
                 self.subscriptions += 1
                 self._failures = 0
+            self._tell_subscribers("catch up after subscribing", lambda s: s.subscribed())
         elif kind == "message":
-            decoded = decode(message.get("data"))
-            if decoded is None:
+            data = message.get("data")
+            decoded = decode(data)
+            if decoded is not None:
+                self._dispatch(*decoded)
+                return
+            region = decode_region(data)
+            if region is None:
                 log.debug("ignoring a foreign message on %r: %.100r", self.channel, message)
                 return
-            self._dispatch(*decoded)
+            process, soft_ns, hard_ns = region
+            if process != _process_token:  # the invalidating process merged it already
+                self._tell_subscribers(
+                    "merge a region invalidation",
+                    lambda s: s.region_invalidated(soft_ns, hard_ns),
+                )
+
+    def _tell_subscribers(self, what: str, call: Callable[[Subscriber], None]) -> None:
+        for subscriber in list(self._subscribers):
+            try:
+                call(subscriber)
+            except Exception:  # never the listener's death
+                log.exception("a tiered backend could not %s", what)
 
     def _dispatch(
         self, origin: str, process: str, entries: Sequence[tuple[str, str | None]]

@@ -42,6 +42,7 @@ from .tierconfig import (
     tier_arguments,
     top_level_of_config,
 )
+from .tierinvalidation import RegionInvalidationLink
 from .tierlock import tier_mutex
 
 if TYPE_CHECKING:
@@ -123,6 +124,7 @@ class _TieredOperations:
             )
         self.invalidation = invalidation
         self.listener = None
+        self.region_invalidation: RegionInvalidationLink | None = None
         self._publish: Callable[[str, bytes], Any] | None = None
         self._unannounced: set[str] = set()  # changed while no message could say so
         self._unannounced_lock = threading.Lock()
@@ -132,6 +134,10 @@ class _TieredOperations:
             self.channel = settings["channel"] or default_channel(client)
             self._publish = client.publish  # type: ignore[union-attr]
             self.listener = Listener.for_client(client, self.channel)
+            self.region_invalidation = RegionInvalidationLink(
+                client, self.channel, local.settings.base_dir, self.guard
+            )
+            self.region_invalidation.catch_up()
             self.listener.register(self)
         self._warn_pitfalls(redisremote.pitfalls(remote, self.lock_mode), settings)
 
@@ -304,8 +310,12 @@ class _TieredOperations:
         local copies, so that the remote is the shared truth again.
 
         Its publish is the probe that finds the remote back when this process
-        otherwise only hits its local tier.
+        otherwise only hits its local tier.  A region invalidation that an outage
+        held back goes out the same way (tierinvalidation.py).
         """
+        link = self.region_invalidation
+        if link is not None and link.pending:
+            link.retry()
         if not self._unannounced:
             return
         with self._unannounced_lock:
@@ -341,6 +351,16 @@ class _TieredOperations:
             copy = self.local.get_serialized_stamped(key, count=False)
             if copy is not NO_VALUE and value_digest(copy[0]) != digest:
                 self.local.delete(key)
+
+    def region_invalidated(self, soft_ns: int, hard_ns: int) -> None:
+        """The listener heard of another host's ``region.invalidate()``."""
+        if self.region_invalidation is not None:
+            self.region_invalidation.received(soft_ns, hard_ns)
+
+    def subscribed(self) -> None:
+        """The listener (re)subscribed: catch up on the invalidations it may have missed."""
+        if self.region_invalidation is not None:
+            self.region_invalidation.catch_up()
 
     # -- locks ----------------------------------------------------------------------
 
@@ -426,7 +446,9 @@ class TieredBackend(_TieredOperations, BytesBackend):
     :param invalidation: ``"pubsub"`` (the default for Redis remotes, else ``None``):
      writes and deletes are announced on a Redis channel and every host drops its copy.
     :param channel: the pub/sub channel (default ``dogpile_fsbackend:invalidate:<db>``:
-     Redis channels are server-wide, so one per database).
+     Redis channels are server-wide, so one per database).  A
+     :class:`SharedInvalidation` on the local ``base_dir`` reaches every host through it:
+     one ``region.invalidate()`` reaches the regions sharing the channel.
     :param remote_errors: ``"raise"`` (default): a failed remote call raises
      :class:`RemoteError` naming the remote; ``"degrade"``: serve and write locally, with
      local locks, until the remote answers again.

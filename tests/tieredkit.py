@@ -19,6 +19,8 @@ from conftest import WAIT
 from dogpile.cache import make_region
 from dogpile.cache.region import CacheRegion
 
+from dogpile_fsbackend import SharedInvalidation
+
 FAST_BACKOFF = {"remote_backoff": 0.2, "remote_backoff_max": 0.5}
 
 
@@ -43,12 +45,15 @@ def region(
     base_dir: str,
     remote: dict | None = None,
     expiration_time: float | None = None,
+    shared_invalidation: bool = False,
     **top: Any,
 ) -> CacheRegion:
+    """A tiered region; ``shared_invalidation``: with a SharedInvalidation on ``base_dir``."""
     configured = make_region().configure(
         "dogpile_fsbackend.tiered",
         expiration_time=expiration_time,
         arguments=arguments(url, base_dir, remote, **top),
+        region_invalidator=SharedInvalidation(base_dir) if shared_invalidation else None,
     )
     listener = configured.backend.listener
     if listener is not None:  # so that a test's first read may trust what it wrote
@@ -130,6 +135,10 @@ def _host_main(url: str, base_dir: str, top: dict, inbox: Any, outbox: Any) -> N
             return tier.set(args[0], args[1])
         if command == "delete":
             return tier.delete(args[0])
+        if command == "invalidate":  # region.invalidate(hard)
+            return tier.invalidate(args[0])
+        if command == "get_or_create":  # (key, value): the value is created if needed
+            return tier.get_or_create(args[0], lambda: args[1])
         if command == "poll":  # until get(key) == expected; seconds taken
             return _poll(tier, *args)
         if command == "hold":  # take a key's mutex and keep it
