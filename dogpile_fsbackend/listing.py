@@ -37,7 +37,9 @@ Progress = Callable[[int], None]  # called with the number of shards just finish
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted where an entry belongs must not hang the walk.
 _ENTRY_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+# Gone, or something planted: a file or a symlink (loop) in a directory's place, a Unix
+# socket in an entry's (ENXIO).
+_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO})
 _HEAD = 4096  # first read of a record: its header and, nearly always, its whole key
 
 
@@ -152,6 +154,8 @@ def _entries_in(
         parsed = paths.split_entry_name(item.name)
         if parsed is None or parsed[1] is not None or not item.name.startswith(spelled):
             continue  # a data file, a temp file, a stranger, or an entry out of place
+        if not item.is_file(follow_symlinks=False):
+            continue  # a link, FIFO, socket, device or directory planted: never opened
         entry = _judge(store, directory, f"{path}/{item.name}", item.name, prefix, now)
         if entry is not None:
             yield entry

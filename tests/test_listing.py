@@ -411,3 +411,16 @@ def test_a_symlinked_data_directory_is_not_walked(cache_dir, tmp_path):
     assert backend.delete_matching("user:") == 0
     assert stat.S_ISLNK(os.lstat(data_dir).st_mode)
     assert len(os.listdir(moved)) > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_socket_in_an_entrys_place_is_passed_over(cache_dir, kind):
+    """A Unix socket planted where an entry belongs (open() says ENXIO) is neither listed
+    nor a crash of the listing or of a delete; the entries beside it are dealt with."""
+    backend = _filled(kind, cache_dir)
+    os.unlink(entry_path(backend, "user:1:orders"))
+    with faultkit.plant_socket(entry_path(backend, "user:1:orders")):
+        assert sorted(backend.keys("user:1:")) == ["user:1:profile"]
+        assert backend.delete_matching("user:1:") == 1
+        assert stat.S_ISSOCK(os.lstat(entry_path(backend, "user:1:orders")).st_mode)
+    assert sorted(backend.keys("user:")) == ["user:10:profile", "user:2:profile"]
