@@ -28,7 +28,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from dogpile.cache.api import NO_VALUE, CacheBackend, CachedValue, CacheMutex
 
@@ -38,7 +38,7 @@ from .config import parse_seconds
 from .exceptions import ConfigError, RemoteConfigWarning
 from .rawfiles import CachedFileReader
 from .records import HEADER_SIZE, RawMeta
-from .remote import OUTAGE, RemoteGuard, describe, load_backend
+from .remote import OUTAGE, RemoteGuard, describe, load_backend, not_listable
 from .s3tier import (
     Bucket,
     DamagedObject,
@@ -497,6 +497,14 @@ class RawTieredBackend(CacheBackend):
     def has_lock_timeout(self) -> bool:
         """True if the lock backend's lock can expire while held (then two creators may run)."""
         return self.lock is not None and redisremote.lock_can_expire(self.lock)
+
+    # -- listing: refused (see remote.not_listable) -----------------------------------
+
+    def keys(self, prefix: str | None = None) -> NoReturn:
+        raise not_listable("keys", self.guard.name)
+
+    def delete_matching(self, prefix: str) -> NoReturn:
+        raise not_listable("delete_matching", self.guard.name)
 
     # -- maintenance: this host's tier ------------------------------------------------
 

@@ -28,7 +28,7 @@ from .backends import PickleFSBackend
 from .config import parse_bool, parse_seconds
 from .exceptions import ConfigError, RemoteConfigWarning, RemoteError
 from .pubsub import RECENT_KEYS, Listener, default_channel, encode, value_digest
-from .remote import OUTAGE, RemoteGuard, describe, load_backend
+from .remote import OUTAGE, RemoteGuard, describe, load_backend, not_listable
 from .tierconfig import (
     OUTAGE_DEFAULTS,
     OUTAGE_PARSERS,
@@ -341,6 +341,14 @@ class _TieredOperations:
             copy = self.local.get_serialized_stamped(key, count=False)
             if copy is not NO_VALUE and value_digest(copy[0]) != digest:
                 self.local.delete(key)
+
+    # -- listing: refused (see remote.not_listable) ----------------------------------
+
+    def keys(self, prefix: str | None = None) -> NoReturn:
+        raise not_listable("keys", self.guard.name)
+
+    def delete_matching(self, prefix: str) -> NoReturn:
+        raise not_listable("delete_matching", self.guard.name)
 
     # -- locks ----------------------------------------------------------------------
 

@@ -610,3 +610,31 @@ def test_invalidation_messages_are_not_counted_as_lookups(host, redis_url, tmp_p
         assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
     finally:
         writer.close()
+
+
+def test_keys_and_delete_matching_are_refused_with_what_to_do_instead(tmp_path):
+    """The keys that count live in the remote, which cannot list them: a listing or a
+    prefix delete of this host's copies alone would mislead, so both are refused with
+    a NotImplementedError that names the remote and the alternatives."""
+    region = make_region().configure(
+        "dogpile_fsbackend.tiered",
+        arguments={
+            "local": {"base_dir": str(tmp_path / "cache")},
+            "remote_backend": "dogpile.cache.memory",
+            "local_expiration_time": 60,
+            "lock": "local",
+        },
+    )
+    region.set("user:1", "v")
+    with pytest.raises(NotImplementedError, match=r"keys\(\): cannot list .*dogpile.cache.memory"):
+        region.backend.keys("user:")
+    with pytest.raises(NotImplementedError, match=r"local.delete_matching\(prefix\)"):
+        region.backend.delete_matching("user:")
+    assert region.get("user:1") == "v"  # nothing was deleted
+    assert list(region.backend.local.keys("user:")) == ["user:1"]
+    proxy = TieredProxy(
+        local={"base_dir": str(tmp_path / "proxied")}, lock="local", local_expiration_time=60
+    )
+    make_region().configure("dogpile.cache.memory", wrap=[proxy])
+    with pytest.raises(NotImplementedError, match=r"region\.delete_multi"):
+        proxy.delete_matching("user:")
