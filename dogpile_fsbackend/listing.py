@@ -59,6 +59,7 @@ class Deleted:
 
     removed: int = 0
     removed_bytes: int = 0
+    interrupted: bool = False  # stopped early when asked (the CLI's Ctrl-C)
 
 
 def entries(
@@ -73,10 +74,19 @@ def entries(
             progress(1)
 
 
-def delete_matching(store: Store, prefix: bytes, progress: Progress | None = None) -> Deleted:
-    """Remove every entry whose key starts with ``prefix`` (see the module docstring)."""
+def delete_matching(
+    store: Store,
+    prefix: bytes,
+    progress: Progress | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> Deleted:
+    """Remove every entry whose key starts with ``prefix`` (see the module docstring);
+    when ``stop()`` turns true, stop before the next one (``Deleted.interrupted``)."""
     deleted = Deleted()
     for entry in entries(store, prefix, progress, live=False):
+        if stop and stop():
+            deleted.interrupted = True
+            break
         if freed := store.discard(entry.digest, entry.inode):
             deleted.removed += 1
             deleted.removed_bytes += freed
