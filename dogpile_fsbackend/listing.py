@@ -13,9 +13,10 @@ simply not listed; reads and scans deal with it.
 damaged ones too (a get would remove those anyway, and a user who deletes a
 user's keys wants none of them left on disk): the key, which must hash to the
 file's name, is all it judges by.  It removes them one at a time through
-``Store.discard`` with the inode it judged: under the entry's shard lock for a
-moment, and only if the file is still the one judged, so a value rewritten
-meanwhile (a new file) stays.
+``Store.discard`` with the inode and the header it judged: under the entry's
+shard lock for a moment, and only if the file is still the one judged, so a
+value rewritten meanwhile (a new file, even one given the same inode number
+again) stays.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class Listed:
     digest: str
     inode: int
     size: int  # record plus data file
+    # The record's first bytes: its creation time and the CRC of the whole value tell a
+    # later file from this one when the filesystem reuses the inode number (ext4 does).
+    header: bytes
 
 
 @dataclasses.dataclass
@@ -87,7 +91,7 @@ def delete_matching(
         if stop and stop():
             deleted.interrupted = True
             break
-        if freed := store.discard(entry.digest, entry.inode):
+        if freed := store.discard(entry.digest, entry.inode, header=entry.header):
             deleted.removed += 1
             deleted.removed_bytes += freed
     return deleted
@@ -202,15 +206,16 @@ def _judge(
     finally:
         os.close(fd)
     data_size = _data_size(record, directory, digest) if store.kind == records.KIND_RAW else 0
+    header = data[: records.HEADER_SIZE]
     if now is None:
-        return Listed(text, digest, info.st_ino, info.st_size + (data_size or 0))
+        return Listed(text, digest, info.st_ino, info.st_size + (data_size or 0), header)
     if (
         record is None
         or data_size is None
         or store.is_expired(creation_time(record, info, now), now)
     ):
         return None
-    return Listed(text, digest, info.st_ino, info.st_size + data_size)
+    return Listed(text, digest, info.st_ino, info.st_size + data_size, header)
 
 
 def _matching_key(fd: int, size: int, digest: str, prefix: bytes) -> tuple[bytes | None, bytes]:
