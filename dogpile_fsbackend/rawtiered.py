@@ -56,6 +56,7 @@ from .tierconfig import (
     local_tier,
     nest_dotted,
     parse_top_level,
+    refuse_read_only,
     sub_config,
     tier_arguments,
     top_level_of_config,
@@ -180,6 +181,7 @@ class RawTieredBackend(CacheBackend):
     def __init__(self, arguments: Mapping[str, Any]) -> None:
         settings = _parse(arguments, local_given=has_tier(arguments, "local"))
         local_arguments = tier_arguments(arguments, "local")
+        refuse_read_only(local_arguments)
         local = local_tier(lambda: RawFSBackend(local_arguments))
         lock = None
         lock_arguments: dict[str, Any] = {}
@@ -199,7 +201,9 @@ class RawTieredBackend(CacheBackend):
             top_level_of_config(config_dict, prefix),
             local_given=any(key.startswith(local_prefix) for key in config_dict),
         )
-        local_config = as_config(sub_config(config_dict, local_prefix), local_prefix)
+        local_settings = sub_config(config_dict, local_prefix)
+        refuse_read_only(local_settings)
+        local_config = as_config(local_settings, local_prefix)
         local = local_tier(
             lambda: cast(RawFSBackend, RawFSBackend.from_config_dict(local_config, local_prefix))
         )

@@ -474,3 +474,12 @@ def test_keys_must_be_str_before_anything_is_asked_of_the_bucket(tiers):
         with pytest.raises(TypeError, match="keys must be str"):
             call()
     assert backend.guard.attempts == 0
+
+
+def test_a_read_only_local_tier_is_refused(tiers, tmp_path):
+    """As with tiered: the local tier keeps a copy of what it downloads, which a
+    read-only cache cannot (a get would raise ReadOnlyError on every local miss)."""
+    tiers("a").set("k", io.BytesIO(b"v"))
+    with pytest.raises(ConfigError) as info:
+        tiers("a", local={"read_only": True})
+    assert info.value.argument == "local.read_only"
