@@ -191,7 +191,8 @@ class Store:
             raise ConfigError(
                 "base_dir",
                 f"an existing cache directory when {self.read_only_reason} (it has no "
-                f"{paths.MARKER_NAME}, and nothing was created: open the cache read-write "
+                f"{marker.path_of(self.settings.base_dir)}, and nothing was created: open the "
+                "cache read-write "
                 "once, which re-creates the marker from the entries)",
                 self.settings.base_dir,
             )

@@ -303,8 +303,8 @@ def test_a_directory_that_is_not_a_cache_is_refused_and_nothing_is_created(
         ("missing", "an existing cache directory when read_only=True"),
         ("missing/deeper", "an existing cache directory when read_only=True"),
         ("a file", "an existing cache directory when read_only=True"),
-        ("empty", f"has no {layout.MARKER_NAME}"),
-        ("files", f"has no {layout.MARKER_NAME}"),
+        ("empty", f"has no {tmp_path / 'empty' / layout.MARKER_NAME}"),
+        ("files", f"has no {tmp_path / 'files' / layout.MARKER_NAME}"),
     ):
         base_dir = str(tmp_path / name)
         with pytest.raises(ConfigError) as info:
