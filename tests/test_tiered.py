@@ -311,9 +311,9 @@ def test_pubsub_needs_a_redis_remote(tmp_path):
     assert info.value.argument == "invalidation"
 
 
-def test_any_dogpile_backend_can_be_the_remote(tmp_path):
-    # Not a shared remote, but any backend by name works (here, dogpile's memory backend).
-    region = make_region().configure(
+def _on_a_memory_remote(tmp_path):
+    """A tiered region whose remote is dogpile's memory backend (no server needed)."""
+    return make_region().configure(
         "dogpile_fsbackend.tiered",
         arguments={
             "local": {"base_dir": str(tmp_path / "cache")},
@@ -322,6 +322,11 @@ def test_any_dogpile_backend_can_be_the_remote(tmp_path):
             "lock": "local",
         },
     )
+
+
+def test_any_dogpile_backend_can_be_the_remote(tmp_path):
+    # Not a shared remote, but any backend by name works (here, dogpile's memory backend).
+    region = _on_a_memory_remote(tmp_path)
     assert region.backend.invalidation is None
     region.set("k", [1, 2])
     region.backend.local.delete("k")
@@ -616,15 +621,7 @@ def test_keys_and_delete_matching_are_refused_with_what_to_do_instead(tmp_path):
     """The keys that count live in the remote, which cannot list them: a listing or a
     prefix delete of this host's copies alone would mislead, so both are refused with
     a NotImplementedError that names the remote and the alternatives."""
-    region = make_region().configure(
-        "dogpile_fsbackend.tiered",
-        arguments={
-            "local": {"base_dir": str(tmp_path / "cache")},
-            "remote_backend": "dogpile.cache.memory",
-            "local_expiration_time": 60,
-            "lock": "local",
-        },
-    )
+    region = _on_a_memory_remote(tmp_path)
     region.set("user:1", "v")
     with pytest.raises(NotImplementedError, match=r"keys\(\): cannot list .*dogpile.cache.memory"):
         region.backend.keys("user:")
