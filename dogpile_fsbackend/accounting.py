@@ -64,8 +64,8 @@ class AccountingFile:
         """Open the counters, creating the file if there is none.
 
         A file that is not a regular file raises BookkeepingError; a damaged
-        one is replaced.  ``writable=False`` (a read-only filesystem) reads
-        what is there and repairs nothing.
+        one is replaced.  ``writable=False`` (a read-only cache) reads what is
+        there and repairs nothing: a damaged or missing file reads as zeros.
         """
         self.path = path
         self.shard_count = shard_count
@@ -177,8 +177,9 @@ class AccountingFile:
             try:
                 fd = open_shared(self.path, self.mode, writable=self.writable, create=False)
             except FileNotFoundError:
-                if not self.writable:
-                    raise
+                if not self.writable:  # a read-only cache copied without it: gets need none
+                    log.warning("accounting file %s is missing; counters read zero", self.path)
+                    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # reads empty
                 self._publish(replace=False)
                 continue
             data = os.pread(fd, len(self._header), 0)

@@ -100,7 +100,8 @@ class _FSBackendBase(CacheBackend):
         return (entry.key for entry in listing.entries(self.store, encoded))
 
     def delete_matching(self, prefix: str) -> int:
-        """Remove every live entry whose key starts with ``prefix``; the number removed.
+        """Remove every entry whose key starts with ``prefix``, expired and damaged ones
+        too; the number removed.
 
         Safe while other processes use the cache: each entry is removed under
         its shard's lock for a moment, and only if it is still the file that

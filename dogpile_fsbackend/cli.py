@@ -27,7 +27,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
@@ -44,6 +46,7 @@ from .store import Store
 PROG = "dogpile-fsbackend"
 EXIT_ERROR = 1
 EXIT_NOT_A_CACHE = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a process stopped by SIGINT (128 + 2)
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE (128 + 13)
 _NO_LIMIT = sys.maxsize  # prune without --cache-size never evicts for size
 
@@ -212,18 +215,39 @@ def _delete(store: Store, args: argparse.Namespace, progress: Progress | None) -
             f"start with {prefix!r}; nothing was removed (--dry-run)"
         )
         return data, text
-    deleted = listing.delete_matching(store, encode_key(prefix), progress)
+    with _stop_asked_by_ctrl_c() as asked:
+        deleted = listing.delete_matching(store, encode_key(prefix), progress, asked.is_set)
     data = {
         "directory": directory,
         "prefix": prefix,
         "removed": deleted.removed,
         "removed_bytes": deleted.removed_bytes,
+        "interrupted": deleted.interrupted,
     }
     text = (
         f"removed {_count(deleted.removed, 'entry', 'entries')} "
         f"({_size(deleted.removed_bytes)}) whose keys start with {prefix!r}"
     )
+    if deleted.interrupted:
+        print(f"{PROG}: delete interrupted; run it again to remove the rest", file=sys.stderr)
     return data, text
+
+
+@contextlib.contextmanager
+def _stop_asked_by_ctrl_c() -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) sets the event: a delete finishes the entry at hand (its files
+    and its counters) and stops there; a second Ctrl-C interrupts at once."""
+    asked = threading.Event()
+
+    def ask(signum: int, frame: Any) -> None:
+        asked.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,7 +375,7 @@ def _run_maintenance(args: argparse.Namespace) -> int:
         print(f"{PROG}: {args.command} failed: {exc}", file=sys.stderr)
         return EXIT_ERROR
     print(json.dumps(data, indent=2) if args.json else text)
-    return 0
+    return EXIT_INTERRUPTED if data.get("interrupted") else 0
 
 
 def _run_keys(args: argparse.Namespace) -> int:

@@ -13,9 +13,10 @@ simply not listed; reads and scans deal with it.
 damaged ones too (a get would remove those anyway, and a user who deletes a
 user's keys wants none of them left on disk): the key, which must hash to the
 file's name, is all it judges by.  It removes them one at a time through
-``Store.discard`` with the inode it judged: under the entry's shard lock for a
-moment, and only if the file is still the one judged, so a value rewritten
-meanwhile (a new file) stays.
+``Store.discard`` with the inode and the header it judged: under the entry's
+shard lock for a moment, and only if the file is still the one judged, so a
+value rewritten meanwhile (a new file, even one given the same inode number
+again) stays.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ Progress = Callable[[int], None]  # called with the number of shards just finish
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted where an entry belongs must not hang the walk.
 _ENTRY_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+# Gone, or something planted: a file or a symlink (loop) in a directory's place, a Unix
+# socket in an entry's (ENXIO).
+_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO})
 _HEAD = 4096  # first read of a record: its header and, nearly always, its whole key
 
 
@@ -49,6 +52,9 @@ class Listed:
     digest: str
     inode: int
     size: int  # record plus data file
+    # The record's first bytes: its creation time and the CRC of the whole value tell a
+    # later file from this one when the filesystem reuses the inode number (ext4 does).
+    header: bytes
 
 
 @dataclasses.dataclass
@@ -57,6 +63,7 @@ class Deleted:
 
     removed: int = 0
     removed_bytes: int = 0
+    interrupted: bool = False  # stopped early when asked (the CLI's Ctrl-C)
 
 
 def entries(
@@ -71,11 +78,20 @@ def entries(
             progress(1)
 
 
-def delete_matching(store: Store, prefix: bytes, progress: Progress | None = None) -> Deleted:
-    """Remove every entry whose key starts with ``prefix`` (see the module docstring)."""
+def delete_matching(
+    store: Store,
+    prefix: bytes,
+    progress: Progress | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> Deleted:
+    """Remove every entry whose key starts with ``prefix`` (see the module docstring);
+    when ``stop()`` turns true, stop before the next one (``Deleted.interrupted``)."""
     deleted = Deleted()
     for entry in entries(store, prefix, progress, live=False):
-        if freed := store.discard(entry.digest, entry.inode):
+        if stop and stop():
+            deleted.interrupted = True
+            break
+        if freed := store.discard(entry.digest, entry.inode, header=entry.header):
             deleted.removed += 1
             deleted.removed_bytes += freed
     return deleted
@@ -152,6 +168,8 @@ def _entries_in(
         parsed = paths.split_entry_name(item.name)
         if parsed is None or parsed[1] is not None or not item.name.startswith(spelled):
             continue  # a data file, a temp file, a stranger, or an entry out of place
+        if not item.is_file(follow_symlinks=False):
+            continue  # a link, FIFO, socket, device or directory planted: never opened
         entry = _judge(store, directory, f"{path}/{item.name}", item.name, prefix, now)
         if entry is not None:
             yield entry
@@ -188,15 +206,16 @@ def _judge(
     finally:
         os.close(fd)
     data_size = _data_size(record, directory, digest) if store.kind == records.KIND_RAW else 0
+    header = data[: records.HEADER_SIZE]
     if now is None:
-        return Listed(text, digest, info.st_ino, info.st_size + (data_size or 0))
+        return Listed(text, digest, info.st_ino, info.st_size + (data_size or 0), header)
     if (
         record is None
         or data_size is None
         or store.is_expired(creation_time(record, info, now), now)
     ):
         return None
-    return Listed(text, digest, info.st_ino, info.st_size + data_size)
+    return Listed(text, digest, info.st_ino, info.st_size + data_size, header)
 
 
 def _matching_key(fd: int, size: int, digest: str, prefix: bytes) -> tuple[bytes | None, bytes]:

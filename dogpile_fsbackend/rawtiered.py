@@ -28,7 +28,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from dogpile.cache.api import NO_VALUE, CacheBackend, CachedValue, CacheMutex
 
@@ -38,7 +38,7 @@ from .config import parse_seconds
 from .exceptions import ConfigError, RemoteConfigWarning
 from .rawfiles import CachedFileReader
 from .records import HEADER_SIZE, RawMeta
-from .remote import OUTAGE, RemoteGuard, describe, load_backend
+from .remote import OUTAGE, RemoteGuard, describe, load_backend, not_listable
 from .s3tier import (
     Bucket,
     DamagedObject,
@@ -56,6 +56,7 @@ from .tierconfig import (
     local_tier,
     nest_dotted,
     parse_top_level,
+    refuse_read_only,
     sub_config,
     tier_arguments,
     top_level_of_config,
@@ -188,6 +189,7 @@ class RawTieredBackend(CacheBackend):
     def __init__(self, arguments: Mapping[str, Any]) -> None:
         settings = _parse(arguments, local_given=has_tier(arguments, "local"))
         local_arguments = tier_arguments(arguments, "local")
+        refuse_read_only(local_arguments)
         local = local_tier(lambda: RawFSBackend(local_arguments))
         lock = None
         lock_arguments: dict[str, Any] = {}
@@ -207,7 +209,9 @@ class RawTieredBackend(CacheBackend):
             top_level_of_config(config_dict, prefix),
             local_given=any(key.startswith(local_prefix) for key in config_dict),
         )
-        local_config = as_config(sub_config(config_dict, local_prefix), local_prefix)
+        local_settings = sub_config(config_dict, local_prefix)
+        refuse_read_only(local_settings)
+        local_config = as_config(local_settings, local_prefix)
         local = local_tier(
             lambda: cast(RawFSBackend, RawFSBackend.from_config_dict(local_config, local_prefix))
         )
@@ -505,6 +509,14 @@ class RawTieredBackend(CacheBackend):
     def has_lock_timeout(self) -> bool:
         """True if the lock backend's lock can expire while held (then two creators may run)."""
         return self.lock is not None and redisremote.lock_can_expire(self.lock)
+
+    # -- listing: refused (see remote.not_listable) -----------------------------------
+
+    def keys(self, prefix: str | None = None) -> NoReturn:
+        raise not_listable("keys", self.guard.name)
+
+    def delete_matching(self, prefix: str) -> NoReturn:
+        raise not_listable("delete_matching", self.guard.name)
 
     # -- maintenance: this host's tier ------------------------------------------------
 

@@ -97,6 +97,26 @@ def describe(backend_name: str, arguments: Mapping[str, Any]) -> str:
     return backend_name
 
 
+def not_listable(method: str, remote: str) -> NotImplementedError:
+    """Why a tiered cache has no ``keys()`` or ``delete_matching()``: the keys that count
+    are in the remote tier, which a dogpile backend (or a bucket named by digests) cannot
+    list, and a prefix delete of this host's copies alone would leave the values in the
+    remote and on every other host, to be served again."""
+    if method == "keys":
+        action = "cannot list the keys of a tiered cache"
+        instead = "backend.local.keys(prefix) lists this host's copies only"
+    else:
+        action = "cannot delete by prefix on a tiered cache: other hosts' copies and"
+        action += " the remote's values would stay, to be served again"
+        instead = (
+            "delete the keys by name (region.delete_multi reaches the remote and every "
+            "host), or drop this host's copies only with backend.local.delete_matching(prefix)"
+        )
+    return NotImplementedError(
+        f"{method}(): {action}; the remote tier {remote} cannot list its keys. Instead, {instead}"
+    )
+
+
 class RemoteGuard:
     """One remote tier's calls: outages recognised, remembered, and probed sparingly.
 

@@ -455,8 +455,15 @@ class Store:
     def delete(self, digest: str) -> None:
         self.discard(digest)
 
-    def discard(self, digest: str, inode: int | None = None, used_ns: int | None = None) -> int:
-        """Remove an entry; given ``inode``/``used_ns``, only if it is still the file judged.
+    def discard(
+        self,
+        digest: str,
+        inode: int | None = None,
+        used_ns: int | None = None,
+        header: bytes | None = None,
+    ) -> int:
+        """Remove an entry; given ``inode``/``used_ns``/``header`` (its first bytes), only
+        if it is still the file judged.
 
         Returns the bytes freed (0 if the entry was gone, replaced or used meanwhile,
         or if the store is read-only: reads repair nothing there).
@@ -475,11 +482,24 @@ class Store:
                     return 0
                 if info.st_ino != inode or (used_ns is not None and info.st_mtime_ns != used_ns):
                     return 0
+                if header is not None and not self._starts_with(entry_path, header):
+                    return 0  # a later file that was given the same inode number
             size, existed, data = self._entry_files_locked(digest)
             for path in (entry_path, *data):
                 remove_quietly(path)
             self.last_total = self.accounting.add(shard, -size, -existed)
         return size
+
+    @staticmethod
+    def _starts_with(path: str, header: bytes) -> bool:
+        try:
+            fd = open_quietly(path, _READ_FLAGS)
+        except FileNotFoundError:
+            return False
+        try:
+            return os.pread(fd, len(header), 0) == header
+        finally:
+            os.close(fd)
 
     def discard_unusable(self, digest: str, inode: int, used_ns: int | None = None) -> None:
         """``discard`` for a reader that found an entry expired or damaged: the read is a

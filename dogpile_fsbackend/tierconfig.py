@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from .config import parse_seconds
+from .config import parse_bool, parse_seconds
 from .exceptions import ConfigError
 from .remote import REMOTE_ERRORS
 from .tierlock import LOCK_MODES
@@ -123,6 +123,17 @@ def as_config(arguments: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def has_tier(arguments: Mapping[str, Any], tier: str) -> bool:
     """True if ``arguments`` give the tier ``tier``: a nested dict or ``"tier.x"`` keys."""
     return tier in arguments or any(key.startswith(f"{tier}.") for key in arguments)
+
+
+def refuse_read_only(local_arguments: Mapping[str, Any]) -> None:
+    """A local tier keeps a copy of what this host reads from the remote: a read-only
+    cache cannot be one (every local miss would raise ReadOnlyError)."""
+    if parse_bool("local.read_only", local_arguments.get("read_only")):
+        raise ConfigError(
+            "local.read_only",
+            "False: the local tier keeps a copy of what this host reads from the remote",
+            local_arguments["read_only"],
+        )
 
 
 def local_tier(build: Callable[[], Tier]) -> Tier:

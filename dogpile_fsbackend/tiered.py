@@ -25,10 +25,10 @@ from dogpile.cache.proxy import ProxyBackend
 
 from . import layout, records, redisremote
 from .backends import PickleFSBackend
-from .config import parse_bool, parse_seconds
+from .config import parse_seconds
 from .exceptions import ConfigError, RemoteConfigWarning, RemoteError
 from .pubsub import RECENT_KEYS, Listener, default_channel, encode, value_digest
-from .remote import OUTAGE, RemoteGuard, describe, load_backend
+from .remote import OUTAGE, RemoteGuard, describe, load_backend, not_listable
 from .tierconfig import (
     OUTAGE_DEFAULTS,
     OUTAGE_PARSERS,
@@ -38,6 +38,7 @@ from .tierconfig import (
     parse_choice,
     parse_lock_mode,
     parse_top_level,
+    refuse_read_only,
     sub_config,
     tier_arguments,
     top_level_of_config,
@@ -362,6 +363,14 @@ class _TieredOperations:
         if self.region_invalidation is not None:
             self.region_invalidation.catch_up()
 
+    # -- listing: refused (see remote.not_listable) ----------------------------------
+
+    def keys(self, prefix: str | None = None) -> NoReturn:
+        raise not_listable("keys", self.guard.name)
+
+    def delete_matching(self, prefix: str) -> NoReturn:
+        raise not_listable("delete_matching", self.guard.name)
+
     # -- locks ----------------------------------------------------------------------
 
     def get_mutex(self, key: str) -> CacheMutex | None:
@@ -580,12 +589,7 @@ def _parse(
 
 def _local_arguments(arguments: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """The local tier's arguments, with ``local_expiration_time`` as its expiration."""
-    if parse_bool("local.read_only", arguments.get("read_only")):
-        raise ConfigError(
-            "local.read_only",
-            "False: the local tier keeps a copy of what this host reads from the remote",
-            arguments["read_only"],
-        )
+    refuse_read_only(arguments)
     limit = settings["local_expiration_time"]
     if limit is not None:
         own = parse_seconds("local.expiration_time", arguments.get("expiration_time"))

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import warnings
 
 import faultkit
 import pytest
@@ -754,11 +755,14 @@ def _on_a_read_only_cache(base_dir: str, entry: str) -> dict:
     logging_region = pickled(base_dir, write_errors="log")
     logging_region.set("key", "new")
     outcome["write_errors"] = logging_region.backend.stats()["write_errors"]
-    # A value too large to cache is refused as a read-only cache refuses every set.
+    # A value too large to cache is refused as any set is (the cache is read-only before
+    # it is small: no CacheSizeWarning), following write_errors.
     for write_errors in ("raise", "log"):
         small = pickled(base_dir, cache_size=4096, write_errors=write_errors)
         try:
-            small.set("key", "x" * 10_000)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", CacheSizeWarning)
+                small.set("key", "x" * 10_000)
             outcome[f"too large, {write_errors}"] = small.backend.stats()["write_errors"]
         except OSError as exc:
             outcome[f"too large, {write_errors}"] = errno.errorcode.get(exc.errno or 0)

@@ -252,6 +252,7 @@ def test_delete_removes_the_entries_of_matching_keys(filled, cache_dir):
         "prefix": "k1",
         "removed": 10,
         "removed_bytes": 10 * size,
+        "interrupted": False,
     }
     assert sorted(filled.keys()) == [f"k{i:02d}" for i in range(40) if not 10 <= i < 20]
     assert (filled.stats()["entries"], filled.stats()["bytes"]) == (30, 30 * size)
@@ -514,3 +515,42 @@ def test_console_script(cache_dir, filled):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["entries"] == 40
+
+
+_INTERRUPTED_AT_THE_FIFTH_REMOVAL = """
+import os, signal, sys
+from dogpile_fsbackend import accounting, cli
+real_add, calls = accounting.AccountingFile.add, []
+def add(self, shard, size_delta, entries_delta):
+    calls.append(shard)
+    if len(calls) == 5:  # Ctrl-C between the removal of the files and their counting
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_add(self, shard, size_delta, entries_delta)
+accounting.AccountingFile.add = add
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_a_delete_between_entries_with_exact_counters(filled, cache_dir):
+    """A real SIGINT arrives while an entry is being removed: that entry is finished
+    and counted, the delete stops there, says how far it got, and exits 130."""
+    size = os.path.getsize(_entry_path(filled, "k00"))
+    command = ["delete", cache_dir, "--prefix", "k", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_AT_THE_FIFTH_REMOVAL, *command],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert done.returncode == 130, done.stderr
+    assert json.loads(done.stdout) == {
+        "directory": cache_dir,
+        "prefix": "k",
+        "removed": 5,
+        "removed_bytes": 5 * size,
+        "interrupted": True,
+    }
+    assert "interrupted" in done.stderr
+    assert len(list(filled.keys())) == 35
+    assert (filled.stats()["bytes"], filled.stats()["entries"]) == faultkit.disk_usage(cache_dir)

@@ -293,7 +293,46 @@ def _rewrite_on_signal(base_dir: str, kind: str, key: str, go, done) -> None:
     go.wait(WAIT)
     backend = _region(kind, base_dir).backend
     set_bytes(backend, kind, key, b"rewritten meanwhile")
-    done.set()
+    done.put(None)
+
+
+def _rewrite_into_the_same_inode(base_dir: str, kind: str, key: str, go, done) -> None:
+    """Rewrite ``key`` until its new file has the judged file's inode number again, as
+    ext4 hands out a freed inode to the next new file (bounded; says how many it took)."""
+    backend = _region(kind, base_dir).backend
+    inode = os.lstat(entry_path(backend, key)).st_ino
+    go.wait(WAIT)
+    for attempt in range(100):
+        set_bytes(backend, kind, key, f"rewrite {attempt}".encode())
+        if os.lstat(entry_path(backend, key)).st_ino == inode:
+            break
+    done.put(attempt)
+
+
+def _delete_while_rewritten(backend, kind: str, key: str, rewrite, monkeypatch):
+    """``delete_matching("user:1:")`` with another process running ``rewrite`` on ``key``
+    at the worst moment, between the judgement and the removal: (removed, its answer)."""
+    go, done = SPAWN.Event(), SPAWN.Queue()
+    writer = SPAWN.Process(target=rewrite, args=(backend.settings.base_dir, kind, key, go, done))
+    writer.start()
+    real_discard, answers = backend.store.discard, []
+
+    def discard_after_a_rewrite(digest, *args, **keywords):
+        if digest == _digest(key):
+            go.set()
+            answers.append(done.get(timeout=WAIT))
+        return real_discard(digest, *args, **keywords)
+
+    monkeypatch.setattr(backend.store, "discard", discard_after_a_rewrite)
+    try:
+        removed = backend.delete_matching("user:1:")
+    finally:
+        writer.join(WAIT)
+    assert writer.exitcode == 0
+    assert (backend.stats()["bytes"], backend.stats()["entries"]) == disk_usage(
+        backend.settings.base_dir
+    )
+    return removed, answers[0]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -303,30 +342,27 @@ def test_delete_matching_keeps_an_entry_rewritten_after_it_was_judged(
     """Another process rewrites a matching key between the listing's judgement and the
     removal (the worst moment): the new value is a new file, and it stays."""
     backend = _filled(kind, cache_dir)
-    go, done = SPAWN.Event(), SPAWN.Event()
-    writer = SPAWN.Process(
-        target=_rewrite_on_signal, args=(cache_dir, kind, "user:1:profile", go, done)
+    removed, _ = _delete_while_rewritten(
+        backend, kind, "user:1:profile", _rewrite_on_signal, monkeypatch
     )
-    writer.start()
-    real_discard = backend.store.discard
-    target = _digest("user:1:profile")
-
-    def discard_after_a_rewrite(digest, inode=None, used_ns=None):
-        if digest == target:
-            go.set()
-            assert done.wait(WAIT)
-        return real_discard(digest, inode, used_ns)
-
-    monkeypatch.setattr(backend.store, "discard", discard_after_a_rewrite)
-    try:
-        removed = backend.delete_matching("user:1:")
-    finally:
-        writer.join(WAIT)
-    assert writer.exitcode == 0
     assert removed == 1  # only user:1:orders
     assert get_bytes(backend, kind, "user:1:profile") == b"rewritten meanwhile"
     assert get_bytes(backend, kind, "user:1:orders") is None
-    assert (backend.stats()["bytes"], backend.stats()["entries"]) == disk_usage(cache_dir)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_delete_matching_keeps_a_rewrite_that_reused_the_judged_inode(
+    cache_dir, kind, monkeypatch
+):
+    """Between the judgement and the removal, another process rewrites the key until its
+    new file gets the judged file's inode number back (at once on ext4): the inode alone
+    cannot tell them apart, and the newest value must stay."""
+    backend = _filled(kind, cache_dir)
+    removed, rewrites = _delete_while_rewritten(
+        backend, kind, "user:1:profile", _rewrite_into_the_same_inode, monkeypatch
+    )
+    assert get_bytes(backend, kind, "user:1:profile") == f"rewrite {rewrites}".encode()
+    assert removed == 1  # only user:1:orders
 
 
 def _keep_writing(base_dir: str, writer: int, ready, stop, results) -> None:
@@ -411,3 +447,16 @@ def test_a_symlinked_data_directory_is_not_walked(cache_dir, tmp_path):
     assert backend.delete_matching("user:") == 0
     assert stat.S_ISLNK(os.lstat(data_dir).st_mode)
     assert len(os.listdir(moved)) > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_socket_in_an_entrys_place_is_passed_over(cache_dir, kind):
+    """A Unix socket planted where an entry belongs (open() says ENXIO) is neither listed
+    nor a crash of the listing or of a delete; the entries beside it are dealt with."""
+    backend = _filled(kind, cache_dir)
+    os.unlink(entry_path(backend, "user:1:orders"))
+    with faultkit.plant_socket(entry_path(backend, "user:1:orders")):
+        assert sorted(backend.keys("user:1:")) == ["user:1:profile"]
+        assert backend.delete_matching("user:1:") == 1
+        assert stat.S_ISSOCK(os.lstat(entry_path(backend, "user:1:orders")).st_mode)
+    assert sorted(backend.keys("user:")) == ["user:10:profile", "user:2:profile"]

@@ -213,6 +213,19 @@ def test_delete_removes_the_object_and_this_hosts_copy(tiers, s3):
     assert content(a.get("k")) == b"v"  # host a keeps its copy (see local_expiration_time)
 
 
+def test_keys_and_delete_matching_are_refused_with_what_to_do_instead(tiers, s3):
+    """Objects are named by digests: the bucket cannot list keys, and a prefix delete of
+    this host's copies would leave the objects to be served again (see tiered)."""
+    a = tiers("a")
+    a.set("user:1", io.BytesIO(b"v"))
+    with pytest.raises(NotImplementedError, match=r"keys\(\): cannot list"):
+        a.backend.keys()
+    with pytest.raises(NotImplementedError, match=r"backend.local.delete_matching"):
+        a.backend.delete_matching("user:")
+    assert content(a.get("user:1")) == b"v"
+    assert list(a.backend.local.keys("user:")) == ["user:1"]
+
+
 def test_eviction_stays_per_host_and_the_bucket_refills(tiers, s3):
     b = tiers("b", local={"cache_size": 3 * MiB})
     a = tiers("a")
@@ -461,3 +474,12 @@ def test_keys_must_be_str_before_anything_is_asked_of_the_bucket(tiers):
         with pytest.raises(TypeError, match="keys must be str"):
             call()
     assert backend.guard.attempts == 0
+
+
+def test_a_read_only_local_tier_is_refused(tiers, tmp_path):
+    """As with tiered: the local tier keeps a copy of what it downloads, which a
+    read-only cache cannot (a get would raise ReadOnlyError on every local miss)."""
+    tiers("a").set("k", io.BytesIO(b"v"))
+    with pytest.raises(ConfigError) as info:
+        tiers("a", local={"read_only": True})
+    assert info.value.argument == "local.read_only"

@@ -485,3 +485,19 @@ def test_a_private_cache_of_another_user_says_who_owns_it():
         assert "read access (dir_mode=0o755, file_mode=0o644" in message
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize("kind", ["pickled", "raw"])
+def test_a_cache_without_its_accounting_file_is_served(tmp_path, kind):
+    """A cache shipped without its accounting file (a copy that left it out): gets,
+    keys and stats work, the counters read zero, and nothing is created."""
+    base_dir = str(tmp_path / "cache")
+    _region(kind, base_dir).set("kept", io.BytesIO(b"value") if kind == "raw" else b"value")
+    os.unlink(os.path.join(base_dir, layout.ACCOUNTING_NAME))
+    before = faultkit.tree_state(base_dir)
+    region = _region(kind, base_dir, read_only=True)
+    found = region.get("kept")
+    assert (found.read() if kind == "raw" else found) == b"value"
+    assert list(region.backend.keys()) == ["kept"]
+    assert (region.backend.stats()["entries"], region.backend.stats()["bytes"]) == (0, 0)
+    assert faultkit.tree_state(base_dir) == before

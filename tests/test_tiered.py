@@ -311,9 +311,9 @@ def test_pubsub_needs_a_redis_remote(tmp_path):
     assert info.value.argument == "invalidation"
 
 
-def test_any_dogpile_backend_can_be_the_remote(tmp_path):
-    # Not a shared remote, but any backend by name works (here, dogpile's memory backend).
-    region = make_region().configure(
+def _on_a_memory_remote(tmp_path):
+    """A tiered region whose remote is dogpile's memory backend (no server needed)."""
+    return make_region().configure(
         "dogpile_fsbackend.tiered",
         arguments={
             "local": {"base_dir": str(tmp_path / "cache")},
@@ -322,6 +322,11 @@ def test_any_dogpile_backend_can_be_the_remote(tmp_path):
             "lock": "local",
         },
     )
+
+
+def test_any_dogpile_backend_can_be_the_remote(tmp_path):
+    # Not a shared remote, but any backend by name works (here, dogpile's memory backend).
+    region = _on_a_memory_remote(tmp_path)
     assert region.backend.invalidation is None
     region.set("k", [1, 2])
     region.backend.local.delete("k")
@@ -610,3 +615,23 @@ def test_invalidation_messages_are_not_counted_as_lookups(host, redis_url, tmp_p
         assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
     finally:
         writer.close()
+
+
+def test_keys_and_delete_matching_are_refused_with_what_to_do_instead(tmp_path):
+    """The keys that count live in the remote, which cannot list them: a listing or a
+    prefix delete of this host's copies alone would mislead, so both are refused with
+    a NotImplementedError that names the remote and the alternatives."""
+    region = _on_a_memory_remote(tmp_path)
+    region.set("user:1", "v")
+    with pytest.raises(NotImplementedError, match=r"keys\(\): cannot list .*dogpile.cache.memory"):
+        region.backend.keys("user:")
+    with pytest.raises(NotImplementedError, match=r"local.delete_matching\(prefix\)"):
+        region.backend.delete_matching("user:")
+    assert region.get("user:1") == "v"  # nothing was deleted
+    assert list(region.backend.local.keys("user:")) == ["user:1"]
+    proxy = TieredProxy(
+        local={"base_dir": str(tmp_path / "proxied")}, lock="local", local_expiration_time=60
+    )
+    make_region().configure("dogpile.cache.memory", wrap=[proxy])
+    with pytest.raises(NotImplementedError, match=r"region\.delete_multi"):
+        proxy.delete_matching("user:")
