@@ -400,6 +400,10 @@ def _run_keys(args: argparse.Namespace) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit fails no more
         os.close(devnull)
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:  # a listing changes nothing: stopping anywhere is safe
+        sys.stdout.flush()
+        print(f"{PROG}: keys interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (FSBackendError, OSError) as exc:
         print(f"{PROG}: keys failed: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -531,6 +531,33 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+_INTERRUPTED_AT_THE_THIRD_KEY = """
+import os, signal, sys
+from dogpile_fsbackend import cli, listing
+real_entries = listing.entries
+def entries(*args):
+    for number, entry in enumerate(real_entries(*args), 1):
+        if number == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        yield entry
+listing.entries = entries
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_keys_quietly_after_the_keys_printed(filled, cache_dir):
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_AT_THE_THIRD_KEY, "keys", cache_dir, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert done.returncode == 130, done.stderr
+    assert len(done.stdout.splitlines()) == 2  # the two keys listed before the SIGINT
+    assert "Traceback" not in done.stderr and "interrupted" in done.stderr
+
+
 def test_ctrl_c_stops_a_delete_between_entries_with_exact_counters(filled, cache_dir):
     """A real SIGINT arrives while an entry is being removed: that entry is finished
     and counted, the delete stops there, says how far it got, and exits 130."""
