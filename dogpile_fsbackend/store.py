@@ -298,7 +298,9 @@ class Store:
         """
         path = self.layout.entry_path(digest)
         try:
-            fd = os.open(path, _READ_FLAGS) if self.writable else open_quietly(path, _READ_FLAGS)
+            # Never the kernel's atime update: atime holds the creation time, and a hit
+            # that skips its stamp (see _stamp_if_due) would not put it back.
+            fd = open_quietly(path, _READ_FLAGS)
         except FileNotFoundError:
             return None
         except PermissionError:  # another user's file: not ours to read, nor to delete
