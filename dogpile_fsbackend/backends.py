@@ -474,7 +474,8 @@ class RawFSBackend(_FSBackendBase):
             return records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)
 
         largest_record = len(encode_record("0" * layout.TOKEN_LEN, self.room(), self.room()))
-        known_size = rawfiles.file_size(fileobj)
+        source = rawfiles.inspect(fileobj)
+        known_size = source.size
         # Refuse before a byte is copied or the caller's file is moved.
         if known_size is not None and not self._fits(key, known_size + largest_record):
             return
@@ -484,11 +485,11 @@ class RawFSBackend(_FSBackendBase):
             try:
                 try:
                     size, position = rawfiles.stage(
-                        fileobj,
+                        source,
                         data_temp,
                         data_fd,
                         movable=self.settings.file_movable,
-                        data_dir=self.store.layout.data_dir,
+                        data_dev=self.store.data_dev,
                         file_mode=self.settings.file_mode,
                         limit=max(0, self.room() - largest_record),
                     )
@@ -510,7 +511,7 @@ class RawFSBackend(_FSBackendBase):
             self.store.publish_raw(digest, data, size, record)
 
         # A stream read part-way cannot be read again: retry only what can be re-read.
-        self._write(key, attempt, retry=rawfiles.can_reread(fileobj))
+        self._write(key, attempt, retry=source.can_reread)
 
     def set_multi(self, mapping: Mapping[str, Any]) -> None:
         for key, value in mapping.items():

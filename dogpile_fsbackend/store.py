@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
@@ -362,15 +363,16 @@ class Store:
 
     # -- writing --------------------------------------------------------------
 
-    def open_temp(self, digest: str) -> tuple[int, str]:
+    def open_temp(self, digest: str, dir_checked: bool = False) -> tuple[int, str]:
         """A new, empty temp file in the entry's own directory: (fd, path).
 
         The directory is checked (no symlink on the way) once per process and
-        then trusted while its identity holds (``is_our_dir``: one ``stat``);
-        one removed meanwhile is made again.
+        then trusted while its identity holds (``is_our_dir``: one ``stat``,
+        none with ``dir_checked``: the caller has just made a file there); one
+        removed meanwhile is made again.
         """
         directory = self.layout.entry_dir(digest)
-        if not self.is_our_dir(directory):
+        if not dir_checked and not self.is_our_dir(directory):
             self._make_real_dirs(directory)
         lock_file = self.lock_file
         name = paths.temp_name(lock_file.writer_token(), lock_file.next_temp_number())
@@ -384,6 +386,11 @@ class Store:
         if mode & 0o077:  # the umask may have stripped what was asked
             os.fchmod(fd, mode)
         return fd, path
+
+    @functools.cached_property
+    def data_dev(self) -> int:
+        """The device of ``data/``: a file elsewhere cannot be renamed into the cache."""
+        return os.stat(self.layout.data_dir).st_dev
 
     def is_our_dir(self, directory: str) -> bool:
         """True if ``directory`` and each level above it (below base_dir) is a real directory.
@@ -435,12 +442,12 @@ class Store:
         info = os.lstat(directory)
         self._known_dirs[directory] = (info.st_dev, info.st_ino)
 
-    def write_temp(self, digest: str, data: bytes) -> str:
+    def write_temp(self, digest: str, data: bytes, dir_checked: bool = False) -> str:
         """A temp file holding ``data``, synced if asked, ready to publish: its path.
 
         A new file's atime and mtime are both "now": created and just used.
         """
-        fd, path = self.open_temp(digest)
+        fd, path = self.open_temp(digest, dir_checked)
         try:
             _write_all(fd, data)
             self.sync_if_asked(fd)
@@ -462,7 +469,7 @@ class Store:
         """
         record_temp = None
         try:
-            record_temp = self.write_temp(digest, record)
+            record_temp = self.write_temp(digest, record, dir_checked=True)  # beside the data
             self.publish(digest, record_temp, data_size + len(record), data)
         except BaseException:
             remove_quietly(data.temp)
