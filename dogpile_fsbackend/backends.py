@@ -267,6 +267,8 @@ def _digest(key: str) -> str:
 
 
 _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+# CachedValue (a NamedTuple) from a (value, metadata) tuple without its Python-level __new__.
+_new_cached_value = tuple.__new__
 
 
 def _unpickle(data: bytes) -> Any:
@@ -311,14 +313,14 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         """The ``CachedValue`` of ``key``, or NO_VALUE (also for a value that cannot be
         unpickled any more: its class renamed or removed, so dogpile regenerates it)."""
         key_bytes = checked_key(key)
-        found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
-        self._count(key, found is not None)
-        if found is None:
+        record = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
+        self._count(key, record is not None)
+        if record is None:
             return NO_VALUE
-        record = found.record
         try:
             if record.form == records.FORM_VALUE:
-                return CachedValue(*pickle.loads(record.payload))
+                value: CachedValue = _new_cached_value(CachedValue, pickle.loads(record.payload))
+                return value
             # Bytes a region serialized (one with a serializer=, writing to the same
             # directory): dogpile's "metadata|value", pickled as dogpile's default.
             metadata, _, payload = record.payload.partition(b"|")
@@ -357,12 +359,12 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         looks at a copy without that look counting as a hit or a miss.
         """
         key_bytes = checked_key(key)
-        found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
-        if found is not None and found.record.form != records.FORM_SERIALIZED:
-            found = None  # a pickled CachedValue: not bytes of the region's serializer
+        record = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
+        if record is not None and record.form != records.FORM_SERIALIZED:
+            record = None  # a pickled CachedValue: not bytes of the region's serializer
         if count:
-            self._count(key, found is not None)
-        return (found.record.payload, found.created) if found else NO_VALUE
+            self._count(key, record is not None)
+        return (record.payload, record.created) if record else NO_VALUE
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]
@@ -436,15 +438,14 @@ class RawFSBackend(_FSBackendBase):
         return value
 
     def _open(self, digest: str, key_bytes: bytes | None) -> Any:
-        found = self.store.read_record(digest, key_bytes)
-        if found is None:
+        record = self.store.read_record(digest, key_bytes)
+        if record is None:
             return NO_VALUE
-        record = found.record
         try:
             meta = records.RawMeta.from_bytes(record.payload)
             data_path = self.store.layout.data_path(digest, meta.token)
             reader = rawfiles.open_cached(
-                data_path, meta, found.created, quiet=not self.store.writable
+                data_path, meta, record.created, quiet=not self.store.writable
             )
         except (records.DamagedRecord, FileNotFoundError):
             # Only the record we read: a no-op if a writer replaced it since.

@@ -157,7 +157,10 @@ class Layout:
         return os.path.join(self.data_dir, *self._parts(hex_index, self.shard_levels))
 
     def entry_dir(self, digest: str) -> str:
-        # On the hot path: plain joins of precomputed slices (POSIX paths only).
+        # On the hot path (POSIX paths only): the default layout spelled out, else plain
+        # joins of precomputed slices.
+        if self.width == 1 and self.depth == 2:
+            return f"{self.data_dir}/{digest[0]}/{digest[1]}"
         return "/".join([self.data_dir, *[digest[cut] for cut in self._level_slices]])
 
     def _parts(self, hex_text: str, levels: int) -> list[str]:

@@ -51,6 +51,11 @@ class Record(NamedTuple):
     form: int = FORM_SERIALIZED
 
 
+# A NamedTuple without its Python-level __new__: decode runs on every hit.
+_new_record = tuple.__new__
+_COPY_MAX = 4096  # up to this size, slicing bytes costs less than a memoryview
+
+
 def encode(
     kind: int, key: bytes, payload: bytes, created: float, form: int = FORM_SERIALIZED
 ) -> bytes:
@@ -77,10 +82,11 @@ def decode(data: bytes, kind: int, key: bytes) -> Record:
         raise DamagedRecord("creation time out of range")
     if data[HEADER_SIZE:payload_at] != key:
         raise DamagedRecord("entry belongs to another key")
-    view = memoryview(data)  # the key and payload follow the header: one CRC call for both
-    if zlib.crc32(view[HEADER_SIZE:], zlib.crc32(view[:_CRC_AT])) != crc:
+    # The key and payload follow the header: one CRC call for both (copied if small).
+    body = data[HEADER_SIZE:] if len(data) <= _COPY_MAX else memoryview(data)[HEADER_SIZE:]
+    if zlib.crc32(body, zlib.crc32(data[:_CRC_AT])) != crc:
         raise DamagedRecord("checksum mismatch")
-    return Record(found_kind, created, data[payload_at:], form)
+    return _new_record(Record, (found_kind, created, data[payload_at:], form))
 
 
 @dataclass(frozen=True)

@@ -95,13 +95,6 @@ def is_read_only(directory: str) -> bool:
     return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
 
 
-class Found(NamedTuple):
-    """A record read from disk (``discard(record=...)`` recognises its file later)."""
-
-    record: records.Record
-    created: float  # the record's, or when a read first saw it if that lies in the future
-
-
 class DataFile(NamedTuple):
     """A raw entry's bytes, staged in a temp file, and the token that will name them."""
 
@@ -287,8 +280,11 @@ class Store:
 
     # -- reading --------------------------------------------------------------
 
-    def read_record(self, digest: str, key_bytes: bytes | None) -> Found | None:
+    def read_record(self, digest: str, key_bytes: bytes | None) -> records.Record | None:
         """The live record of a key, or None (a miss).
+
+        Its ``created`` is the record's, or when a read first saw it if that lies
+        in the future (see ``creation_time``).
 
         A damaged, foreign or expired file is removed on the way.  A hit makes
         the entry the most recently used one (see ``STAMP_FRACTION``).  A
@@ -334,6 +330,7 @@ class Store:
             created = record.created
             if created > now + FUTURE_TOLERANCE:
                 created = creation_time(record, os.fstat(fd), now)
+                record = record._replace(created=created)
             limit = self.settings.expiration_time
             if limit is not None and now - created > limit:
                 self.discard_unusable(digest, os.fstat(fd).st_ino)
@@ -342,7 +339,7 @@ class Store:
                 self._stamp_if_due(fd, digest, created, now)
         finally:
             os.close(fd)
-        return Found(record, created)
+        return record
 
     def _stamp_if_due(self, fd: int, digest: str, created: float, now: float) -> None:
         """Mark a hit entry used now, unless this process did so recently (relatime-like)."""
@@ -352,7 +349,7 @@ class Store:
             STAMP_FRACTION * (now - created), STAMP_INTERVAL_MAX
         ):
             return
-        touch(fd, created)  # remembered even if refused: recency is best effort there
+        touch(fd, created, now)  # remembered even if refused: recency is best effort there
         if len(stamps) >= _STAMPS_KEPT:
             stamps.clear()
         stamps[digest] = now
@@ -563,7 +560,7 @@ class Store:
     def _still_holds(self, digest: str, record: records.Record) -> bool:
         """True if the entry still holds ``record`` (a raw record's token is new per write)."""
         try:
-            return self.peek_record(digest) == record
+            return self.peek_record(digest).payload == record.payload
         except (OSError, records.DamagedRecord):
             return False
 
@@ -674,16 +671,13 @@ def creation_time(record: records.Record, info: os.stat_result, now: float) -> f
     return record.created
 
 
-def touch(fd: int, created: float) -> int | None:
-    """Mark an entry used now (returned, in ns); keep its creation time in atime for scans."""
-    now = time.time_ns()
+def touch(fd: int, created: float, now: float) -> None:
+    """Mark an entry used ``now``; keep its creation time in atime for scans."""
     try:
-        os.utime(fd, ns=(min(int(created * 1e9), now), now))
+        os.utime(fd, (min(created, now), now))
     except OSError as exc:  # not the owner, or a read-only mount: recency is best effort
         if exc.errno not in (errno.EPERM, errno.EACCES, errno.EROFS):
             raise
-        return None
-    return now
 
 
 def _is_empty(directory: str) -> bool:
