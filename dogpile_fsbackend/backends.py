@@ -10,6 +10,7 @@ import pickle
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from hashlib import sha256  # layout.key_digest, inlined for the hit path
 from typing import TYPE_CHECKING, Any
 
 from dogpile.cache.api import (
@@ -313,7 +314,7 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         """The ``CachedValue`` of ``key``, or NO_VALUE (also for a value that cannot be
         unpickled any more: its class renamed or removed, so dogpile regenerates it)."""
         key_bytes = checked_key(key)
-        record = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
+        record = self.store.read_record(sha256(key_bytes).hexdigest(), key_bytes)
         self._count(key, record is not None)
         if record is None:
             return NO_VALUE

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 # O_NONBLOCK: a FIFO planted where an entry belongs must not hang the reader.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_HIT_FLAGS = _READ_FLAGS | getattr(os, "O_NOATIME", 0)  # Linux; only for the file's owner
 # A path that is missing, or runs through something planted (a file, a symlink loop,
 # a Unix socket: ENXIO).
 _PATH_ERRNOS = frozenset(
@@ -296,8 +297,13 @@ class Store:
         path = self.layout.entry_path(digest)
         try:
             # Never the kernel's atime update: atime holds the creation time, and a hit
-            # that skips its stamp (see _stamp_if_due) would not put it back.
-            fd = open_quietly(path, _READ_FLAGS)
+            # that skips its stamp would not put it back (open_quietly, inlined).
+            try:
+                fd = os.open(path, _HIT_FLAGS)
+            except PermissionError as exc:
+                if exc.errno != errno.EPERM or _HIT_FLAGS == _READ_FLAGS:
+                    raise
+                fd = os.open(path, _READ_FLAGS)  # not the owner: no O_NOATIME
         except FileNotFoundError:
             return None
         except PermissionError:  # another user's file: not ours to read, nor to delete
@@ -335,24 +341,19 @@ class Store:
             if limit is not None and now - created > limit:
                 self.discard_unusable(digest, os.fstat(fd).st_ino)
                 return None
-            if self.writable:
-                self._stamp_if_due(fd, digest, created, now)
+            if self.writable:  # stamp it, unless this process did so recently
+                stamps = self._stamps
+                last = stamps.get(digest)
+                if last is None or now - last >= min(
+                    STAMP_FRACTION * (now - created), STAMP_INTERVAL_MAX
+                ):
+                    touch(fd, created, now)  # remembered even if refused: best effort there
+                    if len(stamps) >= _STAMPS_KEPT:
+                        stamps.clear()
+                    stamps[digest] = now
         finally:
             os.close(fd)
         return record
-
-    def _stamp_if_due(self, fd: int, digest: str, created: float, now: float) -> None:
-        """Mark a hit entry used now, unless this process did so recently (relatime-like)."""
-        stamps = self._stamps
-        last = stamps.get(digest)
-        if last is not None and now - last < min(
-            STAMP_FRACTION * (now - created), STAMP_INTERVAL_MAX
-        ):
-            return
-        touch(fd, created, now)  # remembered even if refused: recency is best effort there
-        if len(stamps) >= _STAMPS_KEPT:
-            stamps.clear()
-        stamps[digest] = now
 
     def is_expired(self, created: float, now: float | None = None) -> bool:
         limit = self.settings.expiration_time
