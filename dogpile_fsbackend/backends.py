@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import pickle
-import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from hashlib import sha256  # layout.key_digest, inlined for the hit path
 from typing import TYPE_CHECKING, Any
 
 from dogpile.cache.api import (
@@ -25,13 +26,12 @@ from . import layout, listing, maintenance, rawfiles, records
 from .config import SETTING_NAMES, documented, parse_arguments
 from .exceptions import CacheSizeWarning
 from .lookups import LookupTracker, RecheckingMutex, ThreadMutexes
-from .store import Store, remove_quietly
+from .store import DataFile, Store, remove_quietly
 
 if TYPE_CHECKING:  # dogpile.cache 1.3.3+ only; at run time we support 1.3.0
     from dogpile.cache.api import NoValueType
 
 log = logging.getLogger(__name__)
-_TOKEN_LENGTH = 16  # hex digits naming a raw entry's data file; new for every write
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
@@ -268,6 +268,11 @@ def _digest(key: str) -> str:
     return layout.key_digest(checked_key(key))
 
 
+_PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+# CachedValue (a NamedTuple) from a (value, metadata) tuple without its Python-level __new__.
+_new_cached_value = tuple.__new__
+
+
 def _unpickle(data: bytes) -> Any:
     """``pickle.loads``, raising dogpile's CantDeserializeException for a value that
     cannot be loaded any more (its class renamed or removed, a module gone), so
@@ -280,7 +285,7 @@ def _unpickle(data: bytes) -> Any:
 
 
 class PickleFSBackend(_FSBackendBase, BytesBackend):
-    """Stores any value dogpile can serialize (pickle by default), one file per key.
+    """Stores any value dogpile can pickle (or a region's serializer can turn into bytes).
 
     Basic usage::
 
@@ -292,15 +297,55 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
             arguments={"base_dir": "/var/cache/myapp", "cache_size": "2GiB"},
         )
 
-    Region ``serializer=`` and ``deserializer=`` are honoured; the default is
-    pickle.  Every argument (``:param:`` below, from ``config.ARGUMENT_DOCS``)
-    may also be an ini string (``configure_from_config``); a bad one raises
-    :class:`ConfigError`, an unknown one is logged once.
+    Region ``serializer=`` and ``deserializer=`` are honoured; without them,
+    dogpile hands the ``CachedValue`` itself to :meth:`set`, which pickles the
+    value and its metadata in one go (no JSON step).  Every argument
+    (``:param:`` below, from ``config.ARGUMENT_DOCS``) may also be an ini
+    string (``configure_from_config``); a bad one raises :class:`ConfigError`,
+    an unknown one is logged once.
     """
 
     _kind = records.KIND_PICKLED
     _accepted_arguments = SETTING_NAMES - {"file_movable"}
-    deserializer = staticmethod(_unpickle)
+    # None: a region without its own serializer calls get/set with CachedValue objects.
+    serializer = None
+    deserializer = None
+
+    def get(self, key: str) -> CachedValue | NoValueType:
+        """The ``CachedValue`` of ``key``, or NO_VALUE (also for a value that cannot be
+        unpickled any more: its class renamed or removed, so dogpile regenerates it)."""
+        key_bytes = checked_key(key)
+        record = self.store.read_record(sha256(key_bytes).hexdigest(), key_bytes)
+        self._count(key, record is not None)
+        if record is None:
+            return NO_VALUE
+        try:
+            if record.form == records.FORM_VALUE:
+                value: CachedValue = _new_cached_value(CachedValue, pickle.loads(record.payload))
+                return value
+            # Bytes a region serialized (one with a serializer=, writing to the same
+            # directory): dogpile's "metadata|value", pickled as dogpile's default.
+            metadata, _, payload = record.payload.partition(b"|")
+            return CachedValue(_unpickle(payload), json.loads(metadata))
+        except Exception as exc:
+            log.warning("a cached value could not be unpickled (%s); regenerating it", exc)
+            return NO_VALUE
+
+    def get_multi(self, keys: Iterable[str]) -> list[CachedValue | NoValueType]:
+        return [self.get(key) for key in keys]
+
+    def set(self, key: str, value: CachedValue | bytes) -> None:
+        """Store a ``CachedValue``: its value and metadata pickled together (bytes, as
+        :meth:`set_serialized` stores them)."""
+        if isinstance(value, bytes):
+            self.set_serialized(key, value)
+            return
+        data = pickle.dumps((value.payload, value.metadata), _PICKLE_PROTOCOL)
+        self._put(key, data, records.FORM_VALUE)
+
+    def set_multi(self, mapping: Mapping[str, CachedValue | bytes]) -> None:
+        for key, value in mapping.items():
+            self.set(key, value)
 
     def get_serialized(self, key: str) -> bytes | NoValueType:
         found = self.get_serialized_stamped(key)
@@ -316,22 +361,26 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         looks at a copy without that look counting as a hit or a miss.
         """
         key_bytes = checked_key(key)
-        found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
+        record = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
+        if record is not None and record.form != records.FORM_SERIALIZED:
+            record = None  # a pickled CachedValue: not bytes of the region's serializer
         if count:
-            self._count(key, found is not None)
-        return (found.record.payload, found.created) if found else NO_VALUE
+            self._count(key, record is not None)
+        return (record.payload, record.created) if record else NO_VALUE
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]
 
     def set_serialized(self, key: str, value: bytes) -> None:
+        self._put(key, value, records.FORM_SERIALIZED)
+
+    def _put(self, key: str, payload: bytes, form: int) -> None:
         key_bytes = checked_key(key)
         if not self.store.writable:
             self._refuse_set(key)
             return
         digest = layout.key_digest(key_bytes)
-        created = time.time()
-        data = records.encode(records.KIND_PICKLED, key_bytes, value, created)
+        data = records.encode(records.KIND_PICKLED, key_bytes, payload, time.time(), form)
         if not self._fits(key, len(data)):
             return
         self._write(key, lambda: self.store.write_and_publish(digest, data))
@@ -391,19 +440,18 @@ class RawFSBackend(_FSBackendBase):
         return value
 
     def _open(self, digest: str, key_bytes: bytes | None) -> Any:
-        found = self.store.read_record(digest, key_bytes)
-        if found is None:
+        record = self.store.read_record(digest, key_bytes)
+        if record is None:
             return NO_VALUE
-        record = found.record
         try:
             meta = records.RawMeta.from_bytes(record.payload)
-            data_path = f"{self.store.layout.entry_path(digest)}.{meta.token}"
+            data_path = self.store.layout.data_path(digest, meta.token)
             reader = rawfiles.open_cached(
-                data_path, meta, found.created, quiet=not self.store.writable
+                data_path, meta, record.created, quiet=not self.store.writable
             )
         except (records.DamagedRecord, FileNotFoundError):
-            # Only the file we read: a no-op if a writer replaced (or a reader used) it since.
-            self.store.discard_unusable(digest, found.inode, found.used_ns)
+            # Only the record we read: a no-op if a writer replaced it since.
+            self.store.discard_unusable(digest, record=record)
             return NO_VALUE
         if meta.metadata is None:
             return reader
@@ -428,46 +476,45 @@ class RawFSBackend(_FSBackendBase):
             meta = records.RawMeta(token, size, position, metadata, filename, content_type)
             return records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)
 
-        largest_record = len(encode_record("0" * _TOKEN_LENGTH, self.room(), self.room()))
-        known_size = rawfiles.file_size(fileobj)
+        largest_record = len(encode_record("0" * layout.TOKEN_LEN, self.room(), self.room()))
+        source = rawfiles.inspect(fileobj)
+        known_size = source.size
         # Refuse before a byte is copied or the caller's file is moved.
         if known_size is not None and not self._fits(key, known_size + largest_record):
             return
 
         def attempt() -> None:
             data_fd, data_temp = self.store.open_temp(digest)
-            record_temp = None
             try:
                 try:
                     size, position = rawfiles.stage(
-                        fileobj,
+                        source,
                         data_temp,
                         data_fd,
                         movable=self.settings.file_movable,
-                        data_dir=self.store.layout.data_dir,
+                        data_dev=self.store.data_dev,
                         file_mode=self.settings.file_mode,
                         limit=max(0, self.room() - largest_record),
                     )
                 finally:
                     os.close(data_fd)
                 self.store.sync_path_if_asked(data_temp)  # by path: it may be the caller's file
-                token = secrets.token_hex(_TOKEN_LENGTH // 2)
-                record = encode_record(token, size, position)
-                if not self._fits(key, size + len(record)):  # a file that grew meanwhile
-                    remove_quietly(data_temp)
-                    return
-                record_temp = self.store.write_temp(digest, record)
-                self.store.publish(digest, record_temp, size + len(record), data_temp, token)
             except rawfiles.TooLarge as exc:  # a stream: stopped as soon as it could not fit
                 remove_quietly(data_temp)
                 self._fits(key, exc.size + largest_record, at_least=True)
+                return
             except BaseException:
                 remove_quietly(data_temp)
-                remove_quietly(record_temp)
                 raise
+            data = DataFile(data_temp, layout.new_token())
+            record = encode_record(data.token, size, position)
+            if not self._fits(key, size + len(record)):  # a file that grew meanwhile
+                remove_quietly(data_temp)
+                return
+            self.store.publish_raw(digest, data, size, record)
 
         # A stream read part-way cannot be read again: retry only what can be re-read.
-        self._write(key, attempt, retry=rawfiles.can_reread(fileobj))
+        self._write(key, attempt, retry=source.can_reread)
 
     def set_multi(self, mapping: Mapping[str, Any]) -> None:
         for key, value in mapping.items():
@@ -509,7 +556,6 @@ class RawFSBackend(_FSBackendBase):
         def attempt() -> None:
             nonlocal stored
             data_fd, data_temp = self.store.open_temp(digest)
-            record_temp = None
             try:
                 try:
                     fill(data_fd)
@@ -519,15 +565,11 @@ class RawFSBackend(_FSBackendBase):
                     os.close(data_fd)
                 if written != meta.size:
                     raise ValueError(f"{written} bytes arrived for an entry of {meta.size}")
-                record_temp = self.store.write_temp(digest, record)
-                self.store.publish(
-                    digest, record_temp, meta.size + len(record), data_temp, meta.token
-                )
-                stored = True
             except BaseException:
                 remove_quietly(data_temp)
-                remove_quietly(record_temp)
                 raise
+            self.store.publish_raw(digest, DataFile(data_temp, meta.token), meta.size, record)
+            stored = True
 
         self._write(key, attempt, retry=False)  # the bytes arrive once: nothing to re-read
         return self._open(digest, key_bytes) if stored else NO_VALUE

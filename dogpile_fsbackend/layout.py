@@ -1,4 +1,9 @@
-"""Where things live on disk: pure path arithmetic, no I/O.
+"""Where things live on disk, and what names them: keys, digests, tokens, temp names.
+
+The one module that owns entry names: ``<digest>`` for an entry,
+``<digest>.<token>`` for a raw entry's bytes, ``.tmp-<writer token>-<n>``
+for files being written, and ``<digest>/<token>`` in URLs.  Path arithmetic
+only, no I/O.
 
 A key of any length and any characters is hashed with SHA-256; the hex digest
 names the entry and its first ``depth * width`` characters name the nested
@@ -24,7 +29,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
+import re
 from dataclasses import dataclass
 
 MARKER_NAME = "fsbackend.json"
@@ -38,6 +45,10 @@ DATA_DIR = "data"
 TEMP_PREFIX = ".tmp-"
 HASH_HEX_LEN = 64
 WRITER_TOKEN_LEN = 12  # hex digits of a writer's byte of the lock file (see locking.py)
+TOKEN_LEN = 16  # hex digits of the token that names a raw entry's data file
+MAX_TOKEN_LEN = 64  # what a record read from disk may carry (older releases: 16 too)
+# A URL path of the WSGI app: /<digest>/<token>.
+URL_PATH = re.compile(rf"/([0-9a-f]{{{HASH_HEX_LEN}}})/([0-9a-f]{{1,{MAX_TOKEN_LEN}}})")
 
 
 def encode_key(key: str | bytes) -> bytes:
@@ -57,6 +68,59 @@ def decode_key(key_bytes: bytes) -> str | None:
 
 def key_digest(key_bytes: bytes) -> str:
     return hashlib.sha256(key_bytes).hexdigest()
+
+
+def digest_of(key: str) -> str:
+    """The digest that names the entry of ``key`` (a str, as backends take them)."""
+    return key_digest(encode_key(key))
+
+
+class _Tokens:
+    """Per-write tokens: unpredictable (they make URLs unguessable) yet no syscall each.
+
+    Each process draws one secret from the OS (again after ``fork``, so parent
+    and child never repeat each other) and derives a token per write from a
+    counter with a keyed BLAKE2b.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._secret = os.urandom(16)
+        self._counter = itertools.count()
+
+    def new(self) -> str:
+        number = next(self._counter).to_bytes(8, "little")
+        return hashlib.blake2b(number, key=self._secret, digest_size=TOKEN_LEN // 2).hexdigest()
+
+
+_tokens = _Tokens()
+os.register_at_fork(after_in_child=_tokens.reset)
+
+
+def new_token() -> str:
+    """A fresh token for one write of a raw entry (its data file name, etag and URL)."""
+    return _tokens.new()
+
+
+def is_token(text: str) -> bool:
+    """True for what may name a data file: 1 to 64 lowercase hex digits (never a path)."""
+    return 0 < len(text) <= MAX_TOKEN_LEN and is_hex(text)
+
+
+def data_file_name(digest: str, token: str) -> str:
+    return f"{digest}.{token}"
+
+
+def url_path(digest: str, token: str) -> str:
+    return f"/{digest}/{token}"
+
+
+def parse_url_path(path: str) -> tuple[str, str] | None:
+    """``(digest, token)`` of a URL path made by ``url_path``; None for any other path."""
+    match = URL_PATH.fullmatch(path)
+    return None if match is None else (match[1], match[2])
 
 
 @dataclass(frozen=True)
@@ -93,7 +157,10 @@ class Layout:
         return os.path.join(self.data_dir, *self._parts(hex_index, self.shard_levels))
 
     def entry_dir(self, digest: str) -> str:
-        # On the hot path: plain joins of precomputed slices (POSIX paths only).
+        # On the hot path (POSIX paths only): the default layout spelled out, else plain
+        # joins of precomputed slices.
+        if self.width == 1 and self.depth == 2:
+            return f"{self.data_dir}/{digest[0]}/{digest[1]}"
         return "/".join([self.data_dir, *[digest[cut] for cut in self._level_slices]])
 
     def _parts(self, hex_text: str, levels: int) -> list[str]:
@@ -101,6 +168,10 @@ class Layout:
 
     def entry_path(self, digest: str) -> str:
         return f"{self.entry_dir(digest)}/{digest}"
+
+    def data_path(self, digest: str, token: str) -> str:
+        """The path of a raw entry's bytes (see ``data_file_name``)."""
+        return f"{self.entry_dir(digest)}/{digest}.{token}"
 
     def path(self, name: str) -> str:
         return os.path.join(self.base_dir, name)

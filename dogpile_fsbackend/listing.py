@@ -241,7 +241,9 @@ def _data_size(record: records.Record | None, directory: int, digest: str) -> in
         return None
     with contextlib.suppress(records.DamagedRecord, FileNotFoundError):
         meta = records.RawMeta.from_bytes(record.payload)
-        info = os.stat(f"{digest}.{meta.token}", dir_fd=directory, follow_symlinks=False)
+        info = os.stat(
+            paths.data_file_name(digest, meta.token), dir_fd=directory, follow_symlinks=False
+        )
         if stat.S_ISREG(info.st_mode) and info.st_size == meta.size:
             return info.st_size
     return None

@@ -32,9 +32,13 @@ class LookupTracker(threading.local):
 
     def is_recheck(self, key: str | None, found: bool) -> bool:
         """Record a lookup of ``key``; True if it is dogpile's re-check of a counted miss."""
-        recheck = key is not None and self.recheck == key
-        self.recheck = None
-        self.missed = None if found or recheck else key
+        pending = self.recheck
+        if pending is not None:
+            self.recheck = None
+        recheck = key is not None and pending == key
+        missed = None if found or recheck else key
+        if self.missed is not missed:  # a hit with nothing pending writes nothing
+            self.missed = missed
         return recheck
 
 

@@ -23,9 +23,10 @@ import mimetypes
 import os
 import stat
 import tempfile
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 from urllib.parse import quote
 
+from . import layout
 from .files import open_quietly
 from .records import RawMeta
 
@@ -102,15 +103,25 @@ def open_cached(
     the kernel allows that.
     """
     try:
-        raw = io.FileIO(data_path, "rb", opener=_quiet_opener if quiet else _nofollow_opener)
+        fd = (
+            open_quietly(data_path, os.O_RDONLY | _OPEN_FLAGS)
+            if quiet
+            else os.open(data_path, os.O_RDONLY | _OPEN_FLAGS)
+        )
     except OSError as exc:  # a symlink (ELOOP) or a socket (ENXIO) planted in its place
         if exc.errno not in (errno.ELOOP, errno.ENXIO):
             raise
         raise FileNotFoundError(errno.ENOENT, "data file is not a file", data_path) from exc
     try:
-        info = os.fstat(raw.fileno())
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size != meta.size:
             raise FileNotFoundError(errno.ENOENT, "data file does not match its record", data_path)
+        raw = io.FileIO(fd, "rb")  # from a descriptor: O_CLOEXEC is already set
+    except BaseException:
+        os.close(fd)
+        raise
+    raw.name = data_path
+    try:
         return reader_over(raw, meta, created)
     except BaseException:
         raw.close()
@@ -125,7 +136,8 @@ def reader_over(raw: io.FileIO, meta: RawMeta, created: float) -> CachedFileRead
     reader.content_length = meta.size
     reader.last_modified = created
     reader.etag = f'"{meta.token}"'
-    reader.seek(meta.position)
+    if meta.position:  # a new descriptor starts at 0
+        reader.seek(meta.position)
     return reader
 
 
@@ -178,38 +190,69 @@ def content_disposition(filename: str) -> str:
     return header
 
 
-def stage(
-    value: Any,
-    temp_path: str,
-    temp_fd: int,
-    *,
-    movable: bool,
-    data_dir: str,
-    file_mode: int,
-    limit: int,
-) -> tuple[int, int]:
-    """Put the bytes of ``value`` into the (empty, open) temp file: (size, position).
+class Source(NamedTuple):
+    """What a raw set learns about the caller's value, once (see ``inspect``)."""
 
-    With ``movable`` and a named file on the same filesystem, outside the
-    cache's ``data_dir``, the temp file is replaced by the caller's file itself
-    (rename, or hard link for a self-deleting ``NamedTemporaryFile``), which
-    then gets ``file_mode``; otherwise the bytes are copied.  Raises
-    :class:`TooLarge` as soon as more than ``limit`` bytes are seen.
+    value: Any
+    position: int | None  # where the caller left it; None for a stream
+    fd: int | None  # a descriptor whose bytes are the value's, on a regular file
+    info: os.stat_result | None  # that file's fstat
+
+    @property
+    def size(self) -> int | None:
+        """The size of a value backed by a regular file, without reading it; None otherwise."""
+        return None if self.info is None else self.info.st_size
+
+    @property
+    def can_reread(self) -> bool:
+        """True if the value can be staged again after a failed attempt (it can seek)."""
+        return self.position is not None
+
+
+def inspect(value: Any) -> Source:
+    """Look at a raw value once: its position, and the regular file behind it if any.
+
+    A writable file is flushed first, so that its size counts what was written.
     """
     position = _tell(value)
     with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
         if value.writable():
             value.flush()
-    source_fd = _fileno(value) if _reads_its_descriptor(value) else None
-    if source_fd is not None and stat.S_ISREG((info := os.fstat(source_fd)).st_mode):
-        size = info.st_size
+    fd = _fileno(value) if _reads_its_descriptor(value) else None
+    if fd is not None and stat.S_ISREG((info := os.fstat(fd)).st_mode):
+        return Source(value, position, fd, info)
+    return Source(value, position, None, None)
+
+
+def stage(
+    source: Source,
+    temp_path: str,
+    temp_fd: int,
+    *,
+    movable: bool,
+    data_dev: int,
+    file_mode: int,
+    limit: int,
+) -> tuple[int, int]:
+    """Put the bytes of ``source`` into the (empty, open) temp file: (size, position).
+
+    With ``movable`` and a named file on the cache's filesystem (device
+    ``data_dev``) that is not one of the cache's own, the temp file is replaced
+    by the caller's file itself (rename, or hard link for a self-deleting
+    ``NamedTemporaryFile``), which then gets ``file_mode``; otherwise the bytes
+    are copied.  Raises :class:`TooLarge` as soon as more than ``limit`` bytes
+    are seen.
+    """
+    value, position = source.value, source.position
+    if source.fd is not None and source.info is not None:
+        size = source.info.st_size
         if size > limit:
             raise TooLarge(size)
-        if movable and _move_into(value, source_fd, temp_path, temp_fd, data_dir):
-            os.fchmod(source_fd, file_mode)
+        if movable and _move_into(source, temp_path, data_dev):
+            os.fchmod(source.fd, file_mode)
             return size, min(position or 0, size)
         if size:  # a file whose size reads 0 may still have content (/proc): read() it
-            size = _kernel_copy(source_fd, temp_fd, size)
+            size = _kernel_copy(source.fd, temp_fd, size)
             return size, min(position or 0, size)
     if position is None:  # a stream: store what is left, read back from the start
         return _copy_stream(value, temp_fd, limit), 0
@@ -266,26 +309,31 @@ def _copy_stream(value: Any, fd: int, limit: int) -> int:
             view = view[os.write(fd, view) :]
 
 
-def _move_into(value: Any, source_fd: int, temp_path: str, temp_fd: int, data_dir: str) -> bool:
+def _move_into(source: Source, temp_path: str, data_dev: int) -> bool:
     """Rename (or link) the caller's file over our temp file, if that is possible.
 
-    Never a file inside ``data_dir``: that is another entry's data (a cache hit
-    stored again), and moving it would steal it from under its shard lock.
+    Never one of the cache's own files (a cache hit stored again, or any file
+    named like an entry's data or a temp file): moving it would steal another
+    entry's data from under its shard lock.  Judged by the name, with no path
+    walk: a user's file that happens to be named so is copied instead.
     """
+    value, info, fd = source.value, source.info, source.fd
     name = getattr(value, "name", None)
-    if not isinstance(name, str):
+    if not isinstance(name, str) or isinstance(value, CachedFileReader):
         return False
-    if os.path.realpath(name).startswith(os.path.realpath(data_dir) + os.sep):
+    if info is None or fd is None:
         return False
-    source = os.fstat(source_fd)
+    base = os.path.basename(name)
+    if layout.split_entry_name(base) is not None or layout.is_temp_name(base):
+        return False
+    if info.st_dev != data_dev:
+        return False  # another filesystem: a rename cannot take it
     try:
         named = os.lstat(name)
     except OSError:
         return False
-    if (named.st_ino, named.st_dev) != (source.st_ino, source.st_dev):
+    if (named.st_ino, named.st_dev) != (info.st_ino, info.st_dev):
         return False  # the name no longer refers to this file
-    if source.st_dev != os.fstat(temp_fd).st_dev:
-        return False
     deletes_itself = isinstance(value, tempfile._TemporaryFileWrapper) and (
         getattr(value, "delete", False)
         or getattr(getattr(value, "_closer", None), "delete", False)
@@ -293,7 +341,7 @@ def _move_into(value: Any, source_fd: int, temp_path: str, temp_fd: int, data_di
     try:
         # Stamp it now, before it takes a temp name: a scan in another process
         # takes a temp file with an mtime older than temp_max_age for abandoned.
-        os.utime(source_fd)
+        os.utime(fd)
         if deletes_itself:  # link, as its own close() removes the original name
             link_path = f"{temp_path}-link"  # a temp name too, reclaimed if we die here
             os.link(name, link_path)
@@ -330,20 +378,6 @@ def _kernel_copy(source_fd: int, target_fd: int, size: int) -> int:
     return offset
 
 
-def file_size(value: Any) -> int | None:
-    """The size of a value backed by a regular file, without reading it; None otherwise."""
-    source_fd = _fileno(value) if _reads_its_descriptor(value) else None
-    if source_fd is None:
-        return None
-    info = os.fstat(source_fd)
-    return info.st_size if stat.S_ISREG(info.st_mode) else None
-
-
-def can_reread(value: Any) -> bool:
-    """True if ``value`` can be staged again after a failed attempt (it can seek)."""
-    return _tell(value) is not None
-
-
 def _tell(value: Any) -> int | None:
     seekable = getattr(value, "seekable", None)
     if callable(seekable) and not seekable():
@@ -365,11 +399,3 @@ def _fileno(value: Any) -> int | None:
 
 # O_NONBLOCK: a FIFO planted in place of a data file must not hang the reader.
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-
-
-def _nofollow_opener(path: str, flags: int) -> int:
-    return os.open(path, flags | _OPEN_FLAGS)
-
-
-def _quiet_opener(path: str, flags: int) -> int:
-    return open_quietly(path, flags | _OPEN_FLAGS)

@@ -2,12 +2,19 @@
 
 Header (little endian, 32 bytes)::
 
-    magic "DFSB" | version u8 | kind u8 | reserved u16 | created f64
+    magic "DFSB" | version u8 | kind u8 | form u16 | created f64
     | key length u32 | payload length u64 | crc32(header before it + key + payload) u32
 
 The key makes a hash collision or a foreign file a miss, never a wrong value;
 the lengths catch truncation and the CRC32 catches bit flips (zlib's CRC runs at
 several GB/s, so it costs well under a microsecond on small values).
+
+Versions: pickled entries are version 2, whose ``form`` tells what the payload
+is (``FORM_SERIALIZED``: the bytes a region serialized, dogpile's
+``metadata|value``; ``FORM_VALUE``: the pickled ``(value, metadata)`` of a
+``CachedValue``).  Version 1 pickled entries, all of the first form, are read
+as damaged: a miss, removed and replaced by the next set.  Raw entries are
+still version 1 (their record did not change, so their files stay valid).
 """
 
 from __future__ import annotations
@@ -17,12 +24,16 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+from .layout import is_token
 
 MAGIC = b"DFSB"
-VERSION = 1
 KIND_PICKLED = 1
 KIND_RAW = 2
+VERSIONS = {KIND_PICKLED: 2, KIND_RAW: 1}  # the current format of each kind
+FORM_SERIALIZED = 0  # the payload is what a region's serializer made (and raw metadata)
+FORM_VALUE = 1  # the payload is a pickled (value, metadata) tuple: no serializer ran
 
 _HEADER = struct.Struct("<4sBBHdIQI")
 HEADER_SIZE = _HEADER.size
@@ -33,15 +44,24 @@ class DamagedRecord(Exception):
     """The file is truncated, corrupted, foreign, or belongs to another key."""
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     kind: int
     created: float
     payload: bytes
+    form: int = FORM_SERIALIZED
 
 
-def encode(kind: int, key: bytes, payload: bytes, created: float) -> bytes:
-    fields = _HEADER.pack(MAGIC, VERSION, kind, 0, created, len(key), len(payload), 0)[:_CRC_AT]
+# A NamedTuple without its Python-level __new__: decode runs on every hit.
+_new_record = tuple.__new__
+_COPY_MAX = 4096  # up to this size, slicing bytes costs less than a memoryview
+
+
+def encode(
+    kind: int, key: bytes, payload: bytes, created: float, form: int = FORM_SERIALIZED
+) -> bytes:
+    fields = _HEADER.pack(MAGIC, VERSIONS[kind], kind, form, created, len(key), len(payload), 0)[
+        :_CRC_AT
+    ]
     crc = zlib.crc32(payload, zlib.crc32(key, zlib.crc32(fields)))  # a flipped `created` too
     return b"".join((fields, crc.to_bytes(4, "little"), key, payload))
 
@@ -50,24 +70,23 @@ def decode(data: bytes, kind: int, key: bytes) -> Record:
     """Parse ``data`` read from an entry of ``key``; raise DamagedRecord if it is not one."""
     if len(data) < HEADER_SIZE:
         raise DamagedRecord("shorter than the header")
-    magic, version, found_kind, _, created, key_len, payload_len, crc = _HEADER.unpack_from(data)
-    if magic != MAGIC or version != VERSION or found_kind != kind:
+    magic, version, found_kind, form, created, key_len, payload_len, crc = _HEADER.unpack_from(
+        data
+    )
+    if magic != MAGIC or found_kind != kind or version != VERSIONS[kind]:
         raise DamagedRecord("not an entry of this format and kind")
-    if HEADER_SIZE + key_len + payload_len != len(data):
+    payload_at = HEADER_SIZE + key_len
+    if payload_at + payload_len != len(data):
         raise DamagedRecord("length does not match the header")
     if not 0.0 <= created < 1e11:  # NaN, infinite or absurd: would crash utime and expiry
         raise DamagedRecord("creation time out of range")
-    view = memoryview(data)
-    found_key = view[HEADER_SIZE : HEADER_SIZE + key_len]
-    if found_key != key:
+    if data[HEADER_SIZE:payload_at] != key:
         raise DamagedRecord("entry belongs to another key")
-    payload = view[HEADER_SIZE + key_len :]
-    if zlib.crc32(payload, zlib.crc32(found_key, zlib.crc32(view[:_CRC_AT]))) != crc:
+    # The key and payload follow the header: one CRC call for both (copied if small).
+    body = data[HEADER_SIZE:] if len(data) <= _COPY_MAX else memoryview(data)[HEADER_SIZE:]
+    if zlib.crc32(body, zlib.crc32(data[:_CRC_AT])) != crc:
         raise DamagedRecord("checksum mismatch")
-    return Record(found_kind, created, bytes(payload))
-
-
-_HEX_DIGITS = frozenset("0123456789abcdef")
+    return _new_record(Record, (found_kind, created, data[payload_at:], form))
 
 
 @dataclass(frozen=True)
@@ -95,8 +114,7 @@ class RawMeta:
         if (
             # The token becomes part of a path: a crafted "x/../../etc/passwd" must not.
             not isinstance(token, str)
-            or not 0 < len(token) <= 64
-            or not set(token) <= _HEX_DIGITS
+            or not is_token(token)
             or not isinstance(meta.size, int)
             or not isinstance(meta.position, int)
             or not 0 <= meta.position <= meta.size

@@ -7,9 +7,16 @@ never /tmp) and publish it with ``os.replace`` while holding the shard's byte
 lock, together with the shard's counter update; a reader therefore sees the
 old entry or the new one, never a mix, and never a partial file.
 
-Recency for LRU lives in the entry's timestamps: every hit and every write
-sets ``mtime`` to now ("last used") and ``atime`` to the creation time, so an
-eviction scan learns both from one ``stat`` without reading any file.
+Recency for LRU lives in the entry's timestamps: a write, and a hit, set
+``mtime`` to now ("last used") and ``atime`` to the creation time, so an
+eviction scan learns both from one ``stat`` without reading any file.  Like
+``relatime``, a hit skips the stamp when this process stamped the entry less
+than ``STAMP_FRACTION`` of its age ago (and less than ``STAMP_INTERVAL_MAX``):
+the recorded last use is never older than that, and an entry's first hit after
+a write is always stamped.
+
+A hit reads the entry without an ``fstat``: one read of up to ``FIRST_READ``
+bytes, bounded by the header's lengths for anything longer.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
@@ -30,7 +38,7 @@ from .accounting import AccountingFile
 from .config import Settings
 from .exceptions import ConfigError, ReadOnlyError
 from .files import make_dir, open_quietly, open_shared
-from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile
+from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, ExclusiveByte, FileMutex, LockFile
 
 if TYPE_CHECKING:
     from .maintenance import EntryInfo
@@ -39,6 +47,7 @@ log = logging.getLogger(__name__)
 
 # O_NONBLOCK: a FIFO planted where an entry belongs must not hang the reader.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_HIT_FLAGS = _READ_FLAGS | getattr(os, "O_NOATIME", 0)  # Linux; only for the file's owner
 # A path that is missing, or runs through something planted (a file, a symlink loop,
 # a Unix socket: ENXIO).
 _PATH_ERRNOS = frozenset(
@@ -47,6 +56,13 @@ _PATH_ERRNOS = frozenset(
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # An entry up to this size is read in one call; a bigger one has its header read first.
 _ONE_READ_MAX = 1 << 20
+# What a hit reads first: the whole of most entries (a longer one, bounded by its header).
+FIRST_READ = 1 << 16
+# A hit stamps an entry unless this process stamped it less than this share of its age ago,
+# and less than STAMP_INTERVAL_MAX seconds ago (see the module docstring).
+STAMP_FRACTION = 1 / 16
+STAMP_INTERVAL_MAX = 60.0
+_STAMPS_KEPT = 4096  # entries whose last stamp a process remembers (forgotten all at once)
 # Seconds a timestamp may lie ahead of the clock before it is taken for "now".
 FUTURE_TOLERANCE = 5.0
 # What keeps a reader from removing an unusable entry: a read-only filesystem, or a
@@ -80,13 +96,11 @@ def is_read_only(directory: str) -> bool:
     return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
 
 
-class Found(NamedTuple):
-    """A record read from disk, and how to recognise its file later (see ``discard``)."""
+class DataFile(NamedTuple):
+    """A raw entry's bytes, staged in a temp file, and the token that will name them."""
 
-    record: records.Record
-    created: float  # the record's, or when a read first saw it if that lies in the future
-    inode: int
-    used_ns: int | None  # the mtime this read stamped; None if it could not
+    temp: str
+    token: str
 
 
 class Store:
@@ -104,6 +118,7 @@ class Store:
         # The oldest entries of the last scan, in LRU order (see maintenance.py).
         self.eviction_order: collections.deque[EntryInfo] = collections.deque()
         self._known_dirs: dict[str, tuple[int, int]] = {}  # checked directory -> (dev, inode)
+        self._stamps: dict[str, float] = {}  # digest -> when this process last stamped it
         self.hits = self.misses = self.writes = self.evictions = self.write_errors = 0
         self.last_total = 0  # total bytes as the last publish or discard left them
         self._warned: set[str] = set()  # paths already reported unreadable or foreign
@@ -256,8 +271,8 @@ class Store:
     def key_mutex(self, key_bytes: bytes) -> FileMutex:
         return FileMutex(self.lock_file, key_bytes, self.settings.lock_slots)
 
-    def shard_locked(self, shard: int) -> contextlib.AbstractContextManager[None]:
-        return self.lock_file.held(("shard", shard), SHARD_BASE_OFFSET + shard)
+    def shard_locked(self, shard: int) -> ExclusiveByte:
+        return self.lock_file.exclusive(SHARD_BASE_OFFSET + shard)
 
     def acquire_eviction_lock(self, wait: bool) -> bool:
         return self.lock_file.acquire(("evict",), EVICTION_OFFSET, wait)
@@ -267,18 +282,29 @@ class Store:
 
     # -- reading --------------------------------------------------------------
 
-    def read_record(self, digest: str, key_bytes: bytes | None) -> Found | None:
+    def read_record(self, digest: str, key_bytes: bytes | None) -> records.Record | None:
         """The live record of a key, or None (a miss).
 
+        Its ``created`` is the record's, or when a read first saw it if that lies
+        in the future (see ``creation_time``).
+
         A damaged, foreign or expired file is removed on the way.  A hit makes
-        the entry the most recently used one.  A read-only store does neither,
-        and does not even update the entry's atime where the kernel lets it.
-        ``key_bytes=None`` looks an entry up by ``digest`` alone (a URL names no
-        key): the key stored in the record must then hash to ``digest``.
+        the entry the most recently used one (see ``STAMP_FRACTION``).  A
+        read-only store does neither, and does not even update the entry's
+        atime where the kernel lets it.  ``key_bytes=None`` looks an entry up
+        by ``digest`` alone (a URL names no key): the key stored in the record
+        must then hash to ``digest``.
         """
         path = self.layout.entry_path(digest)
         try:
-            fd = os.open(path, _READ_FLAGS) if self.writable else open_quietly(path, _READ_FLAGS)
+            # Never the kernel's atime update: atime holds the creation time, and a hit
+            # that skips its stamp would not put it back (open_quietly, inlined).
+            try:
+                fd = os.open(path, _HIT_FLAGS)
+            except PermissionError as exc:
+                if exc.errno != errno.EPERM or _HIT_FLAGS == _READ_FLAGS:
+                    raise
+                fd = os.open(path, _READ_FLAGS)  # not the owner: no O_NOATIME
         except FileNotFoundError:
             return None
         except PermissionError:  # another user's file: not ours to read, nor to delete
@@ -291,26 +317,44 @@ class Store:
                 self.discard_unusable(digest, os.lstat(path).st_ino)
             return None
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                return None  # a directory or FIFO planted in an entry's place: a miss
             try:
-                data = read_entry(fd, info.st_size)
+                data = os.read(fd, FIRST_READ)
+                if len(data) == FIRST_READ:
+                    data = _read_rest(fd, data)
                 if key_bytes is None:
                     key_bytes = _key_of(data, digest)
                 record = records.decode(data, self.kind, key_bytes)
             except records.DamagedRecord:
-                self.discard_unusable(digest, info.st_ino)
+                info = os.fstat(fd)
+                if stat.S_ISREG(info.st_mode):  # a FIFO planted in an entry's place: a miss
+                    self.discard_unusable(digest, info.st_ino)
+                return None
+            except OSError as exc:  # a directory (EISDIR) or a FIFO with a writer (EAGAIN)
+                if exc.errno not in (errno.EISDIR, errno.EAGAIN):
+                    raise
                 return None
             now = time.time()
-            created = creation_time(record, info, now)
-            if self.is_expired(created, now):
-                self.discard_unusable(digest, info.st_ino)
+            created = record.created
+            if created > now + FUTURE_TOLERANCE:
+                created = creation_time(record, os.fstat(fd), now)
+                record = record._replace(created=created)
+            limit = self.settings.expiration_time
+            if limit is not None and now - created > limit:
+                self.discard_unusable(digest, os.fstat(fd).st_ino)
                 return None
-            used_ns = touch(fd, created) if self.writable else None
+            if self.writable:  # stamp it, unless this process did so recently
+                stamps = self._stamps
+                last = stamps.get(digest)
+                if last is None or now - last >= min(
+                    STAMP_FRACTION * (now - created), STAMP_INTERVAL_MAX
+                ):
+                    touch(fd, created, now)  # remembered even if refused: best effort there
+                    if len(stamps) >= _STAMPS_KEPT:
+                        stamps.clear()
+                    stamps[digest] = now
         finally:
             os.close(fd)
-        return Found(record, created, info.st_ino, used_ns)
+        return record
 
     def is_expired(self, created: float, now: float | None = None) -> bool:
         limit = self.settings.expiration_time
@@ -318,22 +362,34 @@ class Store:
 
     # -- writing --------------------------------------------------------------
 
-    def open_temp(self, digest: str) -> tuple[int, str]:
-        """A new, empty temp file in the entry's own directory: (fd, path)."""
+    def open_temp(self, digest: str, dir_checked: bool = False) -> tuple[int, str]:
+        """A new, empty temp file in the entry's own directory: (fd, path).
+
+        The directory is checked (no symlink on the way) once per process and
+        then trusted while its identity holds (``is_our_dir``: one ``stat``,
+        none with ``dir_checked``: the caller has just made a file there); one
+        removed meanwhile is made again.
+        """
         directory = self.layout.entry_dir(digest)
-        if not self.is_our_dir(directory):
+        if not dir_checked and not self.is_our_dir(directory):
             self._make_real_dirs(directory)
         lock_file = self.lock_file
         name = paths.temp_name(lock_file.writer_token(), lock_file.next_temp_number())
         path = f"{directory}/{name}"
+        mode = self.settings.file_mode
         try:
-            fd = os.open(path, _CREATE_FLAGS, self.settings.file_mode)
+            fd = os.open(path, _CREATE_FLAGS, mode)
         except FileNotFoundError:  # the directory was removed behind our back
             self._make_real_dirs(directory)
-            fd = os.open(path, _CREATE_FLAGS, self.settings.file_mode)
-        if self.settings.file_mode & 0o077:  # the umask may have stripped what was asked
-            os.fchmod(fd, self.settings.file_mode)
+            fd = os.open(path, _CREATE_FLAGS, mode)
+        if mode & 0o077:  # the umask may have stripped what was asked
+            os.fchmod(fd, mode)
         return fd, path
+
+    @functools.cached_property
+    def data_dev(self) -> int:
+        """The device of ``data/``: a file elsewhere cannot be renamed into the cache."""
+        return os.stat(self.layout.data_dir).st_dev
 
     def is_our_dir(self, directory: str) -> bool:
         """True if ``directory`` and each level above it (below base_dir) is a real directory.
@@ -385,16 +441,14 @@ class Store:
         info = os.lstat(directory)
         self._known_dirs[directory] = (info.st_dev, info.st_ino)
 
-    def write_temp(self, digest: str, data: bytes) -> str:
-        """A temp file holding ``data``, synced if asked, ready to publish.
+    def write_temp(self, digest: str, data: bytes, dir_checked: bool = False) -> str:
+        """A temp file holding ``data``, synced if asked, ready to publish: its path.
 
         A new file's atime and mtime are both "now": created and just used.
         """
-        fd, path = self.open_temp(digest)
+        fd, path = self.open_temp(digest, dir_checked)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             self.sync_if_asked(fd)
         except BaseException:
             remove_quietly(path)
@@ -406,6 +460,20 @@ class Store:
     def write_and_publish(self, digest: str, data: bytes) -> None:
         """Make ``data`` the entry ``digest`` (a pickled set)."""
         self.publish(digest, self.write_temp(digest, data), len(data))
+
+    def publish_raw(self, digest: str, data: DataFile, data_size: int, record: bytes) -> None:
+        """Make ``record`` the entry ``digest``, with the staged ``data`` as its bytes.
+
+        The temp file of ``data`` is removed if anything fails before it is published.
+        """
+        record_temp = None
+        try:
+            record_temp = self.write_temp(digest, record, dir_checked=True)  # beside the data
+            self.publish(digest, record_temp, data_size + len(record), data)
+        except BaseException:
+            remove_quietly(data.temp)
+            remove_quietly(record_temp)
+            raise
 
     def sync_if_asked(self, fd: int) -> None:
         if self.settings.fsync:
@@ -420,27 +488,28 @@ class Store:
                 os.close(fd)
 
     def publish(
-        self, digest: str, record_temp: str, size: int, data_temp: str = "", token: str = ""
+        self, digest: str, record_temp: str, size: int, data: DataFile | None = None
     ) -> None:
-        """Atomically make ``record_temp`` (and ``data_temp`` as ``<digest>.<token>``) the entry.
+        """Atomically make ``record_temp`` (and ``data`` as ``<digest>.<token>``) the entry.
 
         ``size`` is the bytes of both files.  The data file goes in first
         under a fresh name, then the record that names it replaces the old
         record, then the old data file goes: a reader holding the old record
         either still opens the old bytes or sees a miss, never the new bytes
-        with old metadata.
+        with old metadata.  Every name is taken relative to the directory's
+        descriptor that the temp files were made in.
         """
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
-        data_path = f"{entry_path}.{token}" if data_temp else None
+        data_path = self.layout.data_path(digest, data.token) if data else None
         with self.shard_locked(shard):
-            old_size, existed, old_data = self._entry_files_locked(digest)
+            old_size, existed, old_data = self._entry_files_locked(digest, entry_path)
             try:
-                if data_temp and data_path:
-                    os.replace(data_temp, data_path)
+                if data and data_path:
+                    os.replace(data.temp, data_path)
                 os.replace(record_temp, entry_path)
             except BaseException:
-                for leftover in (data_temp, data_path, record_temp):
+                for leftover in (data and data.temp, data_path, record_temp):
                     remove_quietly(leftover)
                 raise
             for old_path in old_data:
@@ -461,9 +530,10 @@ class Store:
         inode: int | None = None,
         used_ns: int | None = None,
         header: bytes | None = None,
+        record: records.Record | None = None,
     ) -> int:
-        """Remove an entry; given ``inode``/``used_ns``/``header`` (its first bytes), only
-        if it is still the file judged.
+        """Remove an entry; given ``inode``/``used_ns``/``header`` (its first bytes), or
+        the ``record`` read from it, only if it is still the file judged.
 
         Returns the bytes freed (0 if the entry was gone, replaced or used meanwhile,
         or if the store is read-only: reads repair nothing there).
@@ -484,6 +554,8 @@ class Store:
                     return 0
                 if header is not None and not self._starts_with(entry_path, header):
                     return 0  # a later file that was given the same inode number
+            if record is not None and not self._still_holds(digest, record):
+                return 0
             size, existed, data = self._entry_files_locked(digest)
             for path in (entry_path, *data):
                 remove_quietly(path)
@@ -501,14 +573,23 @@ class Store:
         finally:
             os.close(fd)
 
-    def discard_unusable(self, digest: str, inode: int, used_ns: int | None = None) -> None:
+    def _still_holds(self, digest: str, record: records.Record) -> bool:
+        """True if the entry still holds ``record`` (a raw record's token is new per write)."""
+        try:
+            return self.peek_record(digest).payload == record.payload
+        except (OSError, records.DamagedRecord):
+            return False
+
+    def discard_unusable(
+        self, digest: str, inode: int | None = None, record: records.Record | None = None
+    ) -> None:
         """``discard`` for a reader that found an entry expired or damaged: the read is a
         miss either way, so an entry this process may not remove (a read-only filesystem,
         another user's directory) stays for one that may."""
         if not self.writable:
             return
         try:
-            self.discard(digest, inode, used_ns)
+            self.discard(digest, inode, record=record)
         except OSError as exc:
             if exc.errno not in _CANNOT_REMOVE:
                 raise
@@ -518,11 +599,13 @@ class Store:
                 "treated as a miss",
             )
 
-    def _entry_files_locked(self, digest: str) -> tuple[int, int, list[str]]:
+    def _entry_files_locked(
+        self, digest: str, entry_path: str | None = None
+    ) -> tuple[int, int, list[str]]:
         """(total bytes, 1 if the record exists else 0, data file paths) of an entry."""
         size = existed = 0
         with contextlib.suppress(FileNotFoundError):
-            info = os.lstat(self.layout.entry_path(digest))
+            info = os.lstat(entry_path or self.layout.entry_path(digest))
             if stat.S_ISREG(info.st_mode):  # a planted symlink was never counted
                 size, existed = info.st_size, 1
         data = []
@@ -539,7 +622,7 @@ class Store:
         """
         try:
             token = records.RawMeta.from_bytes(self.peek_record(digest).payload).token
-            data_path = f"{self.layout.entry_path(digest)}.{token}"
+            data_path = self.layout.data_path(digest, token)
             info = os.lstat(data_path)
         except (OSError, records.DamagedRecord):
             return []
@@ -604,16 +687,13 @@ def creation_time(record: records.Record, info: os.stat_result, now: float) -> f
     return record.created
 
 
-def touch(fd: int, created: float) -> int | None:
-    """Mark an entry used now (returned, in ns); keep its creation time in atime for scans."""
-    now = time.time_ns()
+def touch(fd: int, created: float, now: float) -> None:
+    """Mark an entry used ``now``; keep its creation time in atime for scans."""
     try:
-        os.utime(fd, ns=(min(int(created * 1e9), now), now))
+        os.utime(fd, (min(created, now), now))
     except OSError as exc:  # not the owner, or a read-only mount: recency is best effort
         if exc.errno not in (errno.EPERM, errno.EACCES, errno.EROFS):
             raise
-        return None
-    return now
 
 
 def _is_empty(directory: str) -> bool:
@@ -626,6 +706,32 @@ def remove_quietly(path: str | None) -> None:
     if path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    if written < len(data):  # a short write (a signal, a nearly full disk): the rest
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def _read_rest(fd: int, head: bytes) -> bytes:
+    """The whole entry that begins with ``head`` (a full first read), bounded by its header.
+
+    One byte more than declared is asked for, so an entry longer than its header
+    says is damage (decode checks the length); a big one must have exactly the
+    declared size before it is read, so an entry extended to gigabytes (even
+    sparsely) costs one ``fstat``, not the memory.
+    """
+    declared = records.declared_size(head)
+    if declared is None:
+        raise records.DamagedRecord("not an entry of this format")
+    if declared > _ONE_READ_MAX and os.fstat(fd).st_size != declared:
+        raise records.DamagedRecord("length does not match the header")
+    if declared < len(head):
+        return head  # longer than declared: decode rejects it
+    return head + _read_exactly(fd, declared + 1 - len(head))
 
 
 def _key_of(data: bytes, digest: str) -> bytes:

@@ -57,7 +57,6 @@ if TYPE_CHECKING:
     from dogpile.cache.api import NoValueType  # dogpile.cache 1.3.3+ only
 
 _CHUNK = 256 * 1024
-_PATH = re.compile(r"/([0-9a-f]{64})/([0-9a-f]{1,64})")
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*", re.IGNORECASE)
 _SERVES = (
     "a cached raw value (CachedFileReader) or an open binary regular file: open(path, 'rb'), "
@@ -153,30 +152,30 @@ class CacheFileApp:
         if self.presign and isinstance(backend, RawTieredBackend):
             # No download to make a URL: this host's copy, else the bucket's description.
             reader = self._live(backend.local.get(key))
-            digest = layout.key_digest(layout.encode_key(key))
+            digest = layout.digest_of(key)
             if reader is None:
                 description = backend.describe_remote(digest)
                 if description is None or self._is_stale(description.meta.metadata):
                     return None
-                return f"{self.prefix}/{digest}/{description.meta.token}"
+                return self.prefix + layout.url_path(digest, description.meta.token)
         else:
             reader = self._live(backend.get(key))
             if reader is None:
                 return None
-            digest = layout.key_digest(layout.encode_key(key))
+            digest = layout.digest_of(key)
         with reader:
             token = reader.etag.strip('"')
-        return f"{self.prefix}/{digest}/{token}"
+        return self.prefix + layout.url_path(digest, token)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        match = _PATH.fullmatch(environ.get("PATH_INFO", ""))
-        if match is None:
+        named = layout.parse_url_path(environ.get("PATH_INFO", ""))
+        if named is None:
             return _error(environ, start_response, "404 Not Found")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return _error(
                 environ, start_response, "405 Method Not Allowed", [("Allow", "GET, HEAD")]
             )
-        digest, token = match.groups()
+        digest, token = named
         backend = self._backend()
         if self.presign and isinstance(backend, RawTieredBackend):
             reader = None

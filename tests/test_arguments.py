@@ -198,7 +198,9 @@ def _age_entry(backend, key: str, seconds: float) -> None:
     path = backend.store.layout.entry_path(layout.key_digest(key_bytes))
     with open(path, "rb") as handle:
         record = records.decode(handle.read(), records.KIND_PICKLED, key_bytes)
-    data = records.encode(record.kind, key_bytes, record.payload, record.created - seconds)
+    data = records.encode(
+        record.kind, key_bytes, record.payload, record.created - seconds, record.form
+    )
     with open(path, "wb") as handle:
         handle.write(data)
 

@@ -202,7 +202,7 @@ def test_keys_leaves_out_expired_entries_when_told_the_expiration_time(filled, c
     two_hours_ago = time.time_ns() - 7200 * 10**9
     os.utime(_entry_path(filled, "k00"), ns=(two_hours_ago, two_hours_ago))
     old = filled.store.peek_record(layout.key_digest(b"k00"))
-    data = records.encode(records.KIND_PICKLED, b"k00", old.payload, time.time() - 7200)
+    data = records.encode(records.KIND_PICKLED, b"k00", old.payload, time.time() - 7200, old.form)
     with open(_entry_path(filled, "k00"), "r+b") as handle:
         handle.write(data)
     assert len(_cli("keys", cache_dir).stdout.splitlines()) == 40

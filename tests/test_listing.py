@@ -184,7 +184,7 @@ def _date_back(backend, key: str, seconds: float) -> None:
     store = backend.store
     record = store.peek_record(_digest(key))
     data = records.encode(
-        store.kind, layout.encode_key(key), record.payload, time.time() - seconds
+        store.kind, layout.encode_key(key), record.payload, time.time() - seconds, record.form
     )
     with open(entry_path(backend, key), "r+b") as handle:
         handle.write(data)

@@ -89,8 +89,11 @@ class Recorder(ProxyBackend):
     def get(self, key):
         started = time.monotonic()
         value = self.proxied.get(key)
-        name = value.payload.filename if isinstance(value, CachedValue) else None
-        self._remember(key, started, name)
+        found = None
+        if isinstance(value, CachedValue):  # raw: the file's name; pickled: the value itself
+            payload = value.payload
+            found = check_value(payload) if isinstance(payload, bytes) else payload.filename
+        self._remember(key, started, found)
         return value
 
     def set_serialized(self, key, value):
@@ -112,7 +115,7 @@ class Recorder(ProxyBackend):
 def seen_value_id(found) -> str | None:
     """The id of the value a read found (None for a miss)."""
     if found is None or isinstance(found, str):
-        return found  # raw: the id travels as the file name
+        return found  # raw: the id travels as the file name; pickled get(): already checked
     if not isinstance(found, bytes):
         return None  # NO_VALUE
     return check_value(pickle.loads(found.partition(b"|")[2]))  # after dogpile's metadata

@@ -7,18 +7,21 @@ import json
 import os
 import pickle
 import queue
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import zlib
 
 import pytest
 from conftest import WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
+from dogpile.cache.region import value_version
 
-from dogpile_fsbackend import PickleFSBackend, RawFSBackend
+from dogpile_fsbackend import PickleFSBackend, RawFSBackend, layout, records
 
 # -- entry points -------------------------------------------------------------------
 
@@ -181,11 +184,60 @@ def test_region_serializer_and_deserializer_are_used(cache_dir):
 
 
 def test_default_serializer_is_pickle(pickled_region):
+    """Without a region serializer, dogpile hands over the CachedValue: the entry holds
+    the value and its metadata pickled together, with no JSON step."""
     region = pickled_region()
     region.set("key", {"a": frozenset({1})})  # not JSON-serializable
     assert region.get("key") == {"a": frozenset({1})}
-    payload = _entry_bytes(region.backend, "key").partition(b"}|")[2]  # after dogpile's metadata
-    assert pickle.loads(payload) == {"a": frozenset({1})}
+    record = records.decode(_entry_bytes(region.backend, "key"), records.KIND_PICKLED, b"key")
+    assert record.form == records.FORM_VALUE
+    value, metadata = pickle.loads(record.payload)
+    assert value == {"a": frozenset({1})}
+    assert metadata["v"] == value_version and abs(metadata["ct"] - time.time()) < 60
+
+
+def _version_1_entry(key: bytes, payload: bytes, created: float) -> bytes:
+    """An entry as releases before format version 2 wrote it (dogpile's bytes only)."""
+    fields = struct.pack(
+        "<4sBBHdIQ", b"DFSB", 1, records.KIND_PICKLED, 0, created, len(key), len(payload)
+    )
+    crc = zlib.crc32(payload, zlib.crc32(key, zlib.crc32(fields)))
+    return fields + crc.to_bytes(4, "little") + key + payload
+
+
+def test_an_entry_of_the_old_format_is_a_miss_and_is_replaced(pickled_region):
+    region = pickled_region()
+    region.set("key", "current")
+    path = region.backend.store.layout.entry_path(layout.digest_of("key"))
+    old_payload = b'{"ct": %f, "v": 2}|' % time.time() + pickle.dumps("old format")
+    with open(path, "wb") as handle:
+        handle.write(_version_1_entry(b"key", old_payload, time.time()))
+    assert region.get("key") is NO_VALUE  # never an error, never the old bytes
+    assert not os.path.exists(path)  # removed, and the accounting with it
+    assert region.get_or_create("key", lambda: "regenerated") == "regenerated"
+    record = records.decode(_entry_bytes(region.backend, "key"), records.KIND_PICKLED, b"key")
+    assert record.form == records.FORM_VALUE
+    assert region.backend.stats()["entries"] == 1
+    # The same through get_serialized (a tier above, or a region with a serializer).
+    with open(path, "wb") as handle:
+        handle.write(_version_1_entry(b"key", old_payload, time.time()))
+    assert region.backend.get_serialized("key") is NO_VALUE
+    region.backend.set_serialized("key", old_payload)
+    assert region.get("key") == "old format"  # dogpile's bytes, read by the default region
+
+
+def test_bytes_and_cached_values_never_stand_in_for_each_other(pickled_region, cache_dir):
+    """A region with a serializer reads only what a serializer wrote; one without reads
+    both (the bytes with dogpile's default, pickle)."""
+    plain = pickled_region()
+    json_region = make_region(
+        serializer=lambda value: json.dumps(value).encode(), deserializer=json.loads
+    ).configure("dogpile_fsbackend.pickled", arguments={"base_dir": cache_dir})
+    plain.set("pickled", [1, 2])
+    assert json_region.get("pickled") is NO_VALUE
+    json_region.set("json", [3, 4])
+    assert plain.get("json") is NO_VALUE  # JSON bytes are no pickle: a miss, not an error
+    assert json_region.get("json") == [3, 4]
 
 
 @pytest.mark.parametrize("count", [1, 50])

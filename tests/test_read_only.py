@@ -80,7 +80,11 @@ def _date_back(backend, key: str, seconds: float) -> None:
     record = backend.store.peek_record(digest)
     path = faultkit.entry_path(backend, key)
     data = records.encode(
-        backend.store.kind, layout.encode_key(key), record.payload, time.time() - seconds
+        backend.store.kind,
+        layout.encode_key(key),
+        record.payload,
+        time.time() - seconds,
+        record.form,
     )
     with open(path + ".new", "wb") as handle:
         handle.write(data)
