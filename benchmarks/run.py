@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import bigfiles
+import counts
 import report
 import workloads
 from common import FULL, QUICK, Params, WorkloadResult
@@ -47,6 +48,7 @@ WORKLOADS: list[tuple[str, str, Callable[[Params, str], WorkloadResult]]] = [
     ("3", "dogpile", workloads.dogpile_processes),
     ("4", "raw", bigfiles.big_files),
     ("5", "eviction", workloads.eviction),
+    ("7", "counts", counts.counts),
 ]
 
 
@@ -64,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         default=[],
-        help="workloads to run, by number or name (small, growth, dogpile, raw, eviction); "
+        help="workloads to run, by number or name (small, growth, dogpile, raw, eviction, "
+        "scale, counts); "
         "comma-separated or repeated",
     )
     parser.add_argument(
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(directory, ignore_errors=True)
             result.seconds = time.perf_counter() - begin
             results[name] = result
-            print(result.table.text(), f"\n   ({result.seconds:.0f} s)\n", sep="\n", flush=True)
+            tables = "\n\n".join(table.text() for table in result.tables)
+            print(tables, f"\n   ({result.seconds:.0f} s)\n", sep="\n", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     total = time.perf_counter() - started
@@ -232,7 +236,7 @@ def _markdown(
     if targets is not None:
         parts += [targets.markdown(), ""]
     for result in results.values():
-        parts += [result.table.markdown(), ""]
+        parts += [part for table in result.tables for part in (table.markdown(), "")]
     return "\n".join(parts)
 
 
