@@ -56,7 +56,7 @@ class Params:
     scale_entries: int = 1_000_000
     scale_value_size: int = 100
     scale_fill_processes: int = 2
-    scale_fill_batch: int = 100  # keys per region.set_multi while filling
+    scale_fill_batch: int = 10  # keys per region.set_multi while filling (1: region.set)
     scale_writers: int = 2
     scale_writes: int = 60_000  # per writer; > 10% of the entries in all: two eviction rounds
     scale_hot_fraction: float = 0.01  # of the filled keys, read by the reader ...

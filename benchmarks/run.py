@@ -34,6 +34,7 @@ from typing import Any
 import bigfiles
 import counts
 import report
+import scale
 import workloads
 from common import FULL, QUICK, Params, WorkloadResult
 from peers import dbm_flavour
@@ -48,6 +49,7 @@ WORKLOADS: list[tuple[str, str, Callable[[Params, str], WorkloadResult]]] = [
     ("3", "dogpile", workloads.dogpile_processes),
     ("4", "raw", bigfiles.big_files),
     ("5", "eviction", workloads.eviction),
+    ("6", "scale", scale.scale),
     ("7", "counts", counts.counts),
 ]
 
