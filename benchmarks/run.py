@@ -3,15 +3,26 @@
 Usage::
 
     pip install -e . -r benchmarks/requirements.txt
-    python benchmarks/run.py            # full run, ~15 min; writes benchmarks/results/
-    python benchmarks/run.py --quick    # smoke check in under 2 minutes
+    apt-get install -y strace valgrind  # Debian packages, for the counts (optional)
+    python benchmarks/run.py            # full run, ~1 hour; writes benchmarks/results/
+    python benchmarks/run.py --quick    # smoke check in a few minutes
     python benchmarks/run.py --only growth,raw
+    python benchmarks/run.py --only scale    # issue 11: 1M entries at the limit
+    python benchmarks/run.py --only counts   # issue 12: syscalls and instructions per op
 
 Each workload prints a table whose ``ours/peer`` column is our time divided by
 the peer's time (below 1: dogpile_fsbackend is faster).  The same numbers go to
 ``latest.json`` (and ``latest.md``) in the output directory, with a chart of set
 cost against entry count in ``set_cost.png``.  Nothing is asserted: the exit
 status only says whether the benchmark itself ran.
+
+Workload 6 (scale, scale.py) fills each backend with a million 100-byte
+entries from several processes, sets its limit to exactly that size and runs
+two evicting writers, a hot reader and a limit monitor at once: it needs about
+6 GiB and 1.1 million inodes free under ``--tmp``.  Workload 7 (counts,
+counts.py) and the syscalls/op column of workload 1 run each operation N times
+in a child under ``strace -f -c`` and ``valgrind --tool=callgrind``; without
+those tools (CI does not install them) the counts are skipped with a note.
 """
 
 from __future__ import annotations

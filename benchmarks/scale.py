@@ -478,6 +478,7 @@ def _run_backend(peer: str, params: Params, directory: str) -> dict[str, Any]:
         record["fill_s"] = time.perf_counter() - began
     fill_logs = [phase.reports[f"fill {n}"]["log"] for n in range(1, len(ranges) + 1)]
     limit = _measure(filling, lambda handle: handle.size())
+    _progress(peer, f"filled {entries:,} entries in {record['fill_s']:.0f} s: {limit:,} bytes")
     record["limit"] = limit
     setup = dataclasses.replace(filling, limit=limit)
 
@@ -497,6 +498,7 @@ def _run_backend(peer: str, params: Params, directory: str) -> dict[str, Any]:
         phase.stop.set()
         phase.collect(["hot reader", "monitor"])
     steady = phase.reports
+    _progress(peer, f"{writers} x {writes:,} steady writes in {record['steady_s']:.0f} s")
     record["processes"] = {
         role: {
             **_latency_summary(steady[role].get("latencies_ns", ())),
@@ -513,6 +515,7 @@ def _run_backend(peer: str, params: Params, directory: str) -> dict[str, Any]:
     key_count = entries + writers * writes
     logs = [*fill_logs, *(steady[role]["log"] for role in [*writer_roles, "hot reader"])]
     record.update(_judge(setup, directory, logs, hot, key_count))
+    _progress(peer, f"judged in {record['judge_s']:.0f} s: precision {record['lru_precision']}")
     del logs, fill_logs, steady
 
     # 4. maintenance at the full size, with a writer setting new keys meanwhile
@@ -522,8 +525,13 @@ def _run_backend(peer: str, params: Params, directory: str) -> dict[str, Any]:
         for name in setup.handle_type.maintenance_ops:
             at_limit = dataclasses.replace(setup, limit=_measure(setup, lambda h: h.size()))
             record["maintenance"].append(_maintenance_round(at_limit, name, first))
+            _progress(peer, f"{name} took {record['maintenance'][-1]['seconds']:.1f} s")
             first += 10_000_000
     return record
+
+
+def _progress(peer: str, message: str) -> None:
+    print(f"   scale, {peer}: {message}", flush=True)
 
 
 def _limit_series(monitor: dict[str, Any], released: int, limit: int) -> dict[str, Any]:
