@@ -4,8 +4,8 @@ Usage::
 
     pip install -e . -r benchmarks/requirements.txt
     apt-get install -y strace valgrind  # Debian packages, for the counts (optional)
-    python benchmarks/run.py            # full run, ~1 hour; writes benchmarks/results/
-    python benchmarks/run.py --quick    # smoke check in a few minutes
+    python benchmarks/run.py            # full run, 20-30 min; writes benchmarks/results/
+    python benchmarks/run.py --quick    # smoke check, 1-2 min
     python benchmarks/run.py --only growth,raw
     python benchmarks/run.py --only scale    # issue 11: 1M entries at the limit
     python benchmarks/run.py --only counts   # issue 12: syscalls and instructions per op
@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tmp",
         default=tempfile.gettempdir(),
         help="where caches and generated files go (default: %(default)s); "
-        "needs about 3 GiB free for the full run",
+        "needs about 6 GiB and 1.1 million inodes free for the full run",
     )
     args = parser.parse_args(argv)
     names = {number: name for number, name, _ in WORKLOADS}
