@@ -65,6 +65,26 @@ class Params:
     tiered_processes: int = 3
     tiered_keys: int = 30
     tiered_creator_ms: float = 20.0
+    # 6. scale: a million entries at the limit, several writers evicting
+    scale_entries: int = 1_000_000
+    scale_value_size: int = 100
+    scale_fill_processes: int = 2
+    scale_fill_batch: int = 10  # keys per region.set_multi while filling (1: region.set)
+    scale_writers: int = 2
+    scale_writes: int = 60_000  # per writer; > 10% of the entries in all: two eviction rounds
+    scale_hot_fraction: float = 0.01  # of the filled keys, read by the reader ...
+    scale_hot_span: float = 0.1  # ... spread over this oldest share of each fill process's keys
+    scale_read_rate: float = 2_000.0  # hot reads per second during the steady phase
+    scale_monitor_interval_s: float = 0.05
+    scale_peers: tuple[str, ...] = ("dogpile_fsbackend", "diskcache", "diskcache (LRU)")
+    scale_maintenance: bool = True  # prune/verify/clear rounds at the full size
+    # 7. deterministic counts (and the syscall column of workload 1)
+    counts_sizes: tuple[int, ...] = (100, 1024)
+    counts_raw_size: int = 16 * 1024
+    counts_strace_n: int = 1_000
+    counts_callgrind_n: int = 200
+    small_syscalls_n: int = 200
+    small_syscall_sizes: tuple[int, ...] = (100, 10 * 1024)
 
     def growth_cap(self, backend: str) -> int | None:
         return dict(self.growth_caps).get(backend)
@@ -95,6 +115,13 @@ QUICK = Params(
     tiered_batch=40,
     tiered_coherence_rounds=20,
     tiered_keys=6,
+    scale_entries=100_000,
+    scale_writes=6_000,
+    counts_sizes=(100,),
+    counts_strace_n=100,
+    counts_callgrind_n=30,
+    small_syscalls_n=100,
+    small_syscall_sizes=(100,),
 )
 
 
@@ -129,6 +156,15 @@ def rotated(items: Sequence[Any], shift: int) -> list[Any]:
         return []
     shift %= len(items)
     return [*items[shift:], *items[:shift]]
+
+
+def slug(name: str) -> str:
+    """``name`` fit for a directory name."""
+    return "".join(c if c.isalnum() else "-" for c in name)
+
+
+def size_label(size: int) -> str:
+    return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
 
 
 def dir_bytes(path: str) -> int:
@@ -230,6 +266,11 @@ class WorkloadResult:
     table: Table
     records: list[dict[str, Any]]
     seconds: float = 0.0
+    more_tables: list[Table] = dataclasses.field(default_factory=list)
+
+    @property
+    def tables(self) -> list[Table]:
+        return [self.table, *self.more_tables]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -238,6 +279,10 @@ class WorkloadResult:
             "records": self.records,
             "table": {"headers": self.table.headers, "rows": self.table.rows},
             "notes": self.table.notes,
+            "more_tables": [
+                {"title": t.title, "headers": t.headers, "rows": t.rows, "notes": t.notes}
+                for t in self.more_tables
+            ],
         }
 
 
