@@ -40,6 +40,7 @@ import logging
 import os
 import secrets
 import struct
+import time
 
 from . import files
 from .exceptions import BookkeepingError
@@ -55,6 +56,7 @@ _RECONCILED = struct.Struct("<d")
 _RECONCILED_OFFSET = 16
 _SHARD = struct.Struct("<qq")
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_ATTEMPTS = 8  # to find a well-formed file at the path (about 60 ms of waiting at most)
 
 
 class AccountingFile:
@@ -87,14 +89,17 @@ class AccountingFile:
 
     # -- counters (the caller holds the shard's lock for changes) -------------
 
-    def add(self, shard: int, size_delta: int, entries_delta: int) -> int:
-        """Adjust shard ``shard``; return the total bytes of all shards afterwards."""
+    def add(self, shard: int, size_delta: int, entries_delta: int) -> tuple[int, int]:
+        """Adjust shard ``shard``; return the totals of all shards afterwards (bytes, entries)."""
         table = self._read_table()
         at = 2 * shard
         size, entries = table[at] + size_delta, table[at + 1] + entries_delta
         os.pwrite(self._fd, _SHARD.pack(size, entries), HEADER_SIZE + _SHARD.size * shard)
         self._dirty = True
-        return max(0, sum(table[0::2]) - table[at] + size)
+        return (
+            max(0, sum(table[0::2]) - table[at] + size),
+            max(0, sum(table[1::2]) - table[at + 1] + entries),
+        )
 
     def set(self, shard: int, size: int, entries: int) -> None:
         """Overwrite shard ``shard`` with counted values."""
@@ -106,6 +111,11 @@ class AccountingFile:
         """(bytes, entries) over all shards, never negative."""
         values = self._read_table()
         return max(0, sum(values[0::2])), max(0, sum(values[1::2]))
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the file this process counts into now."""
+        return self._watch.identity
 
     @property
     def last_reconcile(self) -> float:
@@ -171,7 +181,9 @@ class AccountingFile:
 
     def _open(self) -> int:
         """A descriptor on a well-formed file at our path (published whole if missing)."""
-        for _ in range(3):  # another process may be replacing it meanwhile
+        for attempt in range(_OPEN_ATTEMPTS):  # another process may be replacing it meanwhile
+            if attempt > 1:  # or damaging it again and again: give the file time to settle
+                time.sleep(0.001 * 2 ** (attempt - 2))
             try:
                 fd = open_shared(self.path, self.mode, writable=self.writable, create=False)
             except FileNotFoundError:

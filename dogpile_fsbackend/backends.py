@@ -21,7 +21,7 @@ from dogpile.cache.api import (
     CantDeserializeException,
 )
 
-from . import layout, maintenance, rawfiles, records
+from . import eviction, layout, maintenance, rawfiles, records
 from .config import SETTING_NAMES, documented, parse_arguments
 from .exceptions import CacheSizeWarning
 from .lookups import LookupTracker, RecheckingMutex, ThreadMutexes
@@ -44,6 +44,7 @@ class _FSBackendBase(CacheBackend):
     def __init__(self, arguments: Mapping[str, Any]) -> None:
         self.settings = parse_arguments(arguments, self._accepted_arguments)
         self.store = Store(self.settings, self._kind)
+        self.evictor = eviction.Evictor(self.store)
         self._lookups = LookupTracker()
         self._thread_mutexes = ThreadMutexes()  # for distributed_lock=False
 
@@ -79,7 +80,8 @@ class _FSBackendBase(CacheBackend):
     # -- maintenance ----------------------------------------------------------
 
     def prune(self) -> maintenance.PruneResult:
-        """Remove expired entries, evict down to the limit, and reconcile the accounting."""
+        """Remove expired entries, evict down to the low-water mark if over a limit, and
+        recount the accounting."""
         return maintenance.prune(self.store)
 
     def verify(self) -> maintenance.ScanReport:
@@ -90,7 +92,7 @@ class _FSBackendBase(CacheBackend):
         """Remove every entry, safely while other processes use the cache."""
         return maintenance.clear(self.store)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | None]:
         """Shared size figures plus hits, misses, writes and evictions of this instance.
 
         A lookup counts once: a ``get_or_create`` (``cache_on_arguments``) call is
@@ -102,6 +104,7 @@ class _FSBackendBase(CacheBackend):
             "entries": entries,
             "bytes": size,
             "limit": self.settings.cache_size,
+            "entry_limit": self.settings.max_entries,
             "hits": self.store.hits,
             "misses": self.store.misses,
             "writes": self.store.writes,
@@ -116,7 +119,7 @@ class _FSBackendBase(CacheBackend):
 
         A write that still fails raises (``write_errors="raise"``) or is logged
         and counted, and the value is simply not cached (``"log"``).  After a
-        write that succeeded, the size limit is enforced.
+        write that succeeded, the limits are enforced (see eviction.py).
         """
         try:
             try:
@@ -131,12 +134,12 @@ class _FSBackendBase(CacheBackend):
             self.store.write_errors += 1
             log.warning("value for key %r was not cached: %s", key[:80], exc)
             return
-        maintenance.enforce_limit(self.store)
+        self.evictor.after_write()
 
     def _made_room(self, error: OSError) -> bool:
         """Evict one batch after ``error`` (a full disk); False if nothing could go."""
         try:
-            freed = maintenance.make_room(self.store).removed
+            freed = self.evictor.make_room()
         except OSError as exc:
             log.warning("could not evict after %s: %s", error, exc)
             return False

@@ -14,7 +14,6 @@ eviction scan learns both from one ``stat`` without reading any file.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import logging
@@ -22,7 +21,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from . import files, marker, records
 from . import layout as paths
@@ -30,10 +29,7 @@ from .accounting import AccountingFile
 from .config import Settings
 from .exceptions import ConfigError
 from .files import make_dir, open_shared
-from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, FileMutex, LockFile
-
-if TYPE_CHECKING:
-    from .maintenance import EntryInfo
+from .locking import SHARD_BASE_OFFSET, FileMutex, LockFile
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +86,10 @@ class Store:
         self.settings = settings
         self.kind = kind
         self.layout = paths.Layout(settings.base_dir, settings.shard_depth, settings.shard_width)
-        # The oldest entries of the last scan, in LRU order (see maintenance.py).
-        self.eviction_order: collections.deque[EntryInfo] = collections.deque()
         self._known_dirs: dict[str, tuple[int, int]] = {}  # checked directory -> (dev, inode)
         self.hits = self.misses = self.writes = self.evictions = self.write_errors = 0
-        self.last_total = 0  # total bytes as the last publish or discard left them
+        # Totals (bytes, entries) as the last publish or discard of this instance left them.
+        self.last_total = self.last_entries = 0
         self._warned: set[str] = set()  # paths already reported unreadable or foreign
         self._prepare_base_dir()
         self.writable = not is_read_only(settings.base_dir)
@@ -207,12 +202,6 @@ class Store:
 
     def shard_locked(self, shard: int) -> contextlib.AbstractContextManager[None]:
         return self.lock_file.held(("shard", shard), SHARD_BASE_OFFSET + shard)
-
-    def acquire_eviction_lock(self, wait: bool) -> bool:
-        return self.lock_file.acquire(("evict",), EVICTION_OFFSET, wait)
-
-    def release_eviction_lock(self) -> None:
-        self.lock_file.release(("evict",), EVICTION_OFFSET)
 
     # -- reading --------------------------------------------------------------
 
@@ -396,7 +385,9 @@ class Store:
             for old_path in old_data:
                 if old_path != data_path:
                     remove_quietly(old_path)
-            self.last_total = self.accounting.add(shard, size - old_size, 0 if existed else 1)
+            self.last_total, self.last_entries = self.accounting.add(
+                shard, size - old_size, 0 if existed else 1
+            )
         self.writes += 1
         self.check_bookkeeping()
 
@@ -425,7 +416,7 @@ class Store:
             size, existed, data = self._entry_files_locked(digest)
             for path in (entry_path, *data):
                 remove_quietly(path)
-            self.last_total = self.accounting.add(shard, -size, -existed)
+            self.last_total, self.last_entries = self.accounting.add(shard, -size, -existed)
         return size
 
     def _entry_files_locked(self, digest: str) -> tuple[int, int, list[str]]:
