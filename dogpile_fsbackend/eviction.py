@@ -1,55 +1,57 @@
 """Eviction on the write path: a few entries per write, never a scan of a big cache.
 
 Once a write takes the cache over ``cache_size`` (or ``max_entries``), the
-writing process *drains*: every write it makes evicts until the cache is
-under the limit again, then up to ``STEP_VICTIMS`` more least recently used
+writing process *drains*: each of its writes evicts until the cache is under
+the limit again, then up to ``STEP_VICTIMS`` more least recently used
 entries, until the cache is down to ``eviction_low_water`` of its limits.  So
-the work of one eviction "batch" is spread over the following writes, and no
-write does more than a bounded step (plus what it takes to get under the
-limit, which is proportional to what it wrote).  Processes share no eviction
-lock: ``Store.discard`` is safe to race (per-shard lock, inode and mtime
-checked), so two processes evicting at once cost a failed check, never a
-wrong eviction.
+the work of an eviction "batch" is spread over the following writes, and no
+write does more than a bounded step, plus what it takes to get under the
+limit (proportional to what it wrote).  Processes share no eviction lock:
+``Store.discard`` is safe to race (per-shard lock, inode and mtime checked),
+so two processes evicting at once cost a failed check, never a wrong
+eviction, and no writer ever waits for another.
 
-Where victims come from:
+Victims come from the *remembered order*: the least recently used entries of
+the last pass over the cache, oldest last, consumed by the following writes.
+It stays the true LRU order without a new pass: every entry it lacks was
+newer than all of it when the pass saw it, and stays so (times only move
+forward, and writes are newest), and an entry used since fails ``discard``'s
+check and is passed over.
 
-* **Up to ``EXACT_MAX`` entries: exact LRU.**  One pass over the cache
-  (``lstat`` only, no lock, at most ~30 ms) gives the true LRU order, kept in
-  memory and consumed by the following writes until it runs out.  It stays
-  true: every entry it lacks was written after the pass and is newer, and an
-  entry used since fails ``discard``'s check and is passed over.
-* **Above: sampled, in constant work per write.**  Each evicting write
-  ``lstat``s the next ``STEP_SCAN`` entries of an endless walk over the shard
-  tree (an open directory iterator, kept between writes).  Keys are hashed,
-  so each directory is a uniform sample of the cache: the ``QUANTILE``-quantile
-  of the last ``SAMPLES`` last-use times seen estimates the age of the cache's
-  oldest 2%, and only entries older than that (or expired) enter a bounded
-  pool of candidates, oldest first (Redis's approximated LRU keeps such a
-  pool).  Victims come from the pool's old end, so each is among the globally
-  least recently used; what true LRU would evict and this does not is
-  bounded by what the walk has not reached since it aged, about
-  ``entries / (2 * STEP_SCAN)`` entries per process.
+* **Up to ``EXACT_MAX`` entries**, a pass is one go over the cache (``lstat``
+  only, no lock, ~30 ms at most), remembering every entry.
+* **Above**, a pass is spread over the writes that evict: each ``lstat``s the
+  next few entries of an endless walk of the shard tree (an open directory
+  iterator, kept between writes) into a bounded heap of the ``REMEMBERED``
+  least recently used seen so far; when the walk has been round the whole
+  tree, the heap becomes the new remembered order.  Each write walks just
+  fast enough for the pass to end before the order in hand runs out at the
+  current eviction rate (``SCAN_MIN`` to ``SCAN_MAX`` entries): about
+  ``1.25 * entries * victims / REMEMBERED`` per write: 40 to 120 ``lstat``
+  calls at a million entries.  Were the order to run out first (a fresh process, or
+  a cache of tens of millions), victims come from the heap so far, but only
+  its oldest ``PARTIAL_SHARE`` of the entries seen: keys are hashed, so every
+  directory is a uniform sample of the cache, and the oldest 2% of a sample
+  are among the oldest of the whole cache.
 
-Every entry past ``expiration_time`` goes first, in both.  Memory is bounded:
-a pool of ``POOL_MAX`` compact tuples (``EXACT_MAX`` for an exact pass), an
-array of ``SAMPLES`` integers and one open directory.
+Entries past ``expiration_time`` go first.  Memory is bounded: two lists of
+at most ``REMEMBERED`` small tuples and one open directory.
 
-A writer also recounts the accounting when it is due (``reconcile_interval``,
-or a marked file), a shard or two per write (``RECOUNT_BUDGET`` files): never
-the whole cache in one request.
+A writer also recounts the accounting when a recount is due
+(``reconcile_interval``, or a file marked for one), a shard or two per write
+(``RECOUNT_BUDGET`` files): never the whole cache in one request.
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import logging
+import math
 import os
 import random
 import threading
 import time
 import weakref
-from array import array
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -60,28 +62,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXACT_MAX = 10_000  # entries: up to this many, a full pass gives the exact LRU order
-STEP_VICTIMS = 4  # entries a draining write evicts beyond what takes it under the limit
-STEP_SCAN = 192  # entries a write stats while evicting from a bigger cache
-QUANTILE = 0.02  # a sampled candidate must be among this oldest share of the entries seen
-SAMPLES = 4096  # last-use times the quantile is estimated from
-POOL_MAX = 1024  # sampled candidates kept
-HARD_SCAN = 16 * STEP_SCAN  # entries one write may stat to get the cache under its limit
+EXACT_MAX = 10_000  # entries: up to this many, a pass is made in one go
+STEP_VICTIMS = 2  # entries a draining write evicts beyond what takes it under the limit
+REMEMBERED = 32_768  # least recently used entries a pass remembers (a few MB)
+SCAN_MIN, SCAN_MAX = 16, 256  # entries an evicting write walks over in a bigger cache
+PARTIAL_SHARE = 0.02  # of the entries a pass has seen, the oldest that may go before it ends
+HARD_SCAN = 4096  # entries a write may walk over to find victims when over the limit
 ROOM_VICTIMS = 64  # entries a write that found the disk full evicts before its retry
 RECOUNT_BUDGET = 4096  # files a write recounts when a recount is due (one shard at least)
-_DIR_COST = 8  # a directory visited counts as this many files of work
-_PASSES = 3  # full passes one write may make when reads keep outdating their order
-_EXPIRY_RECHECK = 1.0  # seconds between re-judging remembered candidates for expiry
+_DIR_COST = 8  # a directory visited counts as this many entries of work
+_PASSES = 3  # passes one write may make over a small cache when reads outdate them
+_EXPIRY_RECHECK = 1.0  # seconds between re-judging the remembered order for expiry
 
-
-class Candidate(NamedTuple):
-    """An entry judged for eviction; the pool is sorted by ``rank``."""
-
-    rank: int  # -1 if it had expired (goes first), else its last use
-    used_ns: int  # the mtime judged: discard removes it only if it is still that
-    inode: int
-    digest: str
-    created_ns: int
+# A remembered entry: (-rank, used_ns, inode, digest bytes, created_ns), where rank is the
+# last use (ns), or -1 if it had expired (it goes first).  Kept as small as a tuple gets.
+Remembered = tuple[int, int, int, bytes, int]
 
 
 class _Recount(NamedTuple):
@@ -102,14 +97,17 @@ class Evictor:
         self._lock = threading.Lock()
         self._limits = maintenance.limits(store)
         self._draining = False
-        self._pool: list[Candidate] = []  # oldest first
-        self._exact = False  # the pool holds a full pass's order
+        self._order: list[Remembered] = []  # youngest first: pop() gives the oldest
+        self._order_whole = False  # it comes from a whole pass (not from part of one)
         self._expiry_checked = 0.0
-        self._walk: Iterator[tuple[str, os.stat_result] | None] | None = None
-        self._samples = array("q")  # a ring of recent last-use times
-        self._sample_at = 0
-        self._fresh_samples = 0
-        self._threshold: int | None = None
+        self._rate = 1.0  # entries taken from the order per evicting write (moving average)
+        # The pass in progress: the walk, the oldest entries it saw (a heap, youngest on
+        # top), the shards it has left, the entries seen, and those evicted meanwhile.
+        self._walk: Iterator[tuple[str, os.stat_result] | int | None] | None = None
+        self._heap: list[Remembered] = []
+        self._shards_left = store.layout.shard_count
+        self._seen = 0
+        self._gone: set[bytes] = set()
         self._recount: _Recount | None = None
         _LIVE.add(self)
 
@@ -162,147 +160,152 @@ class Evictor:
         return self.store.last_total <= target[0] and self.store.last_entries <= target[1]
 
     def _evict(self, target: tuple[int, float], cap: int, must: bool = False) -> int:
-        """Evict the least recently used entries until ``target`` is reached: at most ``cap``
-        while the cache is within its limits, as many as it takes while it is over them.
-        Returns how many went."""
+        """Evict the least recently used entries until ``target`` is reached: as many as it
+        takes to get the cache within its limits, then at most ``cap`` more.  Returns how
+        many went."""
         store = self.store
         (size, max_entries), _ = self._limits
-        sampled = store.last_entries > EXACT_MAX
-        if sampled:
-            self._exact = False
-            self._sample(STEP_SCAN, force=False)  # each write walks on: the pool stays fresh
+        small = store.last_entries <= EXACT_MAX
+        if small:
+            if not self._order_whole:
+                self._order.clear()  # part of a pass is not the exact order: make one
         else:
-            if not self._exact:  # sampled candidates are not the exact order: start over
-                self._pool.clear()
-            must = True  # a small cache: a full pass whenever the remembered order runs out
-        budget = [HARD_SCAN, _PASSES]  # entries left to stat, full passes left
-        victims = 0
+            self._walk_on(self._walk_size())
+        budget = [HARD_SCAN, _PASSES]  # entries left to walk, passes left, in this write
+        victims = extra = taken = 0  # extra: victims while within the limits
         while True:
             over = store.last_total > size or store.last_entries > max_entries
-            if self._under(target):  # expired entries at hand go all the same (they are misses)
-                if victims >= cap or not (self._pool and self._pool[0].rank < 0):
+            if self._under(target):  # expired entries at hand go all the same (misses)
+                if extra >= cap or not (self._order and self._order[-1][0] > 0):
                     break
-            elif victims >= cap and not over:
+            elif extra >= cap and not over:
                 break
-            candidate = self._take(sampled, must or over, budget)
-            if candidate is None:
+            entry = self._take(small, must or over, budget)
+            if entry is None:
                 break
-            freed = store.discard(candidate.digest, candidate.inode, candidate.used_ns)
-            if freed:
+            taken += 1
+            _, used_ns, inode, digest, _ = entry
+            if store.discard(digest.hex(), inode, used_ns):
                 victims += 1
-                store.evictions += candidate.rank >= 0  # expired entries are not evictions
+                extra += not over
+                store.evictions += entry[0] < 0  # expired entries are not evictions
+                self._gone.add(digest)
+        self._rate = 0.9 * self._rate + 0.1 * taken
         return victims
 
-    def _take(self, sampled: bool, must: bool, budget: list[int]) -> Candidate | None:
-        """The oldest candidate; a bounded refill when there is none and one is needed."""
-        while not self._pool:
-            if not must:
+    def _take(self, small: bool, must: bool, budget: list[int]) -> Remembered | None:
+        """The oldest entry remembered; when there is none, what is known of the pass in
+        progress, or (if a victim is needed) more of a pass, within ``budget``."""
+        while not self._order:
+            if self._heap and not small:  # part of a pass: only its oldest are surely old
+                part = sorted(e for e in self._heap if e[3] not in self._gone)
+                self._order = part[-max(1, int(PARTIAL_SHARE * self._seen)) :]
+                self._order_whole = False
+                if self._order:
+                    break
+            if not must and not small:
                 return None
-            if sampled:
-                if budget[0] <= 0:
-                    return None
-                budget[0] -= self._sample(STEP_SCAN, force=True)
-            else:
+            if small:
                 if budget[1] <= 0:
                     return None
                 budget[1] -= 1
-                if not self._full_pass():
-                    sampled = True  # more entries than the counters said: sample instead
+                self._whole_pass()
+            else:
+                if budget[0] <= 0:
+                    return None
+                budget[0] -= self._walk_on(SCAN_MAX)
+                if not self._heap:
+                    return None  # nothing to find: an empty cache
         self._recheck_expiry()
-        return self._pool.pop(0)
+        return self._order.pop()
 
     def _recheck_expiry(self) -> None:
-        """Move candidates that expired since they were judged to the front."""
+        """Move remembered entries that expired since they were judged to the front."""
         store = self.store
         now = time.time()
         if store.settings.expiration_time is None or now - self._expiry_checked < _EXPIRY_RECHECK:
             return
         self._expiry_checked = now
-        if any(c.rank >= 0 and store.is_expired(c.created_ns / 1e9, now) for c in self._pool):
-            self._pool = sorted(
-                c._replace(rank=-1) if store.is_expired(c.created_ns / 1e9, now) else c
-                for c in self._pool
-            )
+        limit = (now - store.settings.expiration_time) * 1e9  # created before this: expired
+        if any(e[0] < 0 < e[4] < limit for e in self._order):
+            self._order = sorted((1, *e[1:]) if 0 < e[4] < limit else e for e in self._order)
 
-    # -- where candidates come from ----------------------------------------------------
+    # -- passes over the cache -------------------------------------------------------
 
-    def _judge(self, digest: str, info: os.stat_result, now: float) -> Candidate:
-        expired = self.store.is_expired(info.st_atime_ns / 1e9, now)
-        used = info.st_mtime_ns
-        return Candidate(-1 if expired else used, used, info.st_ino, digest, info.st_atime_ns)
+    def _remembered(self, digest: str, info: os.stat_result, now: float) -> Remembered:
+        store = self.store
+        created = info.st_atime_ns if store.settings.expiration_time is not None else 0
+        rank = -1 if store.is_expired(info.st_atime_ns / 1e9, now) else info.st_mtime_ns
+        return (-rank, info.st_mtime_ns, info.st_ino, bytes.fromhex(digest), created)
 
-    def _full_pass(self) -> bool:
-        """Judge every entry (a small cache): the exact LRU order.  False if the cache
-        turned out too big for one."""
+    def _whole_pass(self) -> None:
+        """Judge every entry of a small cache at once: the exact LRU order."""
         store = self.store
         now = time.time()
-        pool: list[Candidate] = []
+        order: list[Remembered] = []
+        whole = True
         for shard in range(store.layout.shard_count):
             for directory in tree.leaf_dirs(store, shard)[0]:
                 for digest, info in tree.record_stats(store, directory):
-                    pool.append(self._judge(digest, info, now))
-                    if len(pool) > 2 * EXACT_MAX:
-                        return False
-        pool.sort()
-        self._pool = pool
-        self._exact = True
+                    order.append(self._remembered(digest, info, now))
+                whole = len(order) <= 2 * EXACT_MAX
+                if not whole:  # far more than the counters say: the oldest of those seen
+                    break
+            if not whole:
+                break
+        order.sort()
+        self._order, self._order_whole = order, whole
         self._expiry_checked = now
-        return True
 
-    def _sample(self, count: int, force: bool) -> int:
-        """Walk on over ``count`` entries' worth of work, admitting the old ones to the pool.
+    def _walk_size(self) -> int:
+        """Entries to walk in this write: enough for the pass to end before the order in
+        hand runs out at the current rate of eviction."""
+        if not self._order:
+            return SCAN_MAX
+        writes_left = len(self._order) / max(self._rate, 1.0)
+        work_left = max(0, self.store.last_entries - self._seen)
+        work_left += self._shards_left * _DIR_COST
+        return max(SCAN_MIN, min(SCAN_MAX, math.ceil(1.25 * work_left / writes_left)))
 
-        ``force`` (the cache is over its limit) admits the oldest seen even if
-        none is older than the threshold.  Returns the work done.
-        """
+    def _walk_on(self, count: int) -> int:
+        """Walk over ``count`` entries' worth of work into the pass's heap; the work done."""
+        store = self.store
         if self._walk is None:
-            shard = random.randrange(self.store.layout.shard_count)  # processes spread out
-            self._walk = _walk(self.store, shard)
-        found: list[tuple[str, os.stat_result]] = []
+            self._walk = _walk(store, random.randrange(store.layout.shard_count))
+        heap = self._heap
+        now = time.time()
         work = 0
         while work < count:
             try:
                 item = next(self._walk)
-            except BaseException:  # a walk that raised is finished: start a new one next time
+            except BaseException:  # a walk that raised is over: a new one next time
                 self._walk = None
                 raise
             if item is None:
                 work += _DIR_COST
-                continue
-            found.append(item)
-            work += 1
-        self._remember(info.st_mtime_ns for _, info in found)
-        now = time.time()
-        threshold = self._threshold
-        admitted = [
-            self._judge(digest, info, now)
-            for digest, info in found
-            if (threshold is not None and info.st_mtime_ns <= threshold)
-            or self.store.is_expired(info.st_atime_ns / 1e9, now)
-        ]
-        if force and not admitted and found:
-            digest, info = min(found, key=lambda item: item[1].st_mtime_ns)
-            admitted.append(self._judge(digest, info, now))
-        pool = self._pool
-        for candidate in admitted:
-            bisect.insort(pool, candidate)
-        del pool[POOL_MAX:]  # the youngest go
+            elif isinstance(item, int):
+                self._shards_left -= 1
+                if self._shards_left <= 0:
+                    self._end_pass()
+                    heap = self._heap
+            else:
+                work += 1
+                self._seen += 1
+                entry = self._remembered(*item, now)
+                if len(heap) < REMEMBERED:
+                    heapq.heappush(heap, entry)
+                elif entry > heap[0]:
+                    heapq.heapreplace(heap, entry)
         return work
 
-    def _remember(self, used: Iterator[int]) -> None:
-        """Add last-use times to the ring; re-estimate the threshold every quarter ring."""
-        samples = self._samples
-        for used_ns in used:
-            if len(samples) < SAMPLES:
-                samples.append(used_ns)
-            else:
-                samples[self._sample_at] = used_ns
-                self._sample_at = (self._sample_at + 1) % SAMPLES
-            self._fresh_samples += 1
-        if samples and (self._threshold is None or self._fresh_samples >= SAMPLES // 4):
-            self._fresh_samples = 0
-            rank = max(1, int(len(samples) * QUANTILE))
-            self._threshold = heapq.nsmallest(rank, samples)[-1]
+    def _end_pass(self) -> None:
+        """The walk has been round the tree: what it remembers is the order now."""
+        self._order = sorted(e for e in self._heap if e[3] not in self._gone)
+        self._order_whole = True
+        self._heap, self._gone = [], set()
+        self._shards_left = self.store.layout.shard_count
+        self._seen = 0
+        self._expiry_checked = time.time()
 
     # -- recounting, when due ---------------------------------------------------------
 
@@ -332,19 +335,18 @@ class Evictor:
         store.last_total, store.last_entries = store.totals()
 
 
-def _walk(store: Store, shard: int) -> Iterator[tuple[str, os.stat_result] | None]:
+def _walk(store: Store, shard: int) -> Iterator[tuple[str, os.stat_result] | int | None]:
     """Every record of the cache, shard after shard from ``shard``, round and round.
 
-    ``None`` after each directory, so that work is counted even in an empty cache.
+    ``None`` after each directory (work is counted even in an empty cache), and
+    the shard's number after each shard.
     """
     shards = store.layout.shard_count
     while True:
-        directories = tree.leaf_dirs(store, shard)[0]
-        for directory in directories:
+        for directory in tree.leaf_dirs(store, shard)[0]:
             yield from tree.record_stats(store, directory)
             yield None
-        if not directories:
-            yield None
+        yield shard
         shard = (shard + 1) % shards
 
 
