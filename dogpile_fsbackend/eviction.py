@@ -102,7 +102,7 @@ class Evictor:
         self._expiry_checked = 0.0
         self._rate = 1.0  # entries taken from the order per evicting write (moving average)
         # The pass in progress: the walk, the oldest entries it saw (a heap, youngest on
-        # top), the shards it has left, the entries seen, and those evicted meanwhile.
+        # top), the shards it has left, the entries seen, and those tried meanwhile.
         self._walk: Iterator[tuple[str, os.stat_result] | int | None] | None = None
         self._heap: list[Remembered] = []
         self._shards_left = store.layout.shard_count
@@ -185,11 +185,11 @@ class Evictor:
                 break
             taken += 1
             _, used_ns, inode, digest, _ = entry
+            self._gone.add(digest)  # tried: no longer a candidate of the pass in progress
             if store.discard(digest.hex(), inode, used_ns):
                 victims += 1
                 extra += not over
                 store.evictions += entry[0] < 0  # expired entries are not evictions
-                self._gone.add(digest)
         self._rate = 0.9 * self._rate + 0.1 * taken
         return victims
 
