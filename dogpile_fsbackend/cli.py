@@ -112,8 +112,6 @@ def _stats(store: Store, args: argparse.Namespace, progress: Progress | None) ->
         limit = f"{_size(args.cache_size)}, {100 * size / args.cache_size:.0f}% used"
     else:
         limit = "not given (pass --cache-size to compare)"
-    if args.max_entries:
-        limit += f"; {args.max_entries} entries, {100 * entries / args.max_entries:.0f}% used"
     recounted = _moment(reconciled) if reconciled else "never (prune or verify recounts)"
     times, problem = read_times(store.settings.base_dir)
     data.update(_invalidation_data(times, problem))
@@ -123,6 +121,11 @@ def _stats(store: Store, args: argparse.Namespace, progress: Progress | None) ->
             f"entries     {entries}",
             f"size        {_size(size)} ({size} bytes)",
             f"limit       {limit}",
+            *(
+                [f"entry limit {args.max_entries}, {100 * entries / args.max_entries:.0f}% used"]
+                if args.max_entries
+                else []
+            ),
             f"recounted   {recounted}",
             f"invalidated {_invalidation_text(times, problem)}",
         )

@@ -45,6 +45,7 @@ A writer also recounts the accounting when a recount is due
 from __future__ import annotations
 
 import heapq
+import inspect
 import logging
 import math
 import os
@@ -52,7 +53,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import maintenance, tree
@@ -103,7 +104,7 @@ class Evictor:
         self._rate = 1.0  # entries taken from the order per evicting write (moving average)
         # The pass in progress: the walk, the oldest entries it saw (a heap, youngest on
         # top), the shards it has left, the entries seen, and those tried meanwhile.
-        self._walk: Iterator[tuple[str, os.stat_result] | int | None] | None = None
+        self._walk: _Walk | None = None
         self._heap: list[Remembered] = []
         self._shards_left = store.layout.shard_count
         self._seen = 0
@@ -113,7 +114,11 @@ class Evictor:
 
     def _reset_after_fork(self) -> None:
         self._lock = threading.Lock()  # another thread of the parent may have held it
-        self._walk = None  # closing the walk closes the child's copy of its directory
+        # Dropping the walk closes the child's copy of its directory, unless a thread of
+        # the parent was inside it at fork(): such a walk cannot be closed, so it is kept.
+        walk, self._walk = self._walk, None
+        if walk is not None and inspect.getgeneratorstate(walk) == inspect.GEN_RUNNING:
+            _ABANDONED.append(walk)
 
     # -- the write path -------------------------------------------------------------
 
@@ -335,7 +340,10 @@ class Evictor:
         store.last_total, store.last_entries = store.totals()
 
 
-def _walk(store: Store, shard: int) -> Iterator[tuple[str, os.stat_result] | int | None]:
+_Walk = Generator[tuple[str, os.stat_result] | int | None, None, None]
+
+
+def _walk(store: Store, shard: int) -> _Walk:
     """Every record of the cache, shard after shard from ``shard``, round and round.
 
     ``None`` after each directory (work is counted even in an empty cache), and
@@ -351,6 +359,7 @@ def _walk(store: Store, shard: int) -> Iterator[tuple[str, os.stat_result] | int
 
 
 _LIVE: weakref.WeakSet[Evictor] = weakref.WeakSet()
+_ABANDONED: list[_Walk] = []  # walks a forked child inherited mid-step (one fd each, rare)
 
 
 def _reset_all_after_fork() -> None:

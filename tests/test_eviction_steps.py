@@ -287,3 +287,28 @@ def test_many_backends_that_evicted_leave_no_descriptor_behind(cache_dir, monkey
         del backend
     gc.collect()
     assert faultkit.fd_count() == before
+
+
+# -- prune: a global cut without a list of all entries ------------------------------------
+
+
+def test_prune_cuts_in_true_lru_order_from_a_histogram(cache_dir):
+    """prune finds where to cut in a histogram of last use (constant memory) and evicts
+    what is older in a second pass: exactly the least recently used entries go."""
+    filler = _backend(cache_dir)
+    keys = [f"k{rank:04d}" for rank in range(3000)]
+    for key in keys:
+        filler.set_serialized(key, b"v" * 100)
+    _age_in_order(filler, keys)
+    size = filler.stats()["bytes"]
+    small = _backend(cache_dir, cache_size=size // 2, max_entries=2000)
+    passes = []
+    result = maintenance.prune(small.store, progress=passes.append)
+    assert len(passes) == maintenance.PRUNE_PASSES * small.store.layout.shard_count
+    kept = [key for key in keys if _present(filler, key)]
+    assert kept == keys[len(keys) - len(kept) :]  # the newest stayed, the oldest went
+    assert (result.removed, result.expired) == (len(keys) - len(kept), 0)
+    stats = small.stats()
+    assert stats["bytes"] <= size // 2 * 0.9 and stats["entries"] <= 1800
+    assert stats["bytes"] > size // 2 * 0.9 - 200  # no more than needed (an entry is ~140 B)
+    assert stats["evictions"] == result.removed
