@@ -27,10 +27,12 @@ from common import (
     WorkloadResult,
     fmt_num,
     fmt_ratio,
+    generate_file,
     median,
     ratio,
     read_status_kib,
     rotated,
+    size_label,
 )
 from dogpile.cache import make_region
 from dogpile.cache.region import CacheRegion
@@ -160,22 +162,13 @@ def _child(op: str, backend: str, source: str, size: int, workdir: str, results:
         results.put({"error": traceback.format_exc()})
 
 
-def _generate(path: str, size: int) -> None:
-    with open(path, "wb") as out:
-        left = size
-        while left:
-            block = os.urandom(min(left, 4 * MiB))
-            out.write(block)
-            left -= len(block)
-
-
 def big_files(params: Params, workdir: str) -> WorkloadResult:
     ctx = multiprocessing.get_context("spawn")
     results: dict[tuple[int, str, str], list[dict[str, Any]]] = defaultdict(list)
     serial = 0
     for size in params.raw_sizes:
         source = os.path.join(workdir, f"source-{size}")
-        _generate(source, size)
+        generate_file(source, size)
         for repeat in range(params.raw_repeats):
             for op, backend in rotated(CASES, repeat * 4):
                 serial += 1
@@ -210,7 +203,7 @@ def big_files(params: Params, workdir: str) -> WorkloadResult:
     )
     records: list[dict[str, Any]] = []
     for size in params.raw_sizes:
-        label = f"{size / 2**30:g} GiB" if size >= 2**30 else f"{size // MiB} MiB"
+        label = size_label(size)
         for op in (MOVE, COPY, READ):
             ours = min(r["seconds"] for r in results[size, op, OURS])
             for case_op, backend in CASES:

@@ -65,7 +65,13 @@ class Params:
     tiered_processes: int = 3
     tiered_keys: int = 30
     tiered_creator_ms: float = 20.0
-    # 6. scale: a million entries at the limit, several writers evicting
+    # 8. large files across hosts (raw_tiered, on local S3 and Redis servers)
+    rawtiered_sizes: tuple[int, ...] = (64 * MiB, GiB)
+    rawtiered_repeats: int = 3
+    # 9. listing and deleting keys
+    listing_entries: int = 1_000_000
+    listing_repeats: int = 3
+    # 10. scale: a million entries at the limit, several writers evicting
     scale_entries: int = 1_000_000
     scale_value_size: int = 100
     scale_fill_processes: int = 2
@@ -78,7 +84,7 @@ class Params:
     scale_monitor_interval_s: float = 0.05
     scale_peers: tuple[str, ...] = ("dogpile_fsbackend", "diskcache", "diskcache (LRU)")
     scale_maintenance: bool = True  # prune/verify/clear rounds at the full size
-    # 7. deterministic counts (and the syscall column of workload 1)
+    # 11. deterministic counts (and the syscall column of workload 1)
     counts_sizes: tuple[int, ...] = (100, 1024)
     counts_raw_size: int = 16 * 1024
     counts_strace_n: int = 1_000
@@ -115,6 +121,10 @@ QUICK = Params(
     tiered_batch=40,
     tiered_coherence_rounds=20,
     tiered_keys=6,
+    rawtiered_sizes=(8 * MiB, 32 * MiB),
+    rawtiered_repeats=1,
+    listing_entries=20_000,
+    listing_repeats=2,
     scale_entries=100_000,
     scale_writes=6_000,
     counts_sizes=(100,),
@@ -163,7 +173,22 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name)
 
 
+def generate_file(path: str, size: int) -> None:
+    """A file of ``size`` random bytes (incompressible, so no layer can cheat on it)."""
+    with open(path, "wb") as out:
+        left = size
+        while left:
+            block = os.urandom(min(left, 4 * MiB))
+            out.write(block)
+            left -= len(block)
+
+
 def size_label(size: int) -> str:
+    """``"100 B"``, ``"10 KiB"``, ``"64 MiB"``, ``"1 GiB"``: how the tables name a size."""
+    if size >= GiB:
+        return f"{size / GiB:g} GiB"
+    if size >= MiB:
+        return f"{size // MiB} MiB"
     return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
 
 

@@ -1,4 +1,4 @@
-"""Workload 9: syscalls and instructions per operation, and the syscall counts of workload 1.
+"""Workload 11: syscalls and instructions per operation, and the syscall counts of workload 1.
 
 Both counts come from child processes that run one operation N times (see
 opcases.py), so that only the operation is counted:
@@ -161,7 +161,7 @@ def counts(params: Params, workdir: str) -> WorkloadResult:
     syscalls = count_syscalls(cases, params.counts_strace_n, workdir)
     instructions = count_instructions(cases, params.counts_callgrind_n, workdir)
     table = Table(
-        "Workload 9: syscalls and user-space instructions per operation (strace, callgrind)",
+        "Workload 11: syscalls and user-space instructions per operation (strace, callgrind)",
         ["case", "backend", "syscalls/op", "instructions/op", "ours/peer (instr.)", "syscalls"],
     )
     records: list[dict[str, Any]] = []

@@ -158,7 +158,7 @@ def _hot_path_times(small: WorkloadResult | None) -> list[Target]:
 
 
 def _scale_targets(scale: WorkloadResult | None) -> list[Target]:
-    """Issue 11's goals, from workload 8 (ours)."""
+    """Issue 11's goals, from workload 10 (ours)."""
     ours = _find(scale.records, backend=OURS) if scale else None
     if ours is None:
         return []
@@ -232,7 +232,7 @@ _COUNT_GOALS = (  # issue 12: (op, level, goal, instructions or syscalls)
 
 
 def _count_targets(counted: WorkloadResult | None) -> list[Target]:
-    """Issue 12's deterministic goals, from workload 9 (ours, every size measured)."""
+    """Issue 12's deterministic goals, from workload 11 (ours, every size measured)."""
     if counted is None:
         return []
     found = []

@@ -16,10 +16,10 @@ the peer's time (below 1: dogpile_fsbackend is faster).  The same numbers go to
 cost against entry count in ``set_cost.png``.  Nothing is asserted: the exit
 status only says whether the benchmark itself ran.
 
-Workload 8 (scale, scale.py) fills each backend with a million 100-byte
+Workload 10 (scale, scale.py) fills each backend with a million 100-byte
 entries from several processes, sets its limit to exactly that size and runs
 two evicting writers, a hot reader and a limit monitor at once: it needs about
-6 GiB and 1.1 million inodes free under ``--tmp``.  Workload 9 (counts,
+6 GiB and 1.1 million inodes free under ``--tmp``.  Workload 11 (counts,
 counts.py) and the syscalls/op column of workload 1 run each operation N times
 in a child under ``strace -f -c`` and ``valgrind --tool=callgrind``; without
 those tools (CI does not install them) the counts are skipped with a note.
@@ -44,6 +44,8 @@ from typing import Any
 
 import bigfiles
 import counts
+import listing
+import rawtiered
 import report
 import scale
 import shared_invalidation
@@ -64,8 +66,10 @@ WORKLOADS: list[tuple[str, str, Callable[[Params, str], WorkloadResult]]] = [
     ("5", "eviction", workloads.eviction),
     ("6", "invalidation", shared_invalidation.shared_invalidation),
     ("7", "tiered", tiered.tiered),
-    ("8", "scale", scale.scale),
-    ("9", "counts", counts.counts),
+    ("8", "raw_tiered", rawtiered.raw_tiered),
+    ("9", "listing", listing.listing),
+    ("10", "scale", scale.scale),
+    ("11", "counts", counts.counts),
 ]
 
 
@@ -84,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         help="workloads to run, by number or name (small, growth, dogpile, raw, eviction, "
-        "invalidation, tiered, scale, counts); "
+        "invalidation, tiered, raw_tiered, listing, scale, counts); "
         "comma-separated or repeated",
     )
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""Workload 8: a million small entries at the size limit, evicted by several writers at once.
+"""Workload 10: a million small entries at the size limit, evicted by several writers at once.
 
 For each backend (ours, and diskcache at the same size beside it), in spawned
 processes released together by a barrier:

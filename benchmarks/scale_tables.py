@@ -1,4 +1,4 @@
-"""The tables of the scale workload (workload 8), built from its records."""
+"""The tables of the scale workload (workload 10), built from its records."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _entry_bytes(records: list[dict[str, Any]]) -> str:
 def tables(params: Params, records: list[dict[str, Any]]) -> tuple[Table, Table, Table]:
     entries, writers = params.scale_entries, params.scale_writers
     title = (
-        f"Workload 8: {entries:,} entries of {params.scale_value_size} B at the size limit, "
+        f"Workload 10: {entries:,} entries of {params.scale_value_size} B at the size limit, "
         f"{writers} writers evicting"
     )
     latency = Table(

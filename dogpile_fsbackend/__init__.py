@@ -17,12 +17,14 @@ from .exceptions import (
     FSBackendError,
     MissingExtraError,
     NotACacheError,
+    ReadOnlyError,
     RemoteConfigWarning,
     RemoteError,
 )
 from .invalidation import SharedInvalidation
 from .maintenance import PruneResult, ScanReport
 from .rawfiles import CachedFile, CachedFileReader
+from .rawtiered import RawTieredBackend
 from .tiered import TieredBackend, TieredProxy
 from .wsgi import CacheFileApp, mount
 
@@ -40,6 +42,8 @@ __all__ = [
     "PickleFSBackend",
     "PruneResult",
     "RawFSBackend",
+    "RawTieredBackend",
+    "ReadOnlyError",
     "RemoteConfigWarning",
     "RemoteError",
     "ScanReport",

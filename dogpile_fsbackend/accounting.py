@@ -165,8 +165,10 @@ class AccountingFile:
 
     def check_identity(self) -> None:
         """Move to the file now at our path if ours was deleted or replaced."""
+        if not self.writable:
+            return  # a read-only cache changes nothing, not even the file's timestamps
         dirty, self._dirty = self._dirty, False
-        if self._watch.still_current(self._fd) or not self.writable:
+        if self._watch.still_current(self._fd):
             return
         try:
             self._switch_to(self._open())

@@ -9,7 +9,7 @@ import pickle
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dogpile.cache.api import (
@@ -21,7 +21,7 @@ from dogpile.cache.api import (
     CantDeserializeException,
 )
 
-from . import eviction, layout, maintenance, rawfiles, records
+from . import eviction, layout, listing, maintenance, rawfiles, records
 from .config import SETTING_NAMES, documented, parse_arguments
 from .exceptions import CacheSizeWarning
 from .lookups import LookupTracker, RecheckingMutex, ThreadMutexes
@@ -63,33 +63,77 @@ class _FSBackendBase(CacheBackend):
 
     def get_mutex(self, key: str) -> RecheckingMutex:
         """The key's mutex: across processes (a byte of the lock file), or among this
-        process's threads only with ``distributed_lock=False``."""
-        if self.settings.distributed_lock:
-            mutex: CacheMutex = self.store.key_mutex(_key_bytes(key))
+        process's threads only with ``distributed_lock=False`` or on a read-only cache
+        (which may not lock its lock file, and stores nothing another process could use)."""
+        key_bytes = checked_key(key)
+        if self.settings.distributed_lock and self.store.writable:
+            mutex: CacheMutex = self.store.key_mutex(key_bytes)
         else:
             mutex = self._thread_mutexes.get(key)
+        return self.rechecking(mutex, key)
+
+    def rechecking(self, mutex: CacheMutex, key: str) -> RecheckingMutex:
+        """``mutex`` (this backend's own, or one a tier above uses in its place) made to
+        count dogpile's look again under it as part of the same lookup (lookups.py)."""
         return RecheckingMutex(mutex, self._lookups, key)
 
     def delete(self, key: str) -> None:
-        self.store.delete(_digest(key))
+        digest = _digest(key)
+        self.store.check_writable(f"delete key {key[:80]!r}")
+        self.store.delete(digest)
 
     def delete_multi(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.delete(key)
 
+    # -- listing --------------------------------------------------------------
+
+    def keys(self, prefix: str | None = None) -> Iterator[str]:
+        """The keys of the live entries (those starting with ``prefix``), as stored.
+
+        An iterator in constant memory: it reads one shard directory at a time,
+        in no particular order.  It changes nothing (no recency, no removal)
+        and leaves out damaged, foreign and expired entries.  The keys are
+        those the backend was given: after a region's ``key_mangler``, if any.
+        Entries written or removed while it runs may or may not be listed.
+        """
+        encoded = b"" if prefix is None else _prefix_bytes(prefix)
+        return (entry.key for entry in listing.entries(self.store, encoded))
+
+    def delete_matching(self, prefix: str) -> int:
+        """Remove every live entry whose key starts with ``prefix``; the number removed.
+
+        Safe while other processes use the cache: each entry is removed under
+        its shard's lock for a moment, and only if it is still the file that
+        was judged, so a value written meanwhile stays.  ``prefix`` is matched
+        against the stored keys (see :meth:`keys`) and must not be empty: to
+        remove everything, use :meth:`clear`.
+        """
+        encoded = _prefix_bytes(prefix)
+        if not encoded:
+            raise ValueError(
+                "delete_matching() needs a non-empty prefix (an empty one matches every "
+                "key); to remove every entry, use clear()"
+            )
+        self.store.check_writable(f"delete the keys starting with {prefix[:80]!r}")
+        return listing.delete_matching(self.store, encoded).removed
+
     # -- maintenance ----------------------------------------------------------
 
     def prune(self) -> maintenance.PruneResult:
         """Remove expired entries, evict down to the low-water mark if over a limit, and
-        recount the accounting."""
+        reconcile the accounting."""
+        self.store.check_writable("prune")
         return maintenance.prune(self.store)
 
     def verify(self) -> maintenance.ScanReport:
         """Check every entry, remove damaged ones and fix the accounting."""
+        self.store.check_writable("verify")  # it repairs what it finds
         return maintenance.verify(self.store)
 
     def clear(self) -> maintenance.PruneResult:
         """Remove every entry, safely while other processes use the cache."""
+        self.store.check_writable("clear")
         return maintenance.clear(self.store)
 
     def stats(self) -> dict[str, int | None]:
@@ -114,12 +158,34 @@ class _FSBackendBase(CacheBackend):
 
     # -- shared write path ----------------------------------------------------
 
+    def _refuse_set(self, key: str) -> None:
+        """A set on a read-only cache.
+
+        dogpile's ``get_or_create`` stores the value it created while it holds
+        the key's mutex: that set is skipped, so a miss still returns its value
+        (uncached).  Any other set raises ReadOnlyError, or with
+        ``write_errors="log"`` is logged and counted.
+        """
+        if self._thread_mutexes.is_held(key):
+            log.debug("read-only cache: the value created for key %r is not stored", key[:80])
+            return
+
+        def refuse() -> None:
+            raise self.store.read_only_error(f"store key {key[:80]!r}")
+
+        self._write(key, refuse, retry=False)
+
     def _write(self, key: str, attempt: Callable[[], None], retry: bool = True) -> None:
+        """Run one write (see ``_attempt``); after one that succeeded, enforce the limits
+        (a bounded step, see eviction.py)."""
+        if self._attempt(key, attempt, retry):
+            self.evictor.after_write()
+
+    def _attempt(self, key: str, attempt: Callable[[], None], retry: bool = True) -> bool:
         """Run one write; when the disk is full, evict a batch and try once more.
 
         A write that still fails raises (``write_errors="raise"``) or is logged
-        and counted, and the value is simply not cached (``"log"``).  After a
-        write that succeeded, the limits are enforced (see eviction.py).
+        and counted, and the value is simply not cached (``"log"``: False).
         """
         try:
             try:
@@ -133,8 +199,8 @@ class _FSBackendBase(CacheBackend):
                 raise
             self.store.write_errors += 1
             log.warning("value for key %r was not cached: %s", key[:80], exc)
-            return
-        self.evictor.after_write()
+            return False
+        return True
 
     def _made_room(self, error: OSError) -> bool:
         """Evict one batch after ``error`` (a full disk); False if nothing could go."""
@@ -161,9 +227,14 @@ class _FSBackendBase(CacheBackend):
             f"eviction_low_water ({self.settings.cache_size} x "
             f"{self.settings.eviction_low_water} = {room} bytes) and was not cached"
         )
-        self.store.delete(_digest(key))  # the key's old value must not outlive this set
         log.warning(message)
         warnings.warn(message, CacheSizeWarning, stacklevel=4)
+        # The key's old value must not outlive this set; where it cannot go (a read-only
+        # cache), that refused write follows write_errors like any other.
+        if self.store.writable:
+            self._attempt(key, lambda: self.store.delete(_digest(key)), retry=False)
+        else:
+            self._refuse_set(key)
         return False
 
     def room(self) -> int:
@@ -181,7 +252,8 @@ class _FSBackendBase(CacheBackend):
             self.store.misses += 1
 
 
-def _key_bytes(key: str) -> bytes:
+def checked_key(key: str) -> bytes:
+    """The bytes that identify ``key``; TypeError (saying what to do) unless it is a str."""
     if not isinstance(key, str):
         raise TypeError(
             f"dogpile_fsbackend keys must be str, got {type(key).__name__}: {key!r:.80} "
@@ -190,8 +262,16 @@ def _key_bytes(key: str) -> bytes:
     return layout.encode_key(key)
 
 
+def _prefix_bytes(prefix: str) -> bytes:
+    if not isinstance(prefix, str):
+        raise TypeError(
+            f"a key prefix must be str, like the keys; got {type(prefix).__name__}: {prefix!r:.80}"
+        )
+    return layout.encode_key(prefix)
+
+
 def _digest(key: str) -> str:
-    return layout.key_digest(_key_bytes(key))
+    return layout.key_digest(checked_key(key))
 
 
 def _unpickle(data: bytes) -> Any:
@@ -232,26 +312,33 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         found = self.get_serialized_stamped(key)
         return found[0] if found is not NO_VALUE else NO_VALUE
 
-    def get_serialized_stamped(self, key: str) -> tuple[bytes, float] | NoValueType:
+    def get_serialized_stamped(
+        self, key: str, count: bool = True
+    ) -> tuple[bytes, float] | NoValueType:
         """Like :meth:`get_serialized`, plus when this cache stored the bytes.
 
         A tier above this cache (``dogpile_fsbackend.tiered``) judges whether
-        it may still trust a local copy by that time.
+        it may still trust a local copy by that time; with ``count=False`` it
+        looks at a copy without that look counting as a hit or a miss.
         """
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         found = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
-        self._count(key, found is not None)
-        return (found.record.payload, found.record.created) if found else NO_VALUE
+        if count:
+            self._count(key, found is not None)
+        return (found.record.payload, found.created) if found else NO_VALUE
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]
 
     def set_serialized(self, key: str, value: bytes) -> None:
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
         created = time.time()
         data = records.encode(records.KIND_PICKLED, key_bytes, value, created)
         if not self._fits(key, len(data)):
+            return
+        if not self.store.writable:
+            self._refuse_set(key)
             return
         self._write(key, lambda: self.store.write_and_publish(digest, data))
 
@@ -290,7 +377,7 @@ class RawFSBackend(_FSBackendBase):
     _accepted_arguments = SETTING_NAMES
 
     def get(self, key: str) -> CachedValue | Any:
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
         value = self._open(digest, key_bytes)
         self._count(key, value is not NO_VALUE)
@@ -317,10 +404,12 @@ class RawFSBackend(_FSBackendBase):
         try:
             meta = records.RawMeta.from_bytes(record.payload)
             data_path = f"{self.store.layout.entry_path(digest)}.{meta.token}"
-            reader = rawfiles.open_cached(data_path, meta, record.created)
+            reader = rawfiles.open_cached(
+                data_path, meta, found.created, quiet=not self.store.writable
+            )
         except (records.DamagedRecord, FileNotFoundError):
             # Only the file we read: a no-op if a writer replaced (or a reader used) it since.
-            self.store.discard(digest, found.inode, found.used_ns)
+            self.store.discard_unusable(digest, found.inode, found.used_ns)
             return NO_VALUE
         if meta.metadata is None:
             return reader
@@ -334,7 +423,10 @@ class RawFSBackend(_FSBackendBase):
         if isinstance(value, CachedValue):
             value, metadata = value.payload, value.metadata
         fileobj, filename, content_type = rawfiles.unwrap(value)
-        key_bytes = _key_bytes(key)
+        key_bytes = checked_key(key)
+        if not self.store.writable:
+            self._refuse_set(key)
+            return
         digest = layout.key_digest(key_bytes)
         created = time.time()
 
@@ -386,6 +478,65 @@ class RawFSBackend(_FSBackendBase):
     def set_multi(self, mapping: Mapping[str, Any]) -> None:
         for key, value in mapping.items():
             self.set(key, value)
+
+    # -- for a tier above this cache (rawtiered.py) ---------------------------
+
+    def peek(self, key: str) -> CachedValue | Any:
+        """Like :meth:`get`, but not counted as a lookup (a tier reading back what it stored).
+
+        A hit still counts as a use for LRU eviction.
+        """
+        key_bytes = checked_key(key)
+        return self._open(layout.key_digest(key_bytes), key_bytes)
+
+    def set_incoming(
+        self, key: str, meta: records.RawMeta, created: float, fill: Callable[[int], None]
+    ) -> CachedValue | Any:
+        """Make the bytes that ``fill(fd)`` writes the entry of ``key``, described by ``meta``.
+
+        For bytes that arrive from elsewhere (another host's entry, from a
+        bucket): ``fill`` writes them to the descriptor of a fresh temp file in
+        the entry's own directory, which is then published like any raw write
+        (a rename: never a second copy), keeping ``meta``'s token, position,
+        metadata, file name and content type and ``created`` as the entry's
+        time.  A write of another length than ``meta.size`` raises ValueError
+        and publishes nothing; so does whatever ``fill`` raises.  Returns the
+        new entry as :meth:`peek` would, or NO_VALUE when it was not stored (a
+        value too big for this cache, or a failed write with
+        ``write_errors="log"``).
+        """
+        key_bytes = checked_key(key)
+        digest = layout.key_digest(key_bytes)
+        record = records.encode(records.KIND_RAW, key_bytes, meta.to_bytes(), created)
+        if not self._fits(key, meta.size + len(record)):
+            return NO_VALUE
+        stored = False
+
+        def attempt() -> None:
+            nonlocal stored
+            data_fd, data_temp = self.store.open_temp(digest)
+            record_temp = None
+            try:
+                try:
+                    fill(data_fd)
+                    written = os.fstat(data_fd).st_size
+                    self.store.sync_if_asked(data_fd)
+                finally:
+                    os.close(data_fd)
+                if written != meta.size:
+                    raise ValueError(f"{written} bytes arrived for an entry of {meta.size}")
+                record_temp = self.store.write_temp(digest, record)
+                self.store.publish(
+                    digest, record_temp, meta.size + len(record), data_temp, meta.token
+                )
+                stored = True
+            except BaseException:
+                remove_quietly(data_temp)
+                remove_quietly(record_temp)
+                raise
+
+        self._write(key, attempt, retry=False)  # the bytes arrive once: nothing to re-read
+        return self._open(digest, key_bytes) if stored else NO_VALUE
 
 
 for _backend in (PickleFSBackend, RawFSBackend):

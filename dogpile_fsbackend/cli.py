@@ -1,10 +1,15 @@
 """Command line for operators and cron: ``python -m dogpile_fsbackend COMMAND DIR``.
 
-``stats`` reads the shared counters (no scan); ``prune``, ``verify`` and
-``clear`` scan the cache shard by shard and are safe while applications keep
-using it.  The limits and expiration time are application settings that the
-cache directory does not record, so ``prune`` only evicts for size, count or
-age when given ``--cache-size``, ``--max-entries`` or ``--expiration-time``;
+``stats`` reads the shared counters (no scan); ``prune``, ``verify``,
+``clear`` and ``delete`` scan the cache shard by shard and are safe while
+applications keep using it.  ``keys`` lists the stored keys as a stream, in
+constant memory.  ``keys`` and every ``--dry-run`` open the cache read-only:
+they create and change nothing, so they work on a read-only mount and as a
+user who may only read the cache.
+
+The limits and expiration time are application settings that the cache
+directory does not record, so ``prune`` only evicts for size, count or age
+when given ``--cache-size``, ``--max-entries`` or ``--expiration-time``;
 without them it removes damaged and abandoned files and recounts the
 accounting.  Ctrl-Z (SIGTSTP) stops a scan between two shards, holding no
 lock, so nobody waits for it while it is stopped.
@@ -30,11 +35,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
-from . import __version__, maintenance, marker
+from . import __version__, listing, maintenance, marker
 from .config import Settings, parse_count, parse_seconds, parse_size
 from .exceptions import BookkeepingError, ConfigError, FSBackendError, NotACacheError
 from .invalidation import InvalidationTimes, SharedInvalidation, read_times
-from .layout import INVALIDATION_NAME, MARKER_NAME
+from .layout import INVALIDATION_NAME, MARKER_NAME, encode_key
 from .maintenance import Progress
 from .marker import KIND_NAMES
 from .store import Store
@@ -42,6 +47,7 @@ from .store import Store
 PROG = "dogpile-fsbackend"
 EXIT_ERROR = 1
 EXIT_NOT_A_CACHE = 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE (128 + 13)
 _NO_LIMIT = sys.maxsize  # prune without --cache-size never evicts for size
 
 # (json-ready result, human-readable text) of one command run on an open cache.
@@ -53,6 +59,7 @@ def open_cache(
     cache_size: int | None = None,
     expiration_time: float | None = None,
     max_entries: int | None = None,
+    read_only: bool = False,
 ) -> Store:
     """The Store of an existing cache directory, laid out as its marker says.
 
@@ -88,6 +95,7 @@ def open_cache(
         shard_depth=found.shard_depth,
         shard_width=found.shard_width,
         lock_slots=found.lock_slots,
+        read_only=read_only,
     )
     return Store(settings, found.kind)
 
@@ -199,6 +207,39 @@ def _clear(store: Store, args: argparse.Namespace, progress: Progress | None) ->
     return data, text
 
 
+def _delete(store: Store, args: argparse.Namespace, progress: Progress | None) -> Outcome:
+    directory, prefix = store.settings.base_dir, args.prefix
+    if args.dry_run:
+        entries = bytes_ = 0
+        for entry in listing.entries(store, encode_key(prefix), progress, live=False):
+            entries += 1
+            bytes_ += entry.size
+        data = {
+            "directory": directory,
+            "prefix": prefix,
+            "dry_run": True,
+            "entries": entries,
+            "bytes": bytes_,
+        }
+        text = (
+            f"would remove {_count(entries, 'entry', 'entries')} ({_size(bytes_)}) whose keys "
+            f"start with {prefix!r}; nothing was removed (--dry-run)"
+        )
+        return data, text
+    deleted = listing.delete_matching(store, encode_key(prefix), progress)
+    data = {
+        "directory": directory,
+        "prefix": prefix,
+        "removed": deleted.removed,
+        "removed_bytes": deleted.removed_bytes,
+    }
+    text = (
+        f"removed {_count(deleted.removed, 'entry', 'entries')} "
+        f"({_size(deleted.removed_bytes)}) whose keys start with {prefix!r}"
+    )
+    return data, text
+
+
 @dataclasses.dataclass(frozen=True)
 class _Command:
     help: str
@@ -206,6 +247,11 @@ class _Command:
     options: Mapping[str, str] = dataclasses.field(default_factory=dict)  # name -> its help
     scans: bool = True  # visits every shard, so it can show progress
     passes: int = 1  # how many times it visits every shard
+    dry_run_scans: bool = False  # its --dry-run visits every shard too
+    # Refused at once on a read-only cache.  A --dry-run opens the cache read-only; stats
+    # opens it as the applications do (it reports a planted lock file, repairs a damaged
+    # accounting file), which on a read-only filesystem is read-only too.
+    changes: bool = True
     confirms: bool = False  # asks before it starts when run on a terminal
 
 
@@ -218,6 +264,7 @@ _MAINTENANCE = {
             "--max-entries": "the applications' max_entries, to show how full it is",
         },
         scans=False,
+        changes=False,
     ),
     "prune": _Command(
         "remove expired and damaged entries, evict down to --cache-size, recount",
@@ -241,6 +288,18 @@ _MAINTENANCE = {
         },
         confirms=True,
     ),
+    "delete": _Command(
+        "remove every entry whose key starts with --prefix (safe while applications use "
+        "the cache); keys are matched as stored, after the regions' key_mangler",
+        _delete,
+        {
+            "--prefix": "the start of the keys to remove, e.g. 'myapp.reports:' (not empty: "
+            "to remove every entry, use clear)",
+            "--dry-run": "count the entries that would go, remove nothing (list them with "
+            "keys --prefix)",
+        },
+        dry_run_scans=True,
+    ),
 }
 
 _OPTIONS: dict[str, dict[str, Any]] = {
@@ -257,6 +316,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
         "metavar": "DURATION",
     },
     "--dry-run": {"action": "store_true"},
+    "--prefix": {"type": lambda text: _non_empty_prefix(text), "metavar": "P", "required": True},
     "--yes": {"action": "store_true"},
     "--progress": {
         "action": argparse.BooleanOptionalAction,
@@ -294,11 +354,19 @@ def _run_maintenance(args: argparse.Namespace) -> int:
     command = _MAINTENANCE[args.command]
     show_progress = (
         command.scans
-        and not args.dry_run
+        and (command.dry_run_scans or not args.dry_run)
         and (sys.stderr.isatty() if args.progress is None else args.progress)
     )
     try:
-        store = open_cache(args.directory, args.cache_size, args.expiration_time, args.max_entries)
+        store = open_cache(
+            args.directory,
+            args.cache_size,
+            args.expiration_time,
+            args.max_entries,
+            read_only=args.dry_run,
+        )
+        if command.changes and not args.dry_run:
+            store.check_writable(args.command)
         asks = command.confirms and not (args.dry_run or args.yes) and sys.stdin.isatty()
         if asks and not _confirm(args.command, store):
             print(f"{PROG}: {args.command} cancelled; nothing was removed", file=sys.stderr)
@@ -317,6 +385,39 @@ def _run_maintenance(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(json.dumps(data, indent=2) if args.json else text)
     return 0
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    """Stream the stored keys to stdout as they are found: constant memory, any size."""
+    # Progress would interleave with the keys on a terminal: by default only when they
+    # go elsewhere (a file, a pipe) and stderr is a terminal.
+    shown = sys.stderr.isatty() and not sys.stdout.isatty()
+    try:
+        store = open_cache(args.directory, expiration_time=args.expiration_time, read_only=True)
+        prefix = encode_key(args.prefix or "")
+        with _progress(
+            "keys", store.layout.shard_count, shown if args.progress is None else args.progress
+        ) as progress:
+            for entry in listing.entries(store, prefix, progress):
+                print(json.dumps(entry.key) if args.json else _printable(entry.key))
+        sys.stdout.flush()
+    except NotACacheError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_NOT_A_CACHE
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as ls would
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit fails no more
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    except (FSBackendError, OSError) as exc:
+        print(f"{PROG}: keys failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def _printable(key: str) -> str:
+    """A key as text for a terminal: a lone surrogate (a key no UTF-8 can carry) as \\udcxx."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _confirm(command: str, store: Store) -> bool:
@@ -359,6 +460,36 @@ def build_parser() -> argparse.ArgumentParser:
             dry_run=False,
             yes=False,
         )
+    keys_help = "list the stored keys, one per line, as they are found (constant memory)"
+    keys = commands.add_parser(
+        "keys",
+        help=keys_help,
+        description=f"{keys_help[0].upper()}{keys_help[1:]}. Only live entries are "
+        "listed (damaged or foreign files are left out, and with --expiration-time expired "
+        "entries too), in no particular order; nothing is changed. The keys are those the "
+        "backend stores: after a region's key_mangler, if it has one.",
+    )
+    keys.add_argument("directory", metavar="DIR", help="the cache's base_dir")
+    keys.add_argument("--prefix", metavar="P", help="only the keys that start with P")
+    keys.add_argument(
+        "--json",
+        action="store_true",
+        help="print each key as a JSON string on a line of its own (JSON Lines, streamed: "
+        "exact for keys with line breaks or odd characters; read them with jq -r . or "
+        "json.loads per line)",
+    )
+    keys.add_argument(
+        "--expiration-time",
+        **_OPTIONS["--expiration-time"],
+        help="the applications' expiration_time, e.g. 1h: leave out older entries",
+    )
+    keys.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="show progress on stderr (default: when stderr is a terminal and the keys "
+        "go to a file or pipe)",
+    )
+    keys.set_defaults(run=_run_keys)
     invalidate_help = "invalidate every region that uses SharedInvalidation on DIR"
     invalidate = commands.add_parser(
         "invalidate",
@@ -418,6 +549,15 @@ def _parse_option(parse: Callable[[str, Any], Any], name: str, text: str) -> Any
         return parse(name, text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _non_empty_prefix(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "must not be empty (an empty prefix matches every key); to remove every entry, "
+            "use clear"
+        )
+    return text
 
 
 def _positive_int(text: str) -> int:

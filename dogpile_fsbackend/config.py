@@ -78,6 +78,7 @@ class Settings:
     reconcile_interval: float | None = 3600.0
     temp_max_age: float = 3600.0
     write_errors: str = "raise"  # or "log": a failed write is logged and counted, not raised
+    read_only: bool = False  # serve an existing cache; change nothing, create nothing
 
 
 def parse_size(name: str, value: Any) -> int:
@@ -228,6 +229,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "reconcile_interval": parse_seconds,
     "temp_max_age": parse_duration,
     "write_errors": _one_of("raise", "log"),
+    "read_only": parse_bool,
 }
 
 
@@ -296,6 +298,13 @@ ARGUMENT_DOCS = {
     "(a full disk is retried once after evicting a batch): ``'raise'`` raises it, "
     "``'log'`` logs a warning, counts it in ``stats()['write_errors']`` and leaves the value "
     "uncached.  Defaults to ``'raise'``.",
+    "read_only": "open an existing cache (shipped in an image, on a read-only mount, or "
+    "another user's with read permission) without creating or changing any file: hits are "
+    "not stamped, nothing damaged is removed, ``get_mutex`` excludes this process's threads "
+    "only.  ``get_or_create`` still returns the value it created, without storing it; any "
+    "other set, a delete, ``delete_matching``, ``prune``, ``verify`` and ``clear`` raise "
+    ":class:`ReadOnlyError`.  A directory that is not a cache raises :class:`ConfigError`.  "
+    "Defaults to ``False``.",
 }
 
 

@@ -7,6 +7,7 @@ Hierarchy::
         NotACacheError (also ValueError)    maintenance pointed at a non-cache directory
         BookkeepingError (also OSError)     a bookkeeping file (marker, lock, accounting)
                                             is of the wrong type, damaged or unreadable
+        ReadOnlyError (also OSError, EROFS) a change asked of a read-only cache
         RemoteError                         the shared tier failed (remote_errors="raise")
         MissingExtraError (also ImportError) an optional extra such as [redis] is not installed
     CacheSizeWarning (UserWarning)          a value larger than the whole cache
@@ -54,6 +55,17 @@ class BookkeepingError(FSBackendError, OSError):
     """A bookkeeping file cannot be used; raised as ``BookkeepingError(errno, text, path)``.
 
     ``text`` says what is wrong with the file and what to do about it.
+    """
+
+
+class ReadOnlyError(FSBackendError, OSError):
+    """A set, delete or maintenance scan asked of a cache opened read-only.
+
+    Raised as ``ReadOnlyError(errno.EROFS, text, base_dir)``: ``text`` names what
+    was refused (the key, the prefix, the scan) and why the cache is read-only
+    (``read_only=True``, or a filesystem mounted read-only).  It is an OSError with
+    errno EROFS, so ``write_errors="log"`` and code that handles EROFS treat it as
+    the write error it is.
     """
 
 

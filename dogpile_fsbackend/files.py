@@ -30,6 +30,7 @@ CHECK_INTERVAL = 1.0
 TOUCH_INTERVAL = 3600.0
 
 _NO_SURPRISES = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_O_NOATIME = getattr(os, "O_NOATIME", 0)  # Linux only
 _PROBLEMS = {
     errno.ELOOP: "is a symbolic link (the cache never follows links)",
     errno.ENXIO: "is a FIFO or socket, not a regular file",
@@ -44,7 +45,7 @@ def open_shared(path: str, mode: int, *, writable: bool = True, create: bool = T
     filesystem).  Anything but a regular file raises :class:`BookkeepingError`.
     """
     if not writable:
-        return _checked(path, lambda: os.open(path, os.O_RDONLY | _NO_SURPRISES))
+        return _checked(path, lambda: open_quietly(path, os.O_RDONLY | _NO_SURPRISES))
     flags = os.O_RDWR | _NO_SURPRISES
     if not create:
         return _checked(path, lambda: os.open(path, flags))
@@ -58,6 +59,22 @@ def open_shared(path: str, mode: int, *, writable: bool = True, create: bool = T
         return fd
 
     return _checked(path, create_or_open)
+
+
+def open_quietly(path: str, flags: int, *, dir_fd: int | None = None) -> int:
+    """``os.open`` for reading without updating the file's atime, where the kernel allows
+    it (``O_NOATIME``: the file's owner, or root); anyone else gets a plain open.
+
+    Entries keep their creation time in atime (see store.py), and a read-only
+    cache must not change even that.
+    """
+    if _O_NOATIME:
+        try:
+            return os.open(path, flags | _O_NOATIME, dir_fd=dir_fd)
+        except PermissionError as exc:
+            if exc.errno != errno.EPERM:  # EACCES: not readable at all
+                raise
+    return os.open(path, flags, dir_fd=dir_fd)
 
 
 def _checked(path: str, opener: Callable[[], int]) -> int:

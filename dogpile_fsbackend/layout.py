@@ -37,7 +37,7 @@ INVALIDATION_TEMP_NAME = "invalidation.tmp"  # one writer at a time, under the l
 DATA_DIR = "data"
 TEMP_PREFIX = ".tmp-"
 HASH_HEX_LEN = 64
-WRITER_TOKEN_LEN = 12  # hex digits: a byte of the lock file (see locking.py)
+WRITER_TOKEN_LEN = 12  # hex digits of a writer's byte of the lock file (see locking.py)
 
 
 def encode_key(key: str | bytes) -> bytes:
@@ -45,6 +45,14 @@ def encode_key(key: str | bytes) -> bytes:
     if isinstance(key, bytes):
         return key
     return key.encode("utf-8", "surrogatepass")
+
+
+def decode_key(key_bytes: bytes) -> str | None:
+    """The key that ``encode_key`` made ``key_bytes`` from; None if no str encodes so."""
+    try:
+        return key_bytes.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return None
 
 
 def key_digest(key_bytes: bytes) -> str:
@@ -110,7 +118,7 @@ def temp_name(writer_token: str, number: int) -> str:
 def temp_writer(name: str) -> str | None:
     """The writer token of a temp file name (see ``temp_name``); None if it has none."""
     token = name[len(TEMP_PREFIX) :].split("-", 1)[0]
-    return token if len(token) == WRITER_TOKEN_LEN and _is_hex(token) else None
+    return token if len(token) == WRITER_TOKEN_LEN and is_hex(token) else None
 
 
 def is_legacy_temp_name(name: str) -> bool:
@@ -121,12 +129,12 @@ def is_legacy_temp_name(name: str) -> bool:
 def split_entry_name(name: str) -> tuple[str, str | None] | None:
     """``(digest, token)`` for ``<digest>`` or ``<digest>.<token>``; None if foreign."""
     digest, _, token = name.partition(".")
-    if len(digest) != HASH_HEX_LEN or not _is_hex(digest):
+    if len(digest) != HASH_HEX_LEN or not is_hex(digest):
         return None
-    if token and not _is_hex(token):
+    if token and not is_hex(token):
         return None
     return digest, token or None
 
 
-def _is_hex(text: str) -> bool:
+def is_hex(text: str) -> bool:
     return not text.strip("0123456789abcdef")  # scans call this per file: keep it in C

@@ -11,7 +11,8 @@ No lock file is ever created or deleted per key.
 POSIX record locks belong to the *process*: two threads never exclude each
 other through them, and closing *any* descriptor of the file drops *all* of the
 process's locks on it.  So each process opens a lock file once (shared by every
-backend on that directory) and adds an in-process layer:
+backend on that directory, and closed when the last of them and of their mutexes
+is gone) and adds an in-process layer:
 
 * a thread lock per lock *name* (a key, a shard), so threads exclude each other
   and a second ``acquire(False)`` from the holder fails, as dogpile expects;
@@ -23,10 +24,12 @@ lock file resets its in-process state (``os.register_at_fork``).
 
 The lock file can be deleted or replaced under running processes (a tmp
 cleaner, a hand).  Each process checks at most once a second, when it takes
-a lock, whether the path still names the file it has open, and moves to the
-file now there (creating one if none).  A lock already held stays on the
-descriptor it was taken on and is released there; old descriptors are never
-closed, as closing one would drop every lock the process holds on that file.
+a lock or names a temp file, whether the path still names the file it has
+open, and moves to the file now there (creating one if none), its writer
+byte with it.  A lock already held stays on the
+descriptor it was taken on and is released there; old descriptors stay open as
+long as the new one, as closing one would drop every lock the process holds on
+that file (its writer byte there too).
 
 Writers are told alive from dead by a lock, not by a pid or a clock: each
 process that writes holds one byte in a region of its own (``writer_token``),
@@ -50,19 +53,20 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Hashable, Iterator
 
 from dogpile.cache.api import CacheMutex
 
 from . import files
 from .files import open_shared
+from .layout import WRITER_TOKEN_LEN
 
 log = logging.getLogger(__name__)
 
 SHARD_BASE_OFFSET = 1  # byte 0 is unused (see above)
 KEY_BASE_OFFSET = SHARD_BASE_OFFSET + 16**3  # room for the widest shard layout
 WRITER_BASE_OFFSET = 1 << 56  # beyond every key slot (lock_slots <= 2**48)
-WRITER_TOKEN_DIGITS = 12  # hex digits of a writer's byte number (2**48 of them)
 
 _CONTENTION_ERRNOS = frozenset({errno.EACCES, errno.EAGAIN})
 _DEADLOCK_BACKOFF_MAX = 0.05
@@ -93,34 +97,38 @@ class _ByteLock:
 class LockFile:
     """This process's handle on one lock file; get it with :meth:`for_path`."""
 
-    _instances: dict[str, LockFile] = {}
+    # Weak: an instance lives while a backend or a mutex uses it.  Then nothing can hold
+    # or release a lock through it any more, and it closes its descriptors (__del__).
+    _instances: weakref.WeakValueDictionary[str, LockFile] = weakref.WeakValueDictionary()
     _instances_guard = threading.Lock()
-    _spare_fds: list[int] = []  # never closed: that would drop this process's locks
 
     @classmethod
-    def for_path(cls, path: str, mode: int = 0o600, writable: bool = True) -> LockFile:
-        """The process-wide instance for ``path`` (opened once, never closed).
+    def for_path(cls, path: str, mode: int = 0o600) -> LockFile:
+        """The process-wide instance for ``path`` (opened once, closed with its last user).
 
-        ``writable=False`` (a read-only filesystem) gives thread locks only:
-        the kernel grants no write lock on a read-only descriptor, and nothing
-        can be written there anyway.
+        A read-only cache opens none (see store.py): it has nothing to lock.
         """
         real_path = os.path.realpath(path)
         with cls._instances_guard:
             existing = cls._instances.get(real_path)
             if existing is None:
-                fd = open_shared(path, mode, writable=writable)
-                existing = cls._instances[real_path] = cls(path, fd, mode, writable)
+                fd = open_shared(path, mode)
+                existing = cls._instances[real_path] = cls(path, fd, mode)
             return existing
 
-    def __init__(self, path: str, fd: int, mode: int, writable: bool) -> None:
+    def __init__(self, path: str, fd: int, mode: int) -> None:
         self.path = path
         self.fd = fd
         self.mode = mode
-        self.writable = writable
+        self._old_fds: list[int] = []  # of replaced lock files: closing one drops its locks
         self._watch = files.Watch(path, fd)
         self._counter = itertools.count()
         self._reset()
+
+    def __del__(self) -> None:
+        for fd in (self.fd, *self._old_fds):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _reset(self) -> None:
         self._guard = threading.Lock()
@@ -166,7 +174,7 @@ class LockFile:
                 raise RuntimeError(f"release of an unlocked lock {name!r}")
             byte = self._bytes[offset]
             byte.holders -= 1
-            if byte.holders == 0 and self.writable:
+            if byte.holders == 0:
                 fcntl.lockf(byte.fd, fcntl.LOCK_UN, 1, offset)
             self._forget_byte_user(offset, byte)
             entry.lock.release()
@@ -193,31 +201,36 @@ class LockFile:
 
         Locks held meanwhile stay on the old descriptor until released.
         """
-        if self._watch.still_current(self.fd) or not self.writable:
-            return  # (nothing can be re-created on a read-only filesystem)
+        if self._watch.still_current(self.fd):
+            return
         try:
             fd = open_shared(self.path, self.mode)
         except OSError as exc:
             log.warning("lock file %s was replaced by something unusable: %s", self.path, exc)
             return
         with self._guard:
-            self._spare_fds.append(self.fd)
+            self._old_fds.append(self.fd)
             self.fd = fd
             self._watch.moved_to(fd)
-            slot, self._writer_slot = self._writer_slot, None
+            # The writer byte comes along without a gap: temp files being written are
+            # named after it.  (Taken there already: a 2**-48 chance; pick another.)
+            slot = self._writer_slot
+            if slot is not None and not self._lockf(fd, WRITER_BASE_OFFSET + slot, False):
+                self._writer_slot = None
         log.warning("lock file %s was deleted or replaced; moved to the new one", self.path)
-        if slot is not None:
-            self._take_writer_slot(slot)
 
     def writer_token(self) -> str:
-        """This process's writer token (hex), holding its writer byte from now on."""
+        """This process's writer token (hex), holding its writer byte from now on.
+
+        A process idle since the lock file was replaced moves first (when its check
+        is due): the token must be alive on the file that other processes judge by.
+        """
+        if self._watch.due():
+            self.check_identity()
         slot = self._writer_slot
         if slot is None:
-            with self._guard:
-                slot = self._writer_slot
-            if slot is None:
-                slot = self._take_writer_slot(None)
-        return format(slot, f"0{WRITER_TOKEN_DIGITS}x")
+            slot = self._take_writer_slot()
+        return format(slot, f"0{WRITER_TOKEN_LEN}x")
 
     def next_temp_number(self) -> int:
         return next(self._counter)
@@ -229,20 +242,18 @@ class LockFile:
 
     # -- internals ------------------------------------------------------------
 
-    def _take_writer_slot(self, wanted: int | None) -> int:
-        """Lock a free writer byte (``wanted``, else a random one) for good."""
-        while True:
-            slot = wanted if wanted is not None else secrets.randbits(4 * WRITER_TOKEN_DIGITS)
-            wanted = None
-            if not self.writable or self._lockf(self.fd, WRITER_BASE_OFFSET + slot, False):
-                with self._guard:
-                    if self._writer_slot is None:
-                        self._writer_slot = slot
-                        return slot
-                    taken = self._writer_slot
-                if self.writable:  # another thread won: ours is a byte nobody else uses
-                    fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, WRITER_BASE_OFFSET + slot)
-                return taken
+    def _take_writer_slot(self) -> int:
+        """Lock a free writer byte, chosen at random, for good.
+
+        Under the guard, so that the byte is taken on the descriptor in use even
+        while another thread moves to a replaced lock file (never blocking: LOCK_NB).
+        """
+        with self._guard:
+            while self._writer_slot is None:
+                slot = secrets.randbits(4 * WRITER_TOKEN_LEN)
+                if self._lockf(self.fd, WRITER_BASE_OFFSET + slot, False):
+                    self._writer_slot = slot
+            return self._writer_slot
 
     def _held_elsewhere(self, offset: int) -> bool:
         if _FLOCK_BSD:
@@ -279,7 +290,7 @@ class LockFile:
                         acquired = True
                         return True
                 fd = self.fd
-                if self.writable and not self._lockf(fd, offset, wait):
+                if not self._lockf(fd, offset, wait):
                     return False
                 with self._guard:
                     byte.holders = 1

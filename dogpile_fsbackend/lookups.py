@@ -11,8 +11,9 @@ whose outcome replaces the first look's instead of adding to it.  A call
 therefore counts one miss when its creator runs, and one hit when it returns
 a cached value, even one that another process created while it waited.
 
-With ``distributed_lock=False`` a :class:`ThreadMutex` of ours stands where
-dogpile's own in-process lock would, so that the re-check is seen there too.
+With ``distributed_lock=False`` (and on a read-only cache, which may not
+lock its lock file) a :class:`ThreadMutex` of ours stands where dogpile's own
+in-process lock would, so that the re-check is seen there too.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class ThreadMutex(CacheMutex):
 
 
 class ThreadMutexes:
-    """The key mutexes of one backend with ``distributed_lock=False``.
+    """The key mutexes of one backend with ``distributed_lock=False`` (or a read-only one).
 
     A key's mutex lives while someone references or holds it, so a lock taken
     through one ``get_mutex`` call can be released through another (as with the
@@ -109,3 +110,9 @@ class ThreadMutexes:
             if mutex is None:
                 mutex = self._mutexes[key] = ThreadMutex(self._held)
             return mutex
+
+    def is_held(self, key: str) -> bool:
+        """True while some thread of this process holds ``key``'s mutex."""
+        with self._guard:
+            mutex = self._mutexes.get(key)
+        return mutex is not None and mutex.locked()

@@ -20,7 +20,8 @@ read it just before another host's write.  The listener counts what it hears
 read and, after its local write, drops the copy if :meth:`Listener.changed_since`
 says the key was invalidated (or the channel dropped) meanwhile.  A writer
 counts its own write at once, after the remote write, so the listener skips the
-messages of its own process.
+messages of its own process; and after its local write it drops its copy in the
+same way, if another write of the key was heard after its remote write.
 """
 
 from __future__ import annotations
@@ -127,7 +128,6 @@ class Listener:
         self._recent: dict[str, int] = {}
         self._failures = 0
         self.connected = False
-        self.messages = 0
         self.subscriptions = 0  # confirmed subscriptions: 1 + reconnections
 
     @classmethod
@@ -239,12 +239,15 @@ class Listener:
         kind = message.get("type")
         if kind == "subscribe":
             with self._lock:
+                # A read begun before this confirmation may predate the subscription
+                # on the server: as after a gap, its copy is dropped (changed_since).
+                self.generation += 1
+                self._floor = self.generation
                 self.trusted_since = time.time()
                 self.connected = True
                 self.subscriptions += 1
                 self._failures = 0
         elif kind == "message":
-            self.messages += 1
             decoded = decode(message.get("data"))
             if decoded is None:
                 log.debug("ignoring a foreign message on %r: %.100r", self.channel, message)
@@ -268,19 +271,26 @@ class Listener:
                 with self._lock:
                     self.trusted_since = max(self.trusted_since, time.time())
 
-    def remember(self, keys: Iterable[str]) -> None:
+    def remember(self, keys: Iterable[str], since: int | None = None) -> tuple[int, set[str]]:
         """Count an invalidation of ``keys``: racing readers will drop their copies.
 
         A writer of this process calls it after its remote write, so that the
         readers of its own process need not wait for the message to come back.
+        It passes as ``since`` the generation it read before that write, and
+        gets back the generation of this invalidation and the keys that were
+        invalidated in between; after its local write it drops the copies of
+        those, and of the keys :meth:`changed_since` this generation.
         """
+        keys = list(keys)
         with self._lock:
+            changed = set() if since is None else {k for k in keys if self.changed_since(k, since)}
             self.generation += 1
             if len(self._recent) > RECENT_KEYS:
                 self._recent.clear()
                 self._floor = self.generation
             for key in keys:
                 self._recent[key] = self.generation
+            return self.generation, changed
 
     def _gap(self) -> None:
         with self._lock:

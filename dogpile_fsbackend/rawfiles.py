@@ -24,7 +24,9 @@ import os
 import stat
 import tempfile
 from typing import IO, Any
+from urllib.parse import quote
 
+from .files import open_quietly
 from .records import RawMeta
 
 _KERNEL_COPY_FALLBACK = frozenset(
@@ -91,22 +93,33 @@ class CachedFileReader(io.BufferedReader):
 _BUFFERED_FILE_TYPES = (io.BufferedReader, io.BufferedRandom, CachedFileReader)
 
 
-def open_cached(data_path: str, meta: RawMeta, created: float) -> CachedFileReader:
-    """Open a data file read-only at the creator's position; FileNotFoundError if gone."""
+def open_cached(
+    data_path: str, meta: RawMeta, created: float, *, quiet: bool = False
+) -> CachedFileReader:
+    """Open a data file read-only at the creator's position; FileNotFoundError if gone.
+
+    ``quiet`` (a read-only cache): reading it does not update its atime, where
+    the kernel allows that.
+    """
     try:
-        raw = io.FileIO(data_path, "rb", opener=_nofollow_opener)
-    except OSError as exc:  # ELOOP: a symlink planted in place of the data file
-        if exc.errno != errno.ELOOP:
+        raw = io.FileIO(data_path, "rb", opener=_quiet_opener if quiet else _nofollow_opener)
+    except OSError as exc:  # a symlink (ELOOP) or a socket (ENXIO) planted in its place
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):
             raise
-        raise FileNotFoundError(errno.ENOENT, "data file is a symlink", data_path) from exc
+        raise FileNotFoundError(errno.ENOENT, "data file is not a file", data_path) from exc
     try:
         info = os.fstat(raw.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size != meta.size:
             raise FileNotFoundError(errno.ENOENT, "data file does not match its record", data_path)
-        reader = CachedFileReader(raw)
+        return reader_over(raw, meta, created)
     except BaseException:
         raw.close()
         raise
+
+
+def reader_over(raw: io.FileIO, meta: RawMeta, created: float) -> CachedFileReader:
+    """A CachedFileReader of ``raw`` (an entry's bytes), at the creator's position."""
+    reader = CachedFileReader(raw)
     reader.filename = meta.filename
     reader.content_type = meta.content_type
     reader.content_length = meta.size
@@ -139,6 +152,30 @@ def guess_type(fileobj: Any, filename: str | None) -> str | None:
     """The content type ``mimetypes`` guesses from ``filename``, else from the file's name."""
     name = filename or getattr(fileobj, "name", None)
     return mimetypes.guess_type(name)[0] if isinstance(name, str) else None
+
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def header_content_type(content_type: str | None) -> str:
+    """The stored type if it is safe to put in a header, else ``application/octet-stream``."""
+    if content_type and content_type.isascii() and content_type.isprintable():
+        return content_type
+    return DEFAULT_CONTENT_TYPE
+
+
+def content_disposition(filename: str) -> str:
+    """``inline`` with the name (RFC 6266): browsers show the file, and save it under it.
+
+    Plain ASCII either way (a UTF-8 name goes in ``filename*``), as HTTP headers
+    and S3 object headers need.
+    """
+    printable = "".join(c for c in filename if c.isprintable())
+    fallback = printable.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+    header = f'inline; filename="{fallback}"'
+    if fallback != printable:
+        header += f"; filename*=UTF-8''{quote(printable, safe='')}"
+    return header
 
 
 def stage(
@@ -213,6 +250,11 @@ def _copy_stream(value: Any, fd: int, limit: int) -> int:
                 errno.EAGAIN,
                 "the stream is non-blocking and has no data ready; the raw backend "
                 "stores a value only when it can read it to its end",
+            )
+        if isinstance(chunk, str):  # a text file inside a wrapper (NamedTemporaryFile("w+"))
+            raise TypeError(
+                f"the raw backend stores {ACCEPTED}; got {type(value).__name__}, whose "
+                f"read() returns {type(chunk).__name__}: open it in binary mode"
             )
         if not chunk:
             return size
@@ -321,6 +363,13 @@ def _fileno(value: Any) -> int | None:
     return fd
 
 
+# O_NONBLOCK: a FIFO planted in place of a data file must not hang the reader.
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
 def _nofollow_opener(path: str, flags: int) -> int:
-    # O_NONBLOCK: a FIFO planted in place of a data file must not hang the reader.
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    return os.open(path, flags | _OPEN_FLAGS)
+
+
+def _quiet_opener(path: str, flags: int) -> int:
+    return open_quietly(path, flags | _OPEN_FLAGS)

@@ -12,22 +12,26 @@ Nothing here imports ``redis`` before a Redis remote is configured.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from dogpile.cache.api import CacheBackend
+from dogpile.cache.backends import redis as dogpile_redis
 from dogpile.cache.backends.redis import (  # dogpile defers its own ``import redis``
     RedisBackend,
-    RedisClusterBackend,
     RedisSentinelBackend,
 )
 from dogpile.cache.proxy import ProxyBackend
 
-from .exceptions import MissingExtraError
+from .remote import require_extra
 
 if TYPE_CHECKING:
     import redis
+
+# dogpile.cache.redis_cluster arrived in dogpile.cache 1.3.2; before it, no remote is one.
+_CLUSTER_CLASSES: tuple[type[CacheBackend], ...] = tuple(
+    filter(None, [getattr(dogpile_redis, "RedisClusterBackend", None)])
+)
 
 CONNECT_TIMEOUT = 0.5  # seconds; a TCP handshake on a LAN takes well under 1 ms
 SOCKET_TIMEOUT = 1.0  # per read or write, not per value
@@ -36,13 +40,7 @@ LOCK_SLEEP_DEFAULT = 0.1  # dogpile's default lock_sleep
 
 def require_redis(feature: str) -> Any:
     """The ``redis`` module, or MissingExtraError saying how to install it."""
-    try:
-        return importlib.import_module("redis")
-    except ImportError as exc:
-        raise MissingExtraError(
-            f"{feature} needs the redis client, an optional extra: "
-            "pip install dogpile_fsbackend[redis]"
-        ) from exc
+    return require_extra("redis", "redis", feature)
 
 
 def is_redis_class(backend_class: type[CacheBackend]) -> bool:
@@ -80,6 +78,10 @@ def with_defaults(
     found.setdefault("socket_timeout", SOCKET_TIMEOUT)
     connection_kwargs = dict(found.get("connection_kwargs") or {})
     connection_kwargs.setdefault("retry", Retry(NoBackoff(), 1))
+    if issubclass(backend_class, _CLUSTER_CLASSES):
+        # dogpile's cluster backend hands redis-py its connection_kwargs only.
+        for name in ("socket_connect_timeout", "socket_timeout"):
+            connection_kwargs.setdefault(name, found[name])
     found["connection_kwargs"] = connection_kwargs
     return found
 
@@ -95,24 +97,29 @@ def client_of(backend: CacheBackend) -> redis.Redis | None:
 
 def supports_pubsub(backend: CacheBackend) -> bool:
     base = innermost(backend)
-    return isinstance(base, RedisBackend) and not isinstance(base, RedisClusterBackend)
+    return isinstance(base, RedisBackend) and not isinstance(base, _CLUSTER_CLASSES)
 
 
 def error_types(backend: CacheBackend) -> tuple[type[BaseException], ...]:
     """Exceptions from ``backend`` that mean "the remote is out", not a bug.
 
     For Redis: connection failures and timeouts, and error replies (out of
-    memory, read-only replica, loading, no permission).  OSError always.
+    memory, read-only replica, loading, no permission); for a cluster, its
+    client's own errors too.  OSError always.
     """
-    if not isinstance(innermost(backend), RedisBackend):
+    base = innermost(backend)
+    if not isinstance(base, RedisBackend):
         return (OSError,)
     exceptions = require_redis("a Redis remote").exceptions
-    return (
+    found = (
         OSError,
         exceptions.ConnectionError,
         exceptions.TimeoutError,
         exceptions.ResponseError,
     )
+    if isinstance(base, _CLUSTER_CLASSES):  # "cannot be connected", a slot not covered
+        return (*found, exceptions.RedisClusterException)
+    return found
 
 
 def lock_expired_errors(backend: CacheBackend) -> tuple[type[BaseException], ...]:
@@ -120,6 +127,15 @@ def lock_expired_errors(backend: CacheBackend) -> tuple[type[BaseException], ...
     if not isinstance(innermost(backend), RedisBackend):
         return ()
     return (require_redis("a Redis remote").exceptions.LockNotOwnedError,)
+
+
+def lock_can_expire(backend: CacheBackend) -> bool:
+    """True if ``backend``'s lock can expire while held (then two creators may run)."""
+    base = innermost(backend)
+    redis_timeout = getattr(base, "distributed_lock", False) and getattr(
+        base, "lock_timeout", None
+    )
+    return bool(backend.has_lock_timeout() or redis_timeout)
 
 
 def pitfalls(backend: CacheBackend, lock_mode: str) -> list[str]:

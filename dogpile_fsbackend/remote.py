@@ -6,7 +6,10 @@ timed-out connection, a server that answers with an error) opens it: for a
 back-off period (doubling on each failed probe, up to a cap) no call touches the
 network, and then a single thread probes the remote while the others carry on
 without it.  So a dead Redis costs each process one bounded attempt per back-off
-period, never a retry storm.
+period, never a retry storm.  The one exception is the release of a lock the
+remote holds for this process (:meth:`RemoteGuard.call_anyway`): skipping it
+would keep the key locked on every host.  A forked child forgets a probe in
+progress: the thread making it stayed in the parent.
 
 What a call does while the remote is out depends on ``remote_errors``:
 ``"raise"`` raises :class:`RemoteError` naming the remote, ``"degrade"``
@@ -17,11 +20,14 @@ transition to an outage and back is logged once each.
 from __future__ import annotations
 
 import enum
+import importlib
 import logging
+import os
 import random
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, TypeVar
 
@@ -31,7 +37,7 @@ from dogpile.cache.region import (  # type: ignore[attr-defined]  # dogpile's on
 )
 from dogpile.util import PluginLoader
 
-from .exceptions import ConfigError, RemoteError
+from .exceptions import ConfigError, MissingExtraError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,17 @@ class _Outage(enum.Enum):
 OUTAGE: Final = _Outage.OUTAGE
 """Returned by :meth:`RemoteGuard.call` instead of a result when degrading."""
 Outage = Literal[_Outage.OUTAGE]
+
+
+def require_extra(module: str, extra: str, feature: str) -> Any:
+    """The module ``module`` of the optional extra ``extra``, or MissingExtraError
+    saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{feature} needs {module}, an optional extra: pip install dogpile_fsbackend[{extra}]"
+        ) from exc
 
 
 def load_backend(name: Any, argument: str) -> type[CacheBackend]:
@@ -110,6 +127,12 @@ class RemoteGuard:
         self._probing = False
         self._last_error: BaseException | None = None
         self.attempts = self.failures = self.skipped = 0
+        _guards.add(self)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: the thread that probed (or held the lock) did not survive."""
+        self._lock = threading.Lock()
+        self._probing = False
 
     @property
     def healthy(self) -> bool:
@@ -122,6 +145,18 @@ class RemoteGuard:
         if admitted is None:
             self.skipped += 1
             return self._unavailable(None)
+        return self._attempt(function, args, probing=admitted)
+
+    def call_anyway(self, function: Callable[..., T], *args: Any) -> T | Outage:
+        """Like :meth:`call`, but made during a back-off too.
+
+        For what must not be skipped, such as releasing a lock that the remote
+        holds for this process: skipped, it would stay held on every host
+        until it times out.
+        """
+        return self._attempt(function, args, probing=False)
+
+    def _attempt(self, function: Callable[..., T], args: Any, probing: bool) -> T | Outage:
         self.attempts += 1
         try:
             result = function(*args)
@@ -129,7 +164,7 @@ class RemoteGuard:
             self._failed(exc)
             return self._unavailable(exc)
         finally:
-            if admitted:
+            if probing:
                 self._probing = False
         if self._down_since is not None:
             self._recovered()
@@ -209,3 +244,14 @@ class RemoteGuard:
         else:
             detail = f"{type(exc).__name__}: {exc}"
         raise RemoteError(f"remote tier {self.name} is unavailable: {detail}") from cause
+
+
+_guards: weakref.WeakSet[RemoteGuard] = weakref.WeakSet()
+
+
+def _reset_guards_after_fork() -> None:
+    for guard in list(_guards):
+        guard._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_guards_after_fork)

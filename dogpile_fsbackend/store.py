@@ -27,22 +27,27 @@ from . import files, marker, records
 from . import layout as paths
 from .accounting import AccountingFile
 from .config import Settings
-from .exceptions import ConfigError
-from .files import make_dir, open_shared
+from .exceptions import ConfigError, ReadOnlyError
+from .files import make_dir, open_quietly, open_shared
 from .locking import SHARD_BASE_OFFSET, FileMutex, LockFile
 
 log = logging.getLogger(__name__)
 
 # O_NONBLOCK: a FIFO planted where an entry belongs must not hang the reader.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-# A path that is missing, or runs through something planted (a file, a symlink loop).
-_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
-_O_NOATIME = getattr(os, "O_NOATIME", 0)
+# A path that is missing, or runs through something planted (a file, a symlink loop,
+# a Unix socket: ENXIO).
+_PATH_ERRNOS = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.ENXIO}
+)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # An entry up to this size is read in one call; a bigger one has its header read first.
 _ONE_READ_MAX = 1 << 20
 # Seconds a timestamp may lie ahead of the clock before it is taken for "now".
 FUTURE_TOLERANCE = 5.0
+# What keeps a reader from removing an unusable entry: a read-only filesystem, or a
+# directory another user made (root ran the application once).
+_CANNOT_REMOVE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 @contextlib.contextmanager
@@ -75,12 +80,18 @@ class Found(NamedTuple):
     """A record read from disk, and how to recognise its file later (see ``discard``)."""
 
     record: records.Record
+    created: float  # the record's, or when a read first saw it if that lies in the future
     inode: int
     used_ns: int | None  # the mtime this read stamped; None if it could not
 
 
 class Store:
-    """One cache directory as seen by one backend instance."""
+    """One cache directory as seen by one backend instance.
+
+    A read-only store (``read_only=True``, or a filesystem mounted read-only)
+    creates, changes and locks nothing: it has no lock file, its hits are not
+    stamped, what it finds damaged stays, and every change raises ReadOnlyError.
+    """
 
     def __init__(self, settings: Settings, kind: int) -> None:
         self.settings = settings
@@ -91,10 +102,13 @@ class Store:
         # Totals (bytes, entries) as the last publish or discard of this instance left them.
         self.last_total = self.last_entries = 0
         self._warned: set[str] = set()  # paths already reported unreadable or foreign
-        self._prepare_base_dir()
-        self.writable = not is_read_only(settings.base_dir)
-        self.lock_file = LockFile.for_path(
-            self.layout.path(paths.LOCK_NAME), settings.file_mode, self.writable
+        # Why this store may change nothing (None: it may), for ReadOnlyError messages.
+        self.read_only_reason = self._prepare_base_dir()
+        self.writable = self.read_only_reason is None
+        self._lock_file = (
+            LockFile.for_path(self.layout.path(paths.LOCK_NAME), settings.file_mode)
+            if self.writable
+            else None
         )
         self.accounting = self._open_or_create()
         self._next_check = time.monotonic() + files.CHECK_INTERVAL
@@ -109,8 +123,20 @@ class Store:
             self.kind, settings.shard_depth, settings.shard_width, settings.lock_slots
         )
 
-    def _prepare_base_dir(self) -> None:
+    def _prepare_base_dir(self) -> str | None:
+        """Make ``base_dir`` and ``data/`` if missing; return why the cache is read-only
+        (None if it is not).  A read-only cache must already exist: it creates nothing."""
         base_dir = self.settings.base_dir
+        if self.settings.read_only:
+            _check_reachable(base_dir, read_only=True)
+            if not os.path.isdir(base_dir):
+                raise ConfigError(
+                    "base_dir", "an existing cache directory when read_only=True", base_dir
+                )
+            for directory in (base_dir, self.layout.data_dir):
+                if os.path.isdir(directory) and not os.access(directory, os.R_OK | os.X_OK):
+                    raise _not_accessible(directory, True)
+            return "read_only=True"
         try:
             for directory in (base_dir, self.layout.data_dir):
                 _check_reachable(directory)
@@ -138,10 +164,11 @@ class Store:
                 base_dir,
             ) from exc
         if is_read_only(base_dir):
-            return  # gets are served; every write reports EROFS
+            return "its filesystem is mounted read-only"  # gets are served, as read_only=True
         for directory in (base_dir, self.layout.data_dir):
             if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
                 raise _not_accessible(directory)
+        return None
 
     def _open_or_create(self) -> AccountingFile:
         """Open an existing cache without locking; set one up under the maintenance lock.
@@ -157,7 +184,12 @@ class Store:
             return AccountingFile(path, count, mode, writable=self.writable)
         if not self.writable:
             raise ConfigError(
-                "base_dir", "an existing cache directory (a read-only one has no marker)", path
+                "base_dir",
+                f"an existing cache directory when {self.read_only_reason} (it has no "
+                f"{paths.MARKER_NAME} ({marker.path_of(self.settings.base_dir)}), and "
+                "nothing was created: open the cache read-write once, which re-creates "
+                "the marker from the entries)",
+                self.settings.base_dir,
             )
         with maintenance_lock(self.settings.base_dir, mode):
             # The accounting first: one left by a process of another layout is refused
@@ -195,7 +227,26 @@ class Store:
             self._warned.add(path)
             log.warning("%s: %s", path, problem)
 
+    def read_only_error(self, action: str) -> ReadOnlyError:
+        """The error for ``action`` (``"store key 'k'"``) asked of a read-only store."""
+        return ReadOnlyError(
+            errno.EROFS,
+            f"cannot {action}: the cache is read-only ({self.read_only_reason})",
+            self.settings.base_dir,
+        )
+
+    def check_writable(self, action: str) -> None:
+        if not self.writable:
+            raise self.read_only_error(action)
+
     # -- locks ----------------------------------------------------------------
+
+    @property
+    def lock_file(self) -> LockFile:
+        """The lock file; a read-only store has none: it locks nothing, as it changes nothing."""
+        if self._lock_file is None:
+            raise self.read_only_error("take a lock (only changes take one)")
+        return self._lock_file
 
     def key_mutex(self, key_bytes: bytes) -> FileMutex:
         return FileMutex(self.lock_file, key_bytes, self.settings.lock_slots)
@@ -209,13 +260,14 @@ class Store:
         """The live record of a key, or None (a miss).
 
         A damaged, foreign or expired file is removed on the way.  A hit makes
-        the entry the most recently used one.  ``key_bytes=None`` looks an
-        entry up by ``digest`` alone (a URL names no key): the key stored in
-        the record must then hash to ``digest``.
+        the entry the most recently used one.  A read-only store does neither,
+        and does not even update the entry's atime where the kernel lets it.
+        ``key_bytes=None`` looks an entry up by ``digest`` alone (a URL names no
+        key): the key stored in the record must then hash to ``digest``.
         """
         path = self.layout.entry_path(digest)
         try:
-            fd = os.open(path, _READ_FLAGS)
+            fd = os.open(path, _READ_FLAGS) if self.writable else open_quietly(path, _READ_FLAGS)
         except FileNotFoundError:
             return None
         except PermissionError:  # another user's file: not ours to read, nor to delete
@@ -225,7 +277,7 @@ class Store:
             if exc.errno not in _PATH_ERRNOS:
                 raise
             if os.path.islink(path):
-                self.discard(digest, os.lstat(path).st_ino)
+                self.discard_unusable(digest, os.lstat(path).st_ino)
             return None
         try:
             info = os.fstat(fd)
@@ -237,19 +289,17 @@ class Store:
                     key_bytes = _key_of(data, digest)
                 record = records.decode(data, self.kind, key_bytes)
             except records.DamagedRecord:
-                self.discard(digest, info.st_ino)
+                self.discard_unusable(digest, info.st_ino)
                 return None
             now = time.time()
-            created = record.created
-            if created > now + FUTURE_TOLERANCE:  # written under a clock far ahead
-                created = min(info.st_atime, now)  # when a read first saw it (see touch)
+            created = creation_time(record, info, now)
             if self.is_expired(created, now):
-                self.discard(digest, info.st_ino)
+                self.discard_unusable(digest, info.st_ino)
                 return None
             used_ns = touch(fd, created) if self.writable else None
         finally:
             os.close(fd)
-        return Found(record, info.st_ino, used_ns)
+        return Found(record, created, info.st_ino, used_ns)
 
     def is_expired(self, created: float, now: float | None = None) -> bool:
         limit = self.settings.expiration_time
@@ -399,8 +449,11 @@ class Store:
     def discard(self, digest: str, inode: int | None = None, used_ns: int | None = None) -> int:
         """Remove an entry; given ``inode``/``used_ns``, only if it is still the file judged.
 
-        Returns the bytes freed (0 if the entry was gone, replaced or used meanwhile).
+        Returns the bytes freed (0 if the entry was gone, replaced or used meanwhile,
+        or if the store is read-only: reads repair nothing there).
         """
+        if not self.writable:
+            return 0
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
         with self.shard_locked(shard):
@@ -418,6 +471,23 @@ class Store:
                 remove_quietly(path)
             self.last_total, self.last_entries = self.accounting.add(shard, -size, -existed)
         return size
+
+    def discard_unusable(self, digest: str, inode: int, used_ns: int | None = None) -> None:
+        """``discard`` for a reader that found an entry expired or damaged: the read is a
+        miss either way, so an entry this process may not remove (a read-only filesystem,
+        another user's directory) stays for one that may."""
+        if not self.writable:
+            return
+        try:
+            self.discard(digest, inode, used_ns)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_REMOVE:
+                raise
+            self.warn_once(
+                self.layout.entry_path(digest),
+                f"unusable entry cannot be removed by this process ({exc.strerror}); "
+                "treated as a miss",
+            )
 
     def _entry_files_locked(self, digest: str) -> tuple[int, int, list[str]]:
         """(total bytes, 1 if the record exists else 0, data file paths) of an entry."""
@@ -453,11 +523,7 @@ class Store:
         symlinks and, where we own it, without touching atime, which holds the
         creation time that expiry is judged by.  Raises OSError or DamagedRecord.
         """
-        path = self.layout.entry_path(digest)
-        try:
-            fd = os.open(path, _READ_FLAGS | _O_NOATIME)
-        except PermissionError:  # O_NOATIME needs the file's owner
-            fd = os.open(path, _READ_FLAGS)
+        fd = open_quietly(self.layout.entry_path(digest), _READ_FLAGS)
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -499,6 +565,14 @@ class Store:
             or last > now + FUTURE_TOLERANCE  # a clock that was far ahead: recount now
             or (interval is not None and now - last > interval)
         )
+
+
+def creation_time(record: records.Record, info: os.stat_result, now: float) -> float:
+    """When an entry was created, for expiry: its record's time, unless a clock far ahead
+    wrote it; then when a read first saw it (its atime, see ``touch``), at most now."""
+    if record.created > now + FUTURE_TOLERANCE:
+        return min(info.st_atime, now)
+    return record.created
 
 
 def touch(fd: int, created: float) -> int | None:
@@ -560,28 +634,34 @@ def _read_exactly(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _check_reachable(directory: str) -> None:
+def _check_reachable(directory: str, read_only: bool = False) -> None:
     """Raise a clear ConfigError if ``directory`` exists but this process may not enter it."""
     try:
         os.stat(directory)
     except FileNotFoundError:
         return
     except PermissionError:
-        raise _not_accessible(os.path.dirname(directory)) from None
+        raise _not_accessible(os.path.dirname(directory), read_only) from None
     if os.path.isdir(directory) and not os.access(directory, os.X_OK):
-        raise _not_accessible(directory)
+        raise _not_accessible(directory, read_only)
 
 
-def _not_accessible(directory: str) -> ConfigError:
+def _not_accessible(directory: str, read_only: bool = False) -> ConfigError:
     try:
         info = os.stat(directory)
         owner = f"it belongs to uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}"
     except OSError:
         owner = "it cannot even be looked at"
+    if read_only:
+        need, how = "read", "read access (dir_mode=0o755, file_mode=0o644 where it is built)"
+    else:
+        need, how = (
+            "read and write",
+            "access (a shared group with dir_mode=0o770, file_mode=0o660)",
+        )
     return ConfigError(
         "base_dir",
-        f"a directory this process (uid {os.geteuid()}) can read and write; {directory} is "
-        f"not accessible: {owner}. Run as its owner, or give this user access "
-        "(a shared group with dir_mode=0o770, file_mode=0o660)",
+        f"a directory this process (uid {os.geteuid()}) can {need}; {directory} is "
+        f"not accessible: {owner}. Run as its owner, or give this user {how}",
         directory,
     )

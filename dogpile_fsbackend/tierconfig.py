@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import parse_seconds
 from .exceptions import ConfigError
@@ -21,6 +21,7 @@ from .tierlock import LOCK_MODES
 log = logging.getLogger(__name__)
 
 Parser = Callable[[str, Any], Any]
+Tier = TypeVar("Tier")
 
 
 def parse_choice(choices: Iterable[str | None]) -> Parser:
@@ -117,3 +118,37 @@ def sub_config(config_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def as_config(arguments: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """``arguments`` as an ini config dict below ``prefix`` (for ``from_config_dict``)."""
     return {f"{prefix}{key}": value for key, value in arguments.items()}
+
+
+def has_tier(arguments: Mapping[str, Any], tier: str) -> bool:
+    """True if ``arguments`` give the tier ``tier``: a nested dict or ``"tier.x"`` keys."""
+    return tier in arguments or any(key.startswith(f"{tier}.") for key in arguments)
+
+
+def local_tier(build: Callable[[], Tier]) -> Tier:
+    """The local tier ``build()`` makes, its ConfigError named as ``local.<argument>``."""
+    try:
+        return build()
+    except ConfigError as exc:
+        raise exc.within("local") from exc
+
+
+def nest_dotted(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"config.s3.addressing_style": "path"}`` as ``{"config": {"s3": {...: "path"}}}``.
+
+    For a tier whose arguments are themselves nested (boto3's ``config``), given
+    as dotted ini keys.
+    """
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, name = dotted.split(".")
+        level = nested
+        for parent in parents:
+            child = level.setdefault(parent, {})
+            if not isinstance(child, dict):
+                raise ConfigError(dotted, f"not given both as a value and as {parent}.*", value)
+            level = child
+        if isinstance(level.get(name), dict):
+            raise ConfigError(dotted, f"not given both as a value and as {dotted}.*", value)
+        level[name] = value
+    return nested

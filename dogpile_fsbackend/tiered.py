@@ -15,23 +15,26 @@ import logging
 import math
 import os
 import socket
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CacheMutex, NoValueType
+from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CacheMutex
 from dogpile.cache.proxy import ProxyBackend
 
 from . import layout, records, redisremote
 from .backends import PickleFSBackend
-from .config import parse_seconds
-from .exceptions import ConfigError, RemoteConfigWarning
-from .pubsub import Listener, default_channel, encode, value_digest
+from .config import parse_bool, parse_seconds
+from .exceptions import ConfigError, RemoteConfigWarning, RemoteError
+from .pubsub import RECENT_KEYS, Listener, default_channel, encode, value_digest
 from .remote import OUTAGE, RemoteGuard, describe, load_backend
 from .tierconfig import (
     OUTAGE_DEFAULTS,
     OUTAGE_PARSERS,
     as_config,
+    has_tier,
+    local_tier,
     parse_choice,
     parse_lock_mode,
     parse_top_level,
@@ -40,6 +43,9 @@ from .tierconfig import (
     top_level_of_config,
 )
 from .tierlock import tier_mutex
+
+if TYPE_CHECKING:
+    from dogpile.cache.api import NoValueType  # dogpile.cache 1.3.3+ only
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,7 @@ DEFAULTS = {
     "channel": None,
 }
 TIERS = ("local", "remote")
+ANNOUNCE_BATCH = 1000  # keys per message when announcing the changes an outage kept quiet
 
 
 class _TieredOperations:
@@ -117,6 +124,9 @@ class _TieredOperations:
         self.invalidation = invalidation
         self.listener = None
         self._publish: Callable[[str, bytes], Any] | None = None
+        self._unannounced: set[str] = set()  # changed while no message could say so
+        self._unannounced_lock = threading.Lock()
+        self._unannounced_overflowed = False  # logged once per outage
         if invalidation == "pubsub":
             client = redisremote.client_of(remote)
             self.channel = settings["channel"] or default_channel(client)
@@ -147,6 +157,7 @@ class _TieredOperations:
         listener = self.listener
         if listener is not None:
             listener.ensure_running()
+            self._announce_unannounced()
         found: list[bytes | NoValueType] = []
         untrusted: dict[int, bytes | NoValueType] = {}  # position -> local copy or NO_VALUE
         for position, key in enumerate(keys):
@@ -193,16 +204,13 @@ class _TieredOperations:
             return
         self.local.set_serialized_multi(copies)
         if listener is not None:
-            for key in copies:
-                if listener.changed_since(key, generation):
-                    self.local.delete(key)
+            self._drop_outdated(copies, generation)
 
     def _fits_locally(self, key: str, value: bytes) -> bool:
         """False for a value the local tier would refuse (with a CacheSizeWarning on
         every read); a set still warns."""
-        settings = self.local.settings
         size = records.HEADER_SIZE + len(layout.encode_key(key)) + len(value)
-        return size <= settings.cache_size * settings.eviction_low_water
+        return size <= self.local.room()
 
     # -- writes ---------------------------------------------------------------------
 
@@ -212,12 +220,35 @@ class _TieredOperations:
     def set_serialized_multi(self, mapping: Mapping[str, bytes]) -> None:
         if not mapping:
             return
+        listener = self.listener
+        if listener is not None:
+            self._announce_unannounced()
+        since = listener.generation if listener is not None else 0
         written = self.guard.call(self.remote.set_serialized_multi, mapping)
+        remembered: tuple[int, set[str]] | None = None
+        announced = False
         try:
-            if written is not OUTAGE:
-                self._announce(mapping)
+            if written is not OUTAGE and listener is not None:
+                remembered = listener.remember(mapping, since)  # racing readers: at once
+                announced = self._announce(mapping)
         finally:
             self.local.set_serialized_multi(mapping)
+            if remembered is not None:
+                self._drop_outdated(mapping, *remembered)
+            if listener is not None and not announced:
+                self._note_unannounced(mapping)
+
+    def _drop_outdated(
+        self, keys: Iterable[str], generation: int, changed: Iterable[str] = ()
+    ) -> None:
+        """Drop the copies just written of keys invalidated after ``generation`` was
+        read, or in ``changed`` (see pubsub.Listener.remember): the remote may hold
+        another value than the one copied or written."""
+        assert self.listener is not None
+        listener = self.listener
+        outdated = {*changed, *(key for key in keys if listener.changed_since(key, generation))}
+        if outdated:
+            self.local.delete_multi(outdated)
 
     def delete(self, key: str) -> None:
         self.delete_multi([key])
@@ -226,19 +257,74 @@ class _TieredOperations:
         keys = list(keys)
         if not keys:
             return
+        listener = self.listener
+        if listener is not None:
+            self._announce_unannounced()
+        announced = False
         try:
             deleted = self.guard.call(self.remote.delete_multi, keys)
-            if deleted is not OUTAGE:
-                self._announce(dict.fromkeys(keys))
+            if deleted is not OUTAGE and listener is not None:
+                listener.remember(keys)  # this process's racing readers: at once
+                announced = self._announce(dict.fromkeys(keys))
         finally:
             self.local.delete_multi(keys)  # dropping a copy is never wrong
+            if listener is not None and not announced:
+                self._note_unannounced(keys)
 
-    def _announce(self, entries: Mapping[str, bytes | None]) -> None:
+    def _announce(self, entries: Mapping[str, bytes | None]) -> bool:
         """Tell the other processes (after the remote write, before the local one)."""
-        if self.listener is None or self._publish is None:
+        assert self._publish is not None
+        sent = self.guard.call(self._publish, self.channel, encode(self.origin, entries))
+        return sent is not OUTAGE
+
+    # -- changes that no message announced ------------------------------------------
+
+    def _note_unannounced(self, keys: Iterable[str]) -> None:
+        """Remember keys set or deleted without a message (the remote was out, or refused
+        the write or the message): the channel may never have dropped, so the other
+        processes still trust their copies, and a local-only value is trusted here."""
+        with self._unannounced_lock:
+            room = max(0, RECENT_KEYS - len(self._unannounced))
+            new = [key for key in keys if key not in self._unannounced]
+            self._unannounced.update(new[:room])
+            first_overflow = len(new) > room and not self._unannounced_overflowed
+            self._unannounced_overflowed |= first_overflow
+        if first_overflow:
+            log.warning(
+                "dogpile_fsbackend.tiered (%s): more than %d keys changed while the remote "
+                "was out; the others will not be announced when it returns, and hosts may "
+                "serve their older copies of them until local_expiration_time",
+                self.guard.name,
+                RECENT_KEYS,
+            )
+        self._announce_unannounced()  # the remote may be back already
+
+    def _announce_unannounced(self) -> None:
+        """Once the remote answers again, announce those keys as deleted and drop their
+        local copies, so that the remote is the shared truth again.
+
+        Its publish is the probe that finds the remote back when this process
+        otherwise only hits its local tier.
+        """
+        if not self._unannounced:
             return
-        self.listener.remember(entries)  # this process's racing readers: at once
-        self.guard.call(self._publish, self.channel, encode(self.origin, entries))
+        with self._unannounced_lock:
+            keys, self._unannounced = list(self._unannounced), set()
+            self._unannounced_overflowed = False
+        assert self.listener is not None and self._publish is not None
+        for start in range(0, len(keys), ANNOUNCE_BATCH):
+            batch = keys[start : start + ANNOUNCE_BATCH]
+            message = encode(self.origin, dict.fromkeys(batch))
+            try:
+                sent = self.guard.call(self._publish, self.channel, message)
+            except RemoteError:  # remote_errors="raise": no caller asked for this call
+                sent = OUTAGE
+            if sent is OUTAGE:
+                with self._unannounced_lock:
+                    self._unannounced.update(keys[start:])
+                return
+            self.listener.remember(batch)
+            self.local.delete_multi(batch)
 
     def invalidated(self, origin: str, entries: Sequence[tuple[str, str | None]]) -> None:
         """The listener heard of a write or delete: drop the copies it outdated.
@@ -252,7 +338,7 @@ class _TieredOperations:
             if origin != self.origin or digest is None:
                 self.local.delete(key)
                 continue
-            copy = self.local.get_serialized_stamped(key)
+            copy = self.local.get_serialized_stamped(key, count=False)
             if copy is not NO_VALUE and value_digest(copy[0]) != digest:
                 self.local.delete(key)
 
@@ -262,7 +348,7 @@ class _TieredOperations:
         local = self.local.get_mutex(key)
         if self.lock_mode == "local":
             return local
-        return tier_mutex(
+        mutex = tier_mutex(
             self.lock_mode,
             local,
             self.remote.get_mutex(key),
@@ -270,20 +356,17 @@ class _TieredOperations:
             self._lock_expired,
             lambda since: self._written_since(key, since),
         )
+        if mutex is local or mutex is None:
+            return mutex
+        return self.local.rechecking(mutex, key)  # dogpile's second look: the same lookup
 
     def _written_since(self, key: str, since: float) -> bool:
-        copy = self.local.get_serialized_stamped(key)
+        copy = self.local.get_serialized_stamped(key, count=False)
         return copy is not NO_VALUE and copy[1] >= since
 
     def has_lock_timeout(self) -> bool:
         """True if the remote's lock can expire while held (then two creators may run)."""
-        if self.lock_mode == "local":
-            return False
-        base = redisremote.innermost(self.remote)
-        redis_timeout = getattr(base, "distributed_lock", False) and getattr(
-            base, "lock_timeout", None
-        )
-        return bool(self.remote.has_lock_timeout() or redis_timeout)
+        return self.lock_mode != "local" and redisremote.lock_can_expire(self.remote)
 
     # -- observability --------------------------------------------------------------
 
@@ -345,13 +428,13 @@ class TieredBackend(_TieredOperations, BytesBackend):
     """
 
     def __init__(self, arguments: Mapping[str, Any]) -> None:
-        settings = _parse(arguments, local_given=_has_tier(arguments, "local"))
+        settings = _parse(arguments, local_given=has_tier(arguments, "local"))
         remote_class = load_backend(settings["remote_backend"], "remote_backend")
         remote_arguments = redisremote.with_defaults(
             remote_class, tier_arguments(arguments, "remote")
         )
         local_arguments = _local_arguments(tier_arguments(arguments, "local"), settings)
-        local = _local_tier(lambda: PickleFSBackend(local_arguments))
+        local = local_tier(lambda: PickleFSBackend(local_arguments))
         remote = remote_class(remote_arguments)
         self._setup(
             settings, local, remote, describe(settings["remote_backend"], remote_arguments)
@@ -374,7 +457,7 @@ class TieredBackend(_TieredOperations, BytesBackend):
         remote_arguments = redisremote.with_defaults(
             remote_class, sub_config(config_dict, remote_prefix)
         )
-        local = _local_tier(
+        local = local_tier(
             lambda: cast(
                 PickleFSBackend, PickleFSBackend.from_config_dict(local_config, local_prefix)
             )
@@ -417,9 +500,9 @@ class TieredProxy(_TieredOperations, ProxyBackend):
                 raise ConfigError(
                     name, "left out: the backend a TieredProxy wraps is the remote", merged[name]
                 )
-        self._settings = _parse(merged, local_given=_has_tier(merged, "local"), proxy=True)
+        self._settings = _parse(merged, local_given=has_tier(merged, "local"), proxy=True)
         local_arguments = _local_arguments(tier_arguments(merged, "local"), self._settings)
-        self._local = _local_tier(lambda: PickleFSBackend(local_arguments))
+        self._local = local_tier(lambda: PickleFSBackend(local_arguments))
 
     def wrap(self, backend: CacheBackend) -> TieredProxy:
         super().wrap(backend)
@@ -463,24 +546,19 @@ def _parse(
     return parse_top_level(arguments, parsers, DEFAULTS, TIERS)
 
 
-def _has_tier(arguments: Mapping[str, Any], tier: str) -> bool:
-    return tier in arguments or any(key.startswith(f"{tier}.") for key in arguments)
-
-
 def _local_arguments(arguments: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """The local tier's arguments, with ``local_expiration_time`` as its expiration."""
+    if parse_bool("local.read_only", arguments.get("read_only")):
+        raise ConfigError(
+            "local.read_only",
+            "False: the local tier keeps a copy of what this host reads from the remote",
+            arguments["read_only"],
+        )
     limit = settings["local_expiration_time"]
     if limit is not None:
         own = parse_seconds("local.expiration_time", arguments.get("expiration_time"))
         arguments["expiration_time"] = min(limit, own if own is not None else math.inf)
     return arguments
-
-
-def _local_tier(build: Callable[[], PickleFSBackend]) -> PickleFSBackend:
-    try:
-        return build()
-    except ConfigError as exc:
-        raise exc.within("local") from exc
 
 
 def _origin(local: PickleFSBackend) -> str:

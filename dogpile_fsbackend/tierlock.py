@@ -12,12 +12,13 @@ back to the local lock: each host stays a correct single-host cache.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
 from dogpile.cache.api import CacheMutex
 
-from .remote import OUTAGE, RemoteGuard
+from .remote import OUTAGE, Outage, RemoteGuard
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,22 @@ class TierMutex(CacheMutex):
 
     dogpile shares one mutex object per key between threads, and only one
     holder exists at a time, so what the holder took is kept on the object.
-    Any thread may release (dogpile's async creators do).
+    With mode "both" this host's lock makes sure of that; with "remote" a
+    thread lock of the object does, or a thread falling back to this host's
+    lock during an outage would join a holder of the remote lock.  Any thread
+    may release (dogpile's async creators do).
     """
 
-    __slots__ = ("_expired", "_guard", "_held", "_local", "_mode", "_remote", "_written_since")
+    __slots__ = (
+        "_expired",
+        "_guard",
+        "_held",
+        "_local",
+        "_mode",
+        "_one_holder",
+        "_remote",
+        "_written_since",
+    )
 
     def __init__(
         self,
@@ -78,8 +91,24 @@ class TierMutex(CacheMutex):
         self._guard = guard
         self._written_since = written_since
         self._held: tuple[bool, bool] = (False, False)  # (local, remote) held by the holder
+        self._one_holder = threading.Lock() if mode == "remote" else None
 
     def acquire(self, wait: bool = True) -> bool:
+        one_holder = self._one_holder
+        if one_holder is None:
+            return self._acquire(wait)
+        if not one_holder.acquire(wait):
+            return False
+        try:
+            got = self._acquire(wait)
+        except BaseException:
+            one_holder.release()
+            raise
+        if not got:
+            one_holder.release()
+        return got
+
+    def _acquire(self, wait: bool) -> bool:
         local_held = False
         if self._mode == "both":
             assert self._local is not None
@@ -93,7 +122,7 @@ class TierMutex(CacheMutex):
                     return True
             local_held = True
         try:
-            got = self._guard.call(self._remote.acquire, wait)
+            got = self._acquire_remote(wait)
             if got is OUTAGE:  # degrade: this host's lock alone keeps one creator per host
                 if not local_held and self._local is not None:
                     if not self._local.acquire(wait):
@@ -112,6 +141,16 @@ class TierMutex(CacheMutex):
         self._held = (local_held, True)
         return True
 
+    def _acquire_remote(self, wait: bool) -> bool | Outage:
+        """The remote lock.  While the remote is out, a blocking acquire would be the
+        guard's probe for as long as another holder keeps the lock, and every other
+        call of this process would skip the remote meanwhile: probe without waiting."""
+        if wait and not self._guard.healthy:
+            got = self._guard.call(self._remote.acquire, False)
+            if got is OUTAGE or got:
+                return got
+        return self._guard.call(self._remote.acquire, wait)
+
     def release(self) -> None:
         local_held, remote_held = self._held
         self._held = (False, False)
@@ -121,10 +160,12 @@ class TierMutex(CacheMutex):
         finally:
             if local_held:
                 self._local.release()  # type: ignore[union-attr]
+            if self._one_holder is not None:
+                self._one_holder.release()
 
     def _release_remote(self) -> None:
         try:
-            self._guard.call(self._remote.release)
+            self._guard.call_anyway(self._remote.release)  # even during a back-off
         except self._expired:
             # The creator outlived the lock's timeout and the lock expired; another
             # host may have taken it and created the value meanwhile.
@@ -136,6 +177,8 @@ class TierMutex(CacheMutex):
             )
 
     def locked(self) -> bool:
+        if self._one_holder is not None and self._one_holder.locked():
+            return True
         if self._local is not None and self._local.locked():
             return True
         held = self._guard.call(self._remote.locked)

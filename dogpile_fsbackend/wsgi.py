@@ -13,6 +13,15 @@ token), answer If-None-Match / If-Modified-Since with 304, a single Range with
 file goes to ``wsgi.file_wrapper`` when the server offers one, so a server
 with sendfile support never copies it through Python; anything else is read
 in 256 KiB chunks.  Either way memory stays flat whatever the file size.
+
+Over ``dogpile_fsbackend.raw_tiered``, ``presign=True`` answers a request for
+a file that is not on this host with a ``307 Temporary Redirect`` to a
+presigned URL of its object, so the browser (or CDN) fetches it from the
+bucket instead of this host downloading it first; ``presign="always"``
+redirects every request.  307, not 302: the client must repeat the request
+unchanged at the bucket (a HEAD stays a HEAD, a Range stays a Range), which is
+what 307 promises and 302 does not.  Without ``presign`` the app fills the
+local copy from the bucket and serves it as above.
 """
 
 from __future__ import annotations
@@ -24,16 +33,24 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import timezone
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import quote
 
 from dogpile.cache.api import NO_VALUE, CachedValue
 from dogpile.cache.region import CacheRegion
 
+from . import layout
 from .backends import RawFSBackend
-from .rawfiles import CachedFile, CachedFileReader, guess_type
+from .rawfiles import (
+    CachedFile,
+    CachedFileReader,
+    content_disposition,
+    guess_type,
+    header_content_type,
+)
+from .rawtiered import RawTieredBackend
+from .s3tier import parse_expires_in
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -42,7 +59,6 @@ if TYPE_CHECKING:
 _CHUNK = 256 * 1024
 _PATH = re.compile(r"/([0-9a-f]{64})/([0-9a-f]{1,64})")
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*", re.IGNORECASE)
-_DEFAULT_TYPE = "application/octet-stream"
 _SERVES = (
     "a cached raw value (CachedFileReader) or an open binary regular file: open(path, 'rb'), "
     "tempfile.NamedTemporaryFile(), or either wrapped in CachedFile(...), as a creator "
@@ -82,9 +98,10 @@ class CacheFileApp:
 
         url = files.url_for(key)  # "/files/<digest>/<token>", None on a miss
 
-    :param cache: a region configured with the ``dogpile_fsbackend.raw``
-     backend, or a :class:`RawFSBackend`.  With a region, its expiration time
-     and :meth:`~dogpile.cache.region.CacheRegion.invalidate` apply as for
+    :param cache: a region configured with the ``dogpile_fsbackend.raw`` or
+     ``dogpile_fsbackend.raw_tiered`` backend, or such a backend.  With a
+     region, its expiration time and
+     :meth:`~dogpile.cache.region.CacheRegion.invalidate` apply as for
      ``region.get``: an entry the region would not return is a 404.
     :param prefix: the path the app is mounted at, ``""`` or ``"/some/path"``;
      :meth:`url_for` returns paths under it and :func:`mount` routes it.
@@ -92,20 +109,35 @@ class CacheFileApp:
      default lets browsers keep a copy but revalidate it (a cheap 304), so a
      deleted entry stops being served at once.  Since a URL's bytes never
      change, ``"public, max-age=31536000, immutable"`` is safe for content
-     that is not private.
+     that is not private.  A presigned URL's response gets it too.
+    :param presign: ``raw_tiered`` only.  ``False`` (default): every file is
+     served by this app (a file that is not on this host is downloaded into
+     its local tier first).  ``True``: a file that is not on this host is
+     answered with a ``307`` redirect to a presigned URL of its object, and a
+     file that is, is served from the local copy.  ``"always"``: every
+     request is redirected.  The redirect itself is never cached
+     (``Cache-Control: no-store``).
+    :param expires_in: seconds a presigned URL stays valid, 1 to 604800
+     (SigV4's seven days).  Defaults to ``3600``.
     """
 
     def __init__(
         self,
-        cache: CacheRegion | RawFSBackend,
+        cache: CacheRegion | RawFSBackend | RawTieredBackend,
         prefix: str = "",
         cache_control: str | None = "private, no-cache",
+        presign: bool | str = False,
+        expires_in: int = 3600,
     ) -> None:
         if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ValueError(f"prefix must be '' or '/path' (no trailing '/'), not {prefix!r}")
+        if presign not in (False, True, "always"):
+            raise ValueError(f"presign must be False, True or 'always', not {presign!r}")
         self.cache = cache
         self.prefix = prefix
         self.cache_control = cache_control
+        self.presign = presign
+        self.expires_in = parse_expires_in("expires_in", expires_in)
         if not isinstance(cache, CacheRegion) or cache.is_configured:
             self._backend()  # fail now, not on the first request
 
@@ -117,11 +149,23 @@ class CacheFileApp:
         """
         if isinstance(self.cache, CacheRegion) and self.cache.key_mangler:
             key = self.cache.key_mangler(key)
-        reader = self._live(self._backend().get(key))
-        if reader is None:
-            return None
+        backend = self._backend()
+        if self.presign and isinstance(backend, RawTieredBackend):
+            # No download to make a URL: this host's copy, else the bucket's description.
+            reader = self._live(backend.local.get(key))
+            digest = layout.key_digest(layout.encode_key(key))
+            if reader is None:
+                description = backend.describe_remote(digest)
+                if description is None or self._is_stale(description.meta.metadata):
+                    return None
+                return f"{self.prefix}/{digest}/{description.meta.token}"
+        else:
+            reader = self._live(backend.get(key))
+            if reader is None:
+                return None
+            digest = layout.key_digest(layout.encode_key(key))
         with reader:
-            digest, _, token = os.path.basename(reader.name).partition(".")
+            token = reader.etag.strip('"')
         return f"{self.prefix}/{digest}/{token}"
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -132,7 +176,18 @@ class CacheFileApp:
             return _error(
                 environ, start_response, "405 Method Not Allowed", [("Allow", "GET, HEAD")]
             )
-        reader = self._open(*match.groups())
+        digest, token = match.groups()
+        backend = self._backend()
+        if self.presign and isinstance(backend, RawTieredBackend):
+            reader = None
+            if self.presign != "always":
+                reader = self._matching(backend.local.get_by_digest(digest), token)
+            if reader is None:
+                return self._redirect(backend, digest, token, environ, start_response)
+        elif isinstance(backend, RawTieredBackend):  # a newer write may be in the bucket
+            reader = self._matching(backend.get_by_digest(digest, token), token)
+        else:
+            reader = self._matching(backend.get_by_digest(digest), token)
         if reader is None:
             return _error(environ, start_response, "404 Not Found")
         return self.serve(reader, environ, start_response)
@@ -170,22 +225,54 @@ class CacheFileApp:
             reader.close()
             raise
 
-    def _backend(self) -> RawFSBackend:
+    def _backend(self) -> RawFSBackend | RawTieredBackend:
         cache = self.cache
         backend = cache.actual_backend if isinstance(cache, CacheRegion) else cache
-        if not isinstance(backend, RawFSBackend):
+        if not isinstance(backend, (RawFSBackend, RawTieredBackend)):
             raise TypeError(
-                f"CacheFileApp serves the dogpile_fsbackend.raw backend, not {type(backend)!r}"
+                "CacheFileApp serves the dogpile_fsbackend.raw backend (or raw_tiered), "
+                f"not {type(backend)!r}"
+            )
+        if self.presign and not isinstance(backend, RawTieredBackend):
+            raise ValueError(
+                "presign needs the dogpile_fsbackend.raw_tiered backend (files in a bucket), "
+                f"not {type(backend).__name__}"
             )
         return backend
 
-    def _open(self, digest: str, token: str) -> CachedFileReader | None:
-        """The live entry ``digest`` if ``token`` names its current write, else None."""
-        reader = self._live(self._backend().get_by_digest(digest))
+    def _matching(
+        self, value: CachedValue | CachedFileReader | NoValueType, token: str
+    ) -> CachedFileReader | None:
+        """The live entry found if ``token`` names its current write, else None."""
+        reader = self._live(value)
         if reader is not None and not hmac.compare_digest(reader.etag, f'"{token}"'):
             reader.close()
             return None
         return reader
+
+    def _redirect(
+        self,
+        backend: RawTieredBackend,
+        digest: str,
+        token: str,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> list[bytes]:
+        """307 to a presigned URL of the object, if ``token`` names its current write."""
+        description = backend.describe_remote(digest)
+        if (
+            description is None
+            or not hmac.compare_digest(description.meta.token, token)
+            or self._is_stale(description.meta.metadata)
+        ):
+            return _error(environ, start_response, "404 Not Found")
+        method = "HEAD" if environ.get("REQUEST_METHOD") == "HEAD" else "GET"
+        location = backend.presigned_url(
+            digest, method, self.expires_in, cache_control=self.cache_control
+        )
+        headers = [("Location", location), ("Cache-Control", "no-store"), ("Content-Length", "0")]
+        start_response("307 Temporary Redirect", headers)
+        return []
 
     def _live(
         self, value: CachedValue | CachedFileReader | NoValueType
@@ -199,15 +286,24 @@ class CacheFileApp:
             return None
         if not isinstance(value, CachedValue):
             return value
-        region, created = self.cache, value.metadata["ct"]
-        if isinstance(region, CacheRegion) and (
-            (region.expiration_time is not None and time.time() - created > region.expiration_time)
-            or region.region_invalidator.is_invalidated(created)
-        ):
+        if self._is_stale(value.metadata):
             value.payload.close()
             return None
         reader: CachedFileReader = value.payload
         return reader
+
+    def _is_stale(self, metadata: Mapping[str, Any] | None) -> bool:
+        """True if a region would not return a value with dogpile's ``metadata``."""
+        region = self.cache
+        if metadata is None or not isinstance(region, CacheRegion):
+            return False
+        created = metadata.get("ct")
+        if isinstance(created, bool) or not isinstance(created, (int, float)):
+            return True  # not dogpile's: a region would not take it either
+        return bool(
+            (region.expiration_time is not None and time.time() - created > region.expiration_time)
+            or region.region_invalidator.is_invalidated(created)
+        )
 
     def _plan(self, file: _Served, environ: WSGIEnvironment) -> _Plan:
         size = file.size
@@ -227,11 +323,11 @@ class CacheFileApp:
             headers += [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")]
             return _Plan("416 Range Not Satisfiable", headers, 0, 0, has_body=False)
         headers += [
-            ("Content-Type", _content_type(file.content_type)),
+            ("Content-Type", header_content_type(file.content_type)),
             ("X-Content-Type-Options", "nosniff"),
         ]
         if file.filename:
-            headers.append(("Content-Disposition", _disposition(file.filename)))
+            headers.append(("Content-Disposition", content_disposition(file.filename)))
         if byte_range is None:
             headers.append(("Content-Length", str(size)))
             return _Plan("200 OK", headers, 0, size, has_body=True)
@@ -375,23 +471,6 @@ def _http_date(value: str | None) -> int | None:
     if moment.tzinfo is None:  # "-0000": UTC, said without a zone
         moment = moment.replace(tzinfo=timezone.utc)
     return int(moment.timestamp())
-
-
-def _content_type(content_type: str | None) -> str:
-    """The stored type if it is safe to put in a header, else ``application/octet-stream``."""
-    if content_type and content_type.isascii() and content_type.isprintable():
-        return content_type
-    return _DEFAULT_TYPE
-
-
-def _disposition(filename: str) -> str:
-    """``inline`` with the name (RFC 6266): browsers show the file, and save it under it."""
-    printable = "".join(c for c in filename if c.isprintable())
-    fallback = printable.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
-    header = f'inline; filename="{fallback}"'
-    if fallback != printable:
-        header += f"; filename*=UTF-8''{quote(printable, safe='')}"
-    return header
 
 
 def _error(

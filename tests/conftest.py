@@ -8,7 +8,14 @@ import tempfile
 
 import pytest
 from dogpile.cache import make_region
-from servers import RedisServer, redis_server_binary
+from dogpile.cache.backends import redis as dogpile_redis
+from servers import (
+    MotoServer,
+    RedisClusterServer,
+    RedisServer,
+    moto_installed,
+    redis_server_binary,
+)
 
 # Spawned children inherit no locks or threads from the test runner.
 SPAWN = multiprocessing.get_context("spawn")
@@ -94,5 +101,52 @@ def redis_url(redis_server):
 def private_redis(tmp_path):
     """A redis-server of the test's own, to kill, pause and restart."""
     server = RedisServer(_redis_binary(), str(tmp_path / "redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A one-node Redis Cluster of the test's own (dogpile.cache.redis_cluster)."""
+    if not hasattr(dogpile_redis, "RedisClusterBackend"):
+        pytest.skip("dogpile.cache.redis_cluster arrived in dogpile.cache 1.3.2")
+    server = RedisClusterServer(_redis_binary(), str(tmp_path / "redis-cluster")).start()
+    yield server
+    server.stop()
+
+
+def _require_moto() -> None:
+    if not moto_installed():
+        pytest.skip(
+            "moto is not installed (pip install 'moto[server]', part of the test extra); "
+            "the raw_tiered backend's tests need a real S3 endpoint"
+        )
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """moto's S3 server, shared by the tests that do not stop it (reset per test)."""
+    _require_moto()
+    server = MotoServer(str(tmp_path_factory.mktemp("moto"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server):
+    """The shared S3 server, emptied, with the bucket ``test-bucket`` made."""
+    if not moto_server.process or moto_server.process.poll() is not None:
+        moto_server.start()  # a test stopped it after all
+    moto_server.reset()
+    moto_server.client().create_bucket(Bucket="test-bucket")
+    return moto_server
+
+
+@pytest.fixture
+def private_s3(tmp_path):
+    """An S3 server of the test's own, to kill, pause and restart (with ``test-bucket``)."""
+    _require_moto()
+    server = MotoServer(str(tmp_path / "moto")).start()
+    server.client().create_bucket(Bucket="test-bucket")
     yield server
     server.stop()

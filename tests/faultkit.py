@@ -18,6 +18,7 @@ import io
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -132,6 +133,22 @@ def check_raw_hit(key: str, value: Any, writers: int | None = None) -> str | Non
     return check_blob(key, read_raw(value), writers)
 
 
+def set_bytes(backend: Any, kind: str, key: str, value: bytes) -> None:
+    """Store ``value`` under ``key`` on either backend ("pickled" or "raw")."""
+    if kind == "raw":
+        backend.set(key, io.BytesIO(value))
+    else:
+        backend.set_serialized(key, value)
+
+
+def get_bytes(backend: Any, kind: str, key: str) -> bytes | None:
+    """The bytes stored under ``key`` on either backend; None for a miss."""
+    found = backend.get(key) if kind == "raw" else backend.get_serialized(key)
+    if found is NO_VALUE:
+        return None
+    return read_raw(found) if kind == "raw" else found
+
+
 def blob_file(blob: bytes) -> io.BytesIO:
     return io.BytesIO(blob)
 
@@ -197,6 +214,72 @@ def snapshot(root: str) -> dict[str, tuple]:
                 content,
             )
     return found
+
+
+def tree_state(root: str, atimes: bool = True) -> dict[str, tuple]:
+    """Everything a process could change under ``root`` (``root`` included): names, kinds,
+    owners, modes, sizes, inodes, link counts, mtimes, ctimes, atimes (unless
+    ``atimes=False``) and a digest of each file's content.
+
+    Read with ``O_NOATIME`` (the test runs as root), so taking it changes no atime.
+    """
+    noatime = getattr(os, "O_NOATIME", 0)
+    found: dict[str, tuple] = {}
+
+    def visit(path: str, name: str) -> None:
+        info = os.lstat(path)
+        content: str | None = None
+        if stat.S_ISREG(info.st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | noatime)
+            try:
+                digest = hashlib.sha256()
+                while chunk := os.read(fd, 1 << 20):
+                    digest.update(chunk)
+                content = digest.hexdigest()
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(info.st_mode):
+            content = os.readlink(path)
+        found[name] = (
+            info.st_mode,
+            info.st_uid,
+            info.st_gid,
+            info.st_size,
+            info.st_ino,
+            info.st_nlink,
+            info.st_mtime_ns,
+            info.st_ctime_ns,
+            # (reading a symlink, as this does, updates its atime: not compared)
+            info.st_atime_ns if atimes and not stat.S_ISLNK(info.st_mode) else None,
+            content,
+        )
+        if stat.S_ISDIR(info.st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | noatime)
+            try:
+                names = sorted(os.listdir(fd))
+            finally:
+                os.close(fd)
+            for child in names:
+                visit(os.path.join(path, child), os.path.join(name, child))
+
+    visit(root, ".")
+    return found
+
+
+def keeps_atimes(directory: str) -> bool:
+    """True if a plain read of a file in ``directory`` updates its atime (relatime,
+    strictatime), so that comparing atimes shows whether anything read without care."""
+    probe = os.path.join(directory, f"atime-probe-{os.getpid()}")
+    with open(probe, "wb") as handle:
+        handle.write(b"probe")
+    try:
+        an_hour_ago = time.time() - 3600
+        os.utime(probe, (an_hour_ago, time.time()))
+        with open(probe, "rb") as handle:
+            handle.read()
+        return os.stat(probe).st_atime > an_hour_ago + 1
+    finally:
+        os.unlink(probe)
 
 
 def entry_path(backend: Any, key: str) -> str:
@@ -392,6 +475,24 @@ def nobody_dir(prefix: str) -> Iterator[str]:
         yield top
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def plant_socket(path: str) -> Any:
+    """A Unix socket bound at ``path`` (close it after use).  Bound from its directory:
+    a socket's address holds at most 107 bytes, less than a deep cache path."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    here = os.getcwd()
+    os.chdir(os.path.dirname(path))
+    try:
+        sock.bind(os.path.basename(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.chdir(here)
+    return sock
 
 
 def read_text(path: str) -> str:

@@ -413,6 +413,7 @@ BAD_VALUES = {
     "reconcile_interval": [0, -10, "hourly", True, []],
     "temp_max_age": [None, "", "none", 0, -1, "old", True],
     "write_errors": [None, "", "ignore", "warn", 1, True],
+    "read_only": ["readonly", 2, 1.0, []],
 }
 
 

@@ -40,6 +40,7 @@ from dogpile_fsbackend import (
     maintenance,
     marker,
     records,
+    store,
 )
 
 NOBODY = 65534
@@ -48,14 +49,15 @@ needs_root = pytest.mark.skipif(not ROOT, reason="needs root (mounts, other user
 BOOKKEEPING = (layout.ACCOUNTING_NAME, layout.LOCK_NAME, layout.MARKER_NAME)
 
 
-def cli(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
+def python(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """A fresh interpreter run with ``args``, its output captured as text."""
     return subprocess.run(
-        [sys.executable, "-m", "dogpile_fsbackend", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+        [sys.executable, *args], capture_output=True, text=True, timeout=WAIT, check=check
     )
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return python("-m", "dogpile_fsbackend", *args)
 
 
 def wait_for(condition, what: str, timeout: float = WAIT) -> None:
@@ -163,13 +165,15 @@ def test_damaging_a_bookkeeping_file_under_running_writers_never_kills_one(tmp_p
         path = os.path.join(base_dir, name)
         for how in DAMAGE[name]:
             _damage(path, how)
-            before = list(progress)
             start = time.monotonic()
-            # Long enough for everyone's once-a-second check, with writes all along.
+            # Everyone's identity check is due by now, so each set from here on checks...
+            wait_for(lambda start=start: time.monotonic() - start > CHECK_INTERVAL, "time")
+            before = list(progress)
+            # ...and every writer makes 20 of them (a writer descheduled meanwhile is waited
+            # for, rather than judged before it could look).
             wait_for(
-                lambda before=before, start=start: (
-                    time.monotonic() - start > 3 * CHECK_INTERVAL
-                    and all(now > then + 20 for now, then in zip(progress, before, strict=True))
+                lambda before=before: all(
+                    now > then + 20 for now, then in zip(progress, before, strict=True)
                 ),
                 f"the writers to go on after {how}",
             )
@@ -316,19 +320,13 @@ def test_a_planted_bookkeeping_file_is_a_clear_error_not_a_hang(tmp_path, name, 
         shutil.rmtree(os.path.join(base_dir, layout.DATA_DIR))
     path = os.path.join(base_dir, name)
     _plant(path, what)
-    done = subprocess.run(
-        [sys.executable, "-c", _OPEN_IN_A_CHILD, base_dir],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
+    done = python("-c", _OPEN_IN_A_CHILD, base_dir)
     assert done.stdout.startswith("BookkeepingError"), done
     assert path in done.stdout
     assert "remove it" in done.stdout or "delete it" in done.stdout
     if name != layout.MAINTENANCE_LOCK_NAME:
         for command in ("stats", "prune"):
-            outcome = cli(command, base_dir, timeout=WAIT)
+            outcome = cli(command, base_dir)
             assert outcome.returncode in (1, 2), outcome
             assert path in outcome.stderr, outcome
 
@@ -507,6 +505,30 @@ def test_a_non_blocking_pipe_that_runs_dry_is_an_error_not_a_shorter_value(tmp_p
     ):
         region.set("key", value)
     os.close(write_end)
+    assert faultkit.read_raw(region.get("key")) == b"old"
+    assert faultkit.temp_files(str(tmp_path / "cache")) == []
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tempfile.NamedTemporaryFile("w+"),  # noqa: SIM115 - closed below
+        lambda: tempfile.SpooledTemporaryFile(mode="w+"),  # noqa: SIM115
+    ],
+    ids=["NamedTemporaryFile", "SpooledTemporaryFile"],
+)
+def test_a_temporary_file_in_text_mode_is_refused_with_a_clear_error(tmp_path, make):
+    """Item 15: a text-mode temporary file is not a TextIOBase (it wraps one), so it
+    passed the type check and failed deep in the copy with "memoryview: a bytes-like
+    object is required"; now the TypeError says what the raw backend stores."""
+    region = raw(tmp_path / "cache")
+    region.set("key", io.BytesIO(b"old"))
+    with make() as value:
+        value.write("text")
+        value.seek(0)
+        with pytest.raises(TypeError, match="binary") as info:
+            region.set("key", value)
+    assert "the raw backend stores" in str(info.value)
     assert faultkit.read_raw(region.get("key")) == b"old"
     assert faultkit.temp_files(str(tmp_path / "cache")) == []
 
@@ -735,9 +757,20 @@ def _on_a_read_only_cache(base_dir: str, entry: str) -> dict:
     with pytest.raises(OSError) as info:
         region.set("key", "new")
     outcome["set"] = errno.errorcode.get(info.value.errno or 0)
+    outcome["set error"] = type(info.value).__name__
+    outcome["created"] = region.get_or_create("other", lambda: "computed")  # not stored
     logging_region = pickled(base_dir, write_errors="log")
-    outcome["created"] = logging_region.get_or_create("other", lambda: "computed")
+    logging_region.set("key", "new")
     outcome["write_errors"] = logging_region.backend.stats()["write_errors"]
+    # A value too large to cache is refused, and the key's old value cannot go either.
+    for write_errors in ("raise", "log"):
+        small = pickled(base_dir, cache_size=4096, write_errors=write_errors)
+        try:
+            with pytest.warns(CacheSizeWarning):
+                small.set("key", "x" * 10_000)
+            outcome[f"too large, {write_errors}"] = small.backend.stats()["write_errors"]
+        except OSError as exc:
+            outcome[f"too large, {write_errors}"] = errno.errorcode.get(exc.errno or 0)
     outcome["raw hit"] = faultkit.read_raw(raw(base_dir + "-raw").get("file"))
     outcome["stats"] = cli("stats", "--json", base_dir).returncode
     return outcome
@@ -746,8 +779,8 @@ def _on_a_read_only_cache(base_dir: str, entry: str) -> dict:
 @needs_root
 def test_a_cache_on_a_read_only_filesystem_serves_hits(tmp_path):
     """Item 11: a cache on a read-only bind mount opens, serves hits without stamping
-    them, reports EROFS for sets (or logs them with write_errors='log'), and CLI stats
-    works."""
+    them, raises ReadOnlyError (EROFS) for sets (or logs them with write_errors='log'),
+    returns what get_or_create created, and CLI stats works."""
     source = tmp_path / "source"
     region = pickled(source / "cache")
     region.set("key", "value")
@@ -767,11 +800,118 @@ def test_a_cache_on_a_read_only_filesystem_serves_hits(tmp_path):
         "hit": "value",
         "stamped": False,
         "set": "EROFS",
+        "set error": "ReadOnlyError",
         "created": "computed",
         "write_errors": 1,
+        "too large, raise": "EROFS",
+        "too large, log": 1,
         "raw hit": b"raw bytes",
         "stats": 0,
     }
+
+
+def _open_read_only(base_dir: str) -> str:
+    try:
+        pickled(base_dir)
+    except ConfigError as exc:
+        return str(exc)
+    return "opened"
+
+
+@needs_root
+def test_a_read_only_cache_without_its_marker_names_the_file_and_the_way_out(tmp_path):
+    """Item 15: a read-only cache whose fsbackend.json is gone (a tmp cleaner took it)
+    cannot be adopted; the error used to show the accounting file's path as base_dir."""
+    source = tmp_path / "source"
+    pickled(source / "cache").set("key", "value")
+    os.unlink(source / "cache" / layout.MARKER_NAME)
+    mount_point = str(tmp_path / "ro")
+    os.mkdir(mount_point)
+    with faultkit.mounted("--bind", str(source), target=mount_point):
+        problem = faultkit.try_mount("-o", "remount,bind,ro", mount_point)
+        if problem:
+            pytest.skip(problem)
+        base_dir = os.path.join(mount_point, "cache")
+        message = faultkit.in_child(_open_read_only, base_dir)
+    assert f"got {base_dir!r}" in message, message
+    assert os.path.join(base_dir, layout.MARKER_NAME) in message
+    assert "read-write" in message
+
+
+def _misses_of_an_unremovable_cache(base_dir: str, raw_dir: str) -> dict:
+    region = pickled(base_dir, expiration_time=60)
+    raw_region = raw(raw_dir)
+    outcome = {}
+    for key, get in (("expired", region.get), ("damaged", region.get), ("file", raw_region.get)):
+        try:
+            outcome[key] = get(key) is NO_VALUE
+        except OSError as exc:
+            outcome[key] = errno.errorcode.get(exc.errno or 0, str(exc))
+    return outcome
+
+
+def _give_to_nobody_but_these_entries(top: str, entries: list[str]) -> None:
+    """Everything under ``top`` to nobody, except ``entries`` and the shard directories
+    that hold them, which stay root's (readable by all, writable by root only)."""
+    for directory, _, names in os.walk(top):
+        for path in (directory, *(os.path.join(directory, name) for name in names)):
+            os.chown(path, NOBODY, NOBODY)
+    for entry in entries:
+        level = entry
+        while os.path.basename(level) != layout.DATA_DIR:
+            os.chown(level, 0, 0)
+            level = os.path.dirname(level)
+
+
+@needs_root
+@pytest.mark.parametrize("where", ["read-only mount", "another user's cache"])
+def test_entries_a_reader_cannot_remove_are_misses_left_in_place(tmp_path, where):
+    """Items 8, 11: an entry that a get removes on the way (expired, damaged, a raw
+    record whose data file is gone) is a miss on a read-only mount, or for a user who
+    may read the cache but not write it (a web server reading the app's files), and
+    stays where it is; it used to raise EROFS or PermissionError out of get()."""
+    with faultkit.nobody_dir("unremovable") as top:
+        source = os.path.join(top, "source")
+        modes = {"file_mode": 0o644, "dir_mode": 0o755}  # readable by every user
+        region = pickled(os.path.join(source, "cache"), expiration_time=60, **modes)
+        an_hour_ago = time.time() - 3600
+        record = records.encode(records.KIND_PICKLED, b"expired", b"payload", an_hour_ago)
+        region.backend.store.write_and_publish(layout.key_digest(b"expired"), record)
+        region.set("damaged", "value")
+        with open(faultkit.entry_path(region.backend, "damaged"), "r+b") as handle:
+            handle.seek(records.HEADER_SIZE + 2)
+            handle.write(b"XX")  # the stored key and the checksum no longer match
+        raw_region = raw(os.path.join(source, "cache-raw"), **modes)
+        raw_region.set("file", io.BytesIO(b"raw bytes"))
+        for path in faultkit.data_paths(raw_region.backend, "file"):
+            os.unlink(path)
+        if where == "another user's cache":  # root ran the app once, in nobody's cache
+            _give_to_nobody_but_these_entries(
+                source,
+                [faultkit.entry_path(region.backend, key) for key in ("expired", "damaged")]
+                + [faultkit.entry_path(raw_region.backend, "file")],
+            )
+        before = faultkit.snapshot(source)
+        if where == "another user's cache":
+            outcome = faultkit.in_child_as_nobody(
+                _misses_of_an_unremovable_cache,
+                os.path.join(source, "cache"),
+                os.path.join(source, "cache-raw"),
+            )
+        else:
+            mount_point = os.path.join(top, "ro")
+            os.mkdir(mount_point)
+            with faultkit.mounted("--bind", source, target=mount_point):
+                problem = faultkit.try_mount("-o", "remount,bind,ro", mount_point)
+                if problem:
+                    pytest.skip(problem)
+                outcome = faultkit.in_child(
+                    _misses_of_an_unremovable_cache,
+                    os.path.join(mount_point, "cache"),
+                    os.path.join(mount_point, "cache-raw"),
+                )
+        assert outcome == {"expired": True, "damaged": True, "file": True}
+        assert faultkit.snapshot(source) == before
 
 
 # -- 12: tmp cleaners ----------------------------------------------------------------------
@@ -779,6 +919,9 @@ def test_a_cache_on_a_read_only_filesystem_serves_hits(tmp_path):
 
 def _user_of_the_cache(base_dir: str, touch_interval: float, progress, stop) -> None:
     files.TOUCH_INTERVAL = touch_interval  # hourly in production; shortened for the test
+    # Times are refreshed only at an identity check (once a second in production): at the
+    # cleaner's 1 s age the files would be judged idle for the moment before each check.
+    files.CHECK_INTERVAL = touch_interval / 3
     region = pickled(base_dir)
     count = 0
     while not stop.is_set():
@@ -854,9 +997,10 @@ def _mutex_user(base_dir, worker, warmed, deleted, barrier, calls, results):
 
 
 def test_a_deleted_lock_file_is_replaced_and_every_process_moves_to_it(tmp_path):
-    """Item 12: after ``lock`` was deleted, get_or_create ran its creator in two
-    processes at once.  Now each process notices within a second, they converge on the
-    new lock file, and the creator runs once."""
+    """Item 12: after ``lock`` was deleted, a process started afterwards made a new one
+    while the running ones stayed on the old, and get_or_create ran its creator in two
+    processes at once.  Now the running process notices within a second, both converge
+    on the new lock file, and the creator runs once."""
     base_dir = str(tmp_path / "cache")
     pickled(base_dir).set("seed", 1)
     warmed, deleted = SPAWN.Semaphore(0), SPAWN.Event()
@@ -868,12 +1012,11 @@ def test_a_deleted_lock_file_is_replaced_and_every_process_moves_to_it(tmp_path)
         )
         for w in range(2)
     ]
-    for proc in procs:
-        proc.start()
-    for _ in procs:
-        assert warmed.acquire(timeout=WAIT)
+    procs[0].start()  # on the old lock file
+    assert warmed.acquire(timeout=WAIT)
     os.unlink(os.path.join(base_dir, layout.LOCK_NAME))
     deleted.set()
+    procs[1].start()  # never saw the old one
     values = [results.get(timeout=WAIT) for _ in procs]
     for proc in procs:
         proc.join(WAIT)
@@ -940,19 +1083,13 @@ def test_a_live_writer_in_another_pid_namespace_keeps_its_temp_file(tmp_path):
         writer.stdout.close()
     assert faultkit.read_raw(region.get("key")) == first
     # A dead writer's temp file (its lock released by the kernel) goes at once.
-    dead = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, os; from dogpile.cache import make_region; "
-            "store = make_region().configure('dogpile_fsbackend.raw', "
-            "arguments={'base_dir': sys.argv[1]}).backend.store; "
-            "fd, path = store.open_temp('ab' * 32); os.write(fd, b'partial'); print(path)",
-            base_dir,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
+    dead = python(
+        "-c",
+        "import sys, os; from dogpile.cache import make_region; "
+        "store = make_region().configure('dogpile_fsbackend.raw', "
+        "arguments={'base_dir': sys.argv[1]}).backend.store; "
+        "fd, path = store.open_temp('ab' * 32); os.write(fd, b'partial'); print(path)",
+        base_dir,
         check=True,
     )
     leftover = dead.stdout.strip()
@@ -960,6 +1097,73 @@ def test_a_live_writer_in_another_pid_namespace_keeps_its_temp_file(tmp_path):
     faultkit.age_temp_files(base_dir)  # past the short grace given to a free lock
     assert region.backend.prune().scan.temp_files_removed == 1
     assert not os.path.exists(leftover)
+
+
+_PRUNE_IN_A_NEW_PROCESS = (
+    "import sys; from dogpile.cache import make_region; "
+    "print(make_region().configure('dogpile_fsbackend.raw', arguments={'base_dir': "
+    "sys.argv[1]}).backend.prune().scan.temp_files_removed)"
+)
+
+
+def _temp_files_removed_by_a_new_process(base_dir: str) -> int:
+    """A prune in a process started now (it judges writers by the lock file at the path)."""
+    return int(python("-c", _PRUNE_IN_A_NEW_PROCESS, base_dir, check=True).stdout)
+
+
+def test_a_write_begun_after_the_lock_file_was_deleted_is_judged_by_the_new_one(
+    tmp_path, monkeypatch
+):
+    """Item 13: a process that took no lock since ``lock`` was deleted named its next temp
+    file after the writer byte it holds on the old file only; a scan in a newer process
+    found that byte free on the new file and took the live writer's temp file (once it
+    was not written for 2 s: a slow stream).  Now a writer checks the lock file, when
+    its once-a-second check is due, before it names a temp file."""
+    monkeypatch.setattr(files, "CHECK_INTERVAL", 0.0)  # due at once (after a second idle)
+    base_dir = str(tmp_path / "cache")
+    region = raw(base_dir)
+    region.set("warm", io.BytesIO(b"warm"))  # holds its writer byte on the old lock file
+    os.unlink(os.path.join(base_dir, layout.LOCK_NAME))
+    fd, temp = region.backend.store.open_temp(layout.key_digest(b"key"))  # a stream begins
+    try:
+        os.write(fd, b"the first part of a slow stream")
+        faultkit.age_temp_files(base_dir)  # not written for a while, as a slow stream
+        assert _temp_files_removed_by_a_new_process(base_dir) == 0
+        assert os.path.exists(temp)
+    finally:
+        os.close(fd)
+
+
+def test_a_write_begun_while_the_lock_file_is_being_moved_to_keeps_its_writer_byte(tmp_path):
+    """Item 13: moving to a replaced lock file gave up the writer slot for a moment; a
+    thread that began a write in that moment took another, and the move then unlocked
+    the old slot on the new file, so a scan in another process took the temp files
+    still being written under it.  The slot is now carried over without a gap."""
+    base_dir = str(tmp_path / "cache")
+    store = raw(base_dir).backend.store
+    lock_file = store.lock_file
+    fd, temp = store.open_temp(layout.key_digest(b"key"))  # a write in progress
+    tokens = []
+
+    class WriteDuringTheMove(logging.Handler):  # runs inside check_identity, after the swap
+        def emit(self, record: logging.LogRecord) -> None:
+            if "moved to the new one" in record.getMessage():
+                tokens.append(lock_file.writer_token())
+
+    handler = WriteDuringTheMove()
+    logger = logging.getLogger("dogpile_fsbackend.locking")
+    logger.addHandler(handler)
+    try:
+        os.unlink(os.path.join(base_dir, layout.LOCK_NAME))
+        lock_file.check_identity()
+        os.write(fd, b"still being written")
+        faultkit.age_temp_files(base_dir)
+        assert _temp_files_removed_by_a_new_process(base_dir) == 0
+        assert os.path.exists(temp)
+        assert tokens == [layout.temp_writer(os.path.basename(temp))]  # one slot, kept
+    finally:
+        logger.removeHandler(handler)
+        os.close(fd)
 
 
 # -- 14: clocks that were far ahead ---------------------------------------------------------
@@ -1006,6 +1210,37 @@ def test_times_in_the_future_are_taken_for_now(tmp_path):
     # A recount dated tomorrow is due now (it used to stop the periodic recount).
     region.backend.store.accounting.last_reconcile = tomorrow
     assert region.backend.store.reconcile_due()
+
+
+def _date_record(backend, key: str, kind: int, when: float) -> None:
+    """Rewrite ``key``'s record as if written at ``when`` by a clock that far off."""
+    path = faultkit.entry_path(backend, key)
+    with open(path, "rb") as handle:
+        record = records.decode(handle.read(), kind, key.encode())
+    with open(path, "wb") as handle:
+        handle.write(records.encode(kind, key.encode(), record.payload, when))
+    os.utime(path, (when, when))
+
+
+def test_a_creation_time_in_the_future_is_handed_out_as_now(tmp_path):
+    """Item 14: expiry took a record created under a clock far ahead for "now", but the
+    stamp that get_serialized_stamped hands out (the tiered backend trusts a local copy
+    by it, so a copy stored before a missed invalidation was trusted for a day) and a
+    raw hit's last_modified still carried the future time."""
+    tomorrow = time.time() + 86400
+    region = pickled(tmp_path / "pickled")
+    region.set("key", "value")
+    _date_record(region.backend, "key", records.KIND_PICKLED, tomorrow)
+    raw_region = raw(tmp_path / "raw")
+    raw_region.set("key", io.BytesIO(b"raw bytes"))
+    _date_record(raw_region.backend, "key", records.KIND_RAW, tomorrow)
+    for _ in range(2):  # the first read, and one after it re-dated the file
+        stamp = region.backend.get_serialized_stamped("key")[1]
+        assert stamp <= time.time() + store.FUTURE_TOLERANCE
+        with raw_region.get("key") as hit:
+            assert hit.read() == b"raw bytes"
+            assert hit.last_modified <= time.time() + store.FUTURE_TOLERANCE
+    assert region.get("key") == "value"
 
 
 # -- 15, 16, 17: errors that say what is wrong ------------------------------------------------

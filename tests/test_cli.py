@@ -16,13 +16,14 @@ import termios
 import threading
 import time
 
+import faultkit
 import pytest
 from conftest import WAIT
 from dogpile.cache import make_region
 
 from dogpile_fsbackend import layout, locking, records
 
-COMMANDS = ("stats", "prune", "verify", "clear")
+COMMANDS = ("stats", "prune", "verify", "clear", "keys")
 
 
 def _cli(
@@ -195,6 +196,146 @@ def test_clear_dry_run_removes_nothing_and_says_what_would_go(filled, cache_dir)
     assert all(filled.get_serialized(f"k{i:02d}") == b"v" * 1000 for i in range(40))
 
 
+def test_keys_prints_one_key_per_line_or_json_lines(cache_dir):
+    backend = _backend(cache_dir)
+    keys = ["report:mon", "report:tue", "other", "ключ", "a\nline break", "lone \udc80"]
+    for key in keys:
+        backend.set_serialized(key, b"v")
+    done = _cli("keys", cache_dir, "--json")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert all(line.isascii() for line in lines)  # exact, whatever the keys hold
+    assert sorted(json.loads(line) for line in lines) == sorted(keys)
+    assert sorted(_cli("keys", cache_dir, "--prefix", "report:").stdout.splitlines()) == [
+        "report:mon",
+        "report:tue",
+    ]
+    text = _cli("keys", cache_dir).stdout
+    assert "ключ\n" in text and "lone \\udc80\n" in text  # a lone surrogate, escaped
+    assert _cli("keys", cache_dir, "--prefix", "nothing").stdout == ""
+
+
+def test_keys_leaves_out_expired_entries_when_told_the_expiration_time(filled, cache_dir):
+    two_hours_ago = time.time_ns() - 7200 * 10**9
+    os.utime(_entry_path(filled, "k00"), ns=(two_hours_ago, two_hours_ago))
+    old = filled.store.peek_record(layout.key_digest(b"k00"))
+    data = records.encode(records.KIND_PICKLED, b"k00", old.payload, time.time() - 7200)
+    with open(_entry_path(filled, "k00"), "r+b") as handle:
+        handle.write(data)
+    assert len(_cli("keys", cache_dir).stdout.splitlines()) == 40
+    listed = _cli("keys", cache_dir, "--expiration-time", "1h").stdout.splitlines()
+    assert sorted(listed) == [f"k{i:02d}" for i in range(1, 40)]
+    assert os.path.exists(_entry_path(filled, "k00"))  # listed or not, never removed
+
+
+def test_keys_stops_quietly_when_its_reader_goes_away(cache_dir):
+    backend = _backend(cache_dir)
+    for index in range(2000):  # far more than a pipe holds
+        backend.set_serialized(f"{index:04d}".ljust(100, "k"), b"v")
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "dogpile_fsbackend", "keys", cache_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert listing.stdout is not None and listing.stderr is not None
+    assert listing.stdout.readline().endswith(b"k\n")
+    listing.stdout.close()  # as `| head -1` does
+    assert listing.wait(WAIT) == 141
+    assert listing.stderr.read() == b""  # no traceback, no "Exception ignored"
+    listing.stderr.close()
+
+
+def test_keys_shows_progress_only_when_asked_or_the_keys_go_elsewhere(filled, cache_dir):
+    quiet = _cli("keys", cache_dir)
+    assert quiet.stderr == ""  # stderr is no terminal here
+    shown = _cli("keys", cache_dir, "--progress")
+    shards = filled.store.layout.shard_count
+    assert shown.stderr.splitlines()[-1] == f"keys: {shards}/{shards} shards (100%)"
+    assert sorted(shown.stdout.splitlines()) == sorted(quiet.stdout.splitlines())
+
+
+def test_keys_changes_nothing(filled, cache_dir):
+    before = faultkit.tree_state(cache_dir)
+    for options in ((), ("--json",), ("--prefix", "k1")):
+        assert _cli("keys", cache_dir, *options).returncode == 0
+    assert _cli("delete", cache_dir, "--prefix", "k1", "--dry-run").returncode == 0
+    assert faultkit.tree_state(cache_dir) == before
+
+
+def test_delete_removes_the_entries_of_matching_keys(filled, cache_dir):
+    size = os.path.getsize(_entry_path(filled, "k10"))
+    assert _json("delete", cache_dir, "--prefix", "k1") == {
+        "directory": cache_dir,
+        "prefix": "k1",
+        "removed": 10,
+        "removed_bytes": 10 * size,
+    }
+    assert sorted(filled.keys()) == [f"k{i:02d}" for i in range(40) if not 10 <= i < 20]
+    assert (filled.stats()["entries"], filled.stats()["bytes"]) == (30, 30 * size)
+    done = _cli("delete", cache_dir, "--prefix", "k2")
+    assert done.stdout == f"removed 10 entries ({_human(10 * size)}) whose keys start with 'k2'\n"
+
+
+def _human(size: int) -> str:
+    return f"{size / 1024:.1f} KiB"
+
+
+def test_delete_dry_run_counts_what_would_go_and_removes_nothing(cache_dir):
+    raw = _backend(cache_dir, "raw")
+    for index in range(5):
+        raw.set(f"file {index}", io.BytesIO(b"x" * 1000))
+    raw.set("other", io.BytesIO(b"y"))
+    data = _json("delete", cache_dir, "--prefix", "file", "--dry-run")
+    on_disk = sum(
+        os.path.getsize(path)
+        for key in (f"file {i}" for i in range(5))
+        for path in [_entry_path(raw, key), *[p for p, _ in raw.store.data_files(_digest(key))]]
+    )
+    assert data == {
+        "directory": cache_dir,
+        "prefix": "file",
+        "dry_run": True,
+        "entries": 5,
+        "bytes": on_disk,  # records and data files
+    }
+    text = _cli("delete", cache_dir, "--prefix", "file", "--dry-run").stdout
+    assert text.startswith("would remove 5 entries (")
+    assert "nothing was removed (--dry-run)" in text
+    assert len(list(raw.keys())) == 6
+    assert _json("delete", cache_dir, "--prefix", "file")["removed_bytes"] == on_disk
+    assert list(raw.keys()) == ["other"]
+
+
+def _digest(key: str) -> str:
+    return layout.key_digest(layout.encode_key(key))
+
+
+def test_delete_needs_a_non_empty_prefix(filled, cache_dir):
+    for options in ((), ("--prefix", "")):
+        done = _cli("delete", cache_dir, *options)
+        assert done.returncode == 2
+        assert "--prefix" in done.stderr
+    assert "use clear" in _cli("delete", cache_dir, "--prefix", "").stderr
+    assert filled.stats()["entries"] == 40
+
+
+def test_delete_and_keys_refuse_what_is_not_a_cache(tmp_path):
+    for command in (("keys",), ("delete", "--prefix", "k")):
+        done = _cli(*command, str(tmp_path))
+        assert done.returncode == 2
+        assert done.stderr.startswith(f"dogpile-fsbackend: {tmp_path} is not a dogpile_fsbackend")
+    assert os.listdir(tmp_path) == []
+
+
+def test_delete_shows_progress(filled, cache_dir):
+    done = _cli("delete", cache_dir, "--prefix", "k3", "--progress")
+    shards = filled.store.layout.shard_count
+    assert done.stderr.splitlines()[-1] == f"delete: {shards}/{shards} shards (100%)"
+    dry = _cli("delete", cache_dir, "--prefix", "k2", "--dry-run", "--progress")
+    assert dry.stderr.splitlines()[-1] == f"delete: {shards}/{shards} shards (100%)"
+
+
 def _clear_on_a_terminal(cache_dir: str, answer: bytes | None, *options: str):
     """Run clear with its stdin on a pseudo-terminal, typing ``answer`` (None: end of input)."""
     master, slave = pty.openpty()
@@ -286,6 +427,12 @@ def test_each_commands_help_describes_its_own_options():
     assert "to show how full it is" in stats_help
     assert "evict" not in stats_help
     assert "evict down to 90% of it" in _help("prune")
+    keys_help = _help("keys")
+    assert "JSON Lines, streamed" in keys_help and "constant memory" in keys_help
+    assert "key_mangler" in keys_help
+    delete_help = _help("delete")
+    assert "not empty: to remove every entry, use clear" in delete_help
+    assert "key_mangler" in delete_help
     clear_help = _help("clear")
     assert "--dry-run say how many entries would go" in clear_help
     assert "--yes do not ask for confirmation on a terminal" in clear_help

@@ -75,24 +75,6 @@ def _is_whole(key: str, value: bytes) -> bool:
     return found_key == key.encode() and value == _value(key, int(version))
 
 
-def _set(backend, kind: str, key: str, value: bytes) -> None:
-    if kind == "pickled":
-        backend.set_serialized(key, value)
-    else:
-        backend.set(key, io.BytesIO(value))
-
-
-def _get(backend, kind: str, key: str) -> bytes | None:
-    if kind == "pickled":
-        found = backend.get_serialized(key)
-        return None if found is NO_VALUE else found
-    found = backend.get(key)
-    if found is NO_VALUE:
-        return None
-    with found:
-        return found.read()
-
-
 # -- the limit holds with many writers ----------------------------------------
 
 
@@ -283,7 +265,7 @@ def _endless_writer(base_dir, kind, limit, seed, started):
     rng = random.Random(seed)
     for i in itertools.count():
         key = f"k{rng.randrange(300)}"
-        _set(backend, kind, key, _value(key, i))
+        faultkit.set_bytes(backend, kind, key, _value(key, i))
         if i == 30:
             started.set()
 
@@ -319,7 +301,7 @@ def test_accounting_recovers_after_sigkill(cache_dir, kind):
     assert report.accounting_drift < 0
     _assert_accounting_exact(backend)
     for i in range(300):  # everything left reads back whole
-        found = _get(backend, kind, f"k{i}")
+        found = faultkit.get_bytes(backend, kind, f"k{i}")
         assert found is None or _is_whole(f"k{i}", found)
 
 
@@ -414,10 +396,10 @@ def _churn_writer(base_dir, kind, limit, worker, keys, rounds, barrier, results)
     for version in range(rounds):
         for k in range(keys):
             key, value = f"w{worker}-{k}", _value(f"w{worker}-{k}", version)
-            _set(backend, kind, key, value)
+            faultkit.set_bytes(backend, kind, key, value)
             worst = max(worst, backend.stats()["bytes"])
             largest = max(largest, len(value) + 500)  # record header, key and raw metadata
-            found = _get(backend, kind, key)
+            found = faultkit.get_bytes(backend, kind, key)
             if found is not None and found != value:  # evicted is fine; old or torn is not
                 stale.append(key)
     results.put(("writer", stale, backend.stats()["evictions"], worst, largest))
@@ -430,7 +412,7 @@ def _churn_reader(base_dir, kind, keys, barrier, stop, results):
     hits, bad = 0, []
     while not stop.is_set():
         key = f"w{rng.randrange(2)}-{rng.randrange(keys)}"
-        found = _get(backend, kind, key)
+        found = faultkit.get_bytes(backend, kind, key)
         if found is not None:
             hits += 1
             if not _is_whole(key, found):

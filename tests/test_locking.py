@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 
+import faultkit
 import pytest
 from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
@@ -486,6 +487,36 @@ def test_a_new_backend_on_the_same_directory_keeps_this_process_locks(cache_dir)
     finally:
         mutex.release()
     assert try_in_another_process(cache_dir, "foo")
+
+
+def test_backends_on_many_directories_leave_no_descriptor_open(tmp_path):
+    """A process that makes backends on one directory after another (a test suite, a
+    cache per tenant or per job) used to keep every directory's lock file open for good,
+    until it ran out of descriptors.  A lock file is closed with the last backend or
+    mutex that uses it; while one does, its locks hold."""
+    import gc
+
+    def use(base_dir: str) -> None:
+        region = make_region().configure(
+            "dogpile_fsbackend.pickled", arguments={"base_dir": base_dir}
+        )
+        region.set("key", "value")  # takes a shard lock and the writer byte
+        assert region.get_or_create("other", lambda: "created") == "created"
+
+    use(str(tmp_path / "warm-up"))
+    gc.collect()
+    descriptors = faultkit.fd_count()
+    for index in range(200):
+        use(str(tmp_path / f"cache{index}"))
+    gc.collect()
+    assert faultkit.fd_count() == descriptors
+    held = raw_backend(str(tmp_path / "held")).get_mutex("foo")  # the backend is gone now
+    held.acquire()
+    try:
+        gc.collect()
+        assert not try_in_another_process(str(tmp_path / "held"), "foo")
+    finally:
+        held.release()
 
 
 def test_any_thread_may_release_and_then_the_mutex_is_free_for_everyone(cache_dir):

@@ -9,7 +9,6 @@ and the size limit come back true from the files.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -17,8 +16,7 @@ import time
 import pytest
 from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
-from dogpile.cache.api import NO_VALUE
-from faultkit import disk_usage, entry_path, foreign_files, temp_files
+from faultkit import disk_usage, entry_path, foreign_files, get_bytes, set_bytes, temp_files
 
 from dogpile_fsbackend import cli, layout, maintenance
 
@@ -34,31 +32,13 @@ def _backend(base_dir: str, kind: str, **arguments):
     )
 
 
-def _set(backend, kind: str, key: str, value: bytes) -> None:
-    if kind == "raw":
-        backend.set(key, io.BytesIO(value))
-    else:
-        backend.set_serialized(key, value)
-
-
-def _get(backend, kind: str, key: str) -> bytes | None:
-    found = backend.get(key) if kind == "raw" else backend.get_serialized(key)
-    if found is NO_VALUE:
-        return None
-    if kind == "raw":
-        with found as reader:
-            reader.seek(0)
-            return reader.read()
-    return found
-
-
 def _value(key: str) -> bytes:
     return key.encode() * 40
 
 
 def _fill(backend, kind: str) -> None:
     for key in KEYS:
-        _set(backend, kind, key, _value(key))
+        set_bytes(backend, kind, key, _value(key))
 
 
 def _plant_damage(backend, kind: str) -> None:
@@ -110,8 +90,8 @@ def test_verify_prune_and_clear_on_every_shard_layout(cache_dir, kind, depth, wi
     size, entries = disk_usage(cache_dir)
     assert backend.stats()["bytes"] == report.bytes == size
     assert backend.stats()["entries"] == entries == len(KEYS) - 1
-    assert _get(backend, kind, KEYS[0]) is None
-    assert all(_get(backend, kind, key) == _value(key) for key in KEYS[1:])
+    assert get_bytes(backend, kind, KEYS[0]) is None
+    assert all(get_bytes(backend, kind, key) == _value(key) for key in KEYS[1:])
 
     limit = size // 2
     small = _backend(cache_dir, kind, shard_depth=depth, shard_width=width, cache_size=limit)
@@ -158,7 +138,7 @@ def _lose(path: str, how: str) -> None:
 def _write_and_report(base_dir: str, kind: str, limit: int, results) -> None:
     """In a new process: one write, then what stats says and what is on disk."""
     backend = _backend(base_dir, kind, cache_size=limit)
-    _set(backend, kind, "after the loss", b"x" * 1000)
+    set_bytes(backend, kind, "after the loss", b"x" * 1000)
     stats = backend.stats()
     results.put(((stats["bytes"], stats["entries"]), disk_usage(base_dir)))
 
@@ -182,7 +162,7 @@ def test_a_lost_accounting_file_is_rebuilt_from_the_files(cache_dir, kind, how):
     assert os.path.getsize(accounting) > 0
     fresh = _backend(cache_dir, kind)
     assert fresh.verify().accounting_drift == 0
-    assert all(_get(fresh, kind, key) == _value(key) for key in KEYS)
+    assert all(get_bytes(fresh, kind, key) == _value(key) for key in KEYS)
 
 
 @pytest.mark.parametrize("kind", ["pickled", "raw"])
@@ -231,12 +211,12 @@ def test_verify_never_removes_an_entry_rewritten_after_it_was_judged(cache_dir, 
     def judge_then_rewrite(store, shard, report):
         verdicts = judge_shard(store, shard, report)
         if shard == shard_of(layout.key_digest(rewritten.encode())):
-            _set(backend, kind, rewritten, b"fresh")  # after the verdict, before the lock
+            set_bytes(backend, kind, rewritten, b"fresh")  # after the verdict, before the lock
         return verdicts
 
     monkeypatch.setattr(maintenance, "_judge_shard", judge_then_rewrite)
     report = backend.verify()
     assert report.damaged_removed == 1
-    assert _get(backend, kind, rewritten) == b"fresh"
-    assert _get(backend, kind, damaged) is None
+    assert get_bytes(backend, kind, rewritten) == b"fresh"
+    assert get_bytes(backend, kind, damaged) is None
     assert (backend.stats()["bytes"], backend.stats()["entries"]) == disk_usage(cache_dir)

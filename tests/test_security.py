@@ -341,6 +341,29 @@ def test_fifo_planted_as_an_entry_is_a_miss_not_a_hang(tmp_path, kind):
     assert writer_of(region, kind, "key") == 1
 
 
+@pytest.mark.parametrize(
+    ("kind", "what"), [("pickled", "entry"), ("raw", "entry"), ("raw", "data file")]
+)
+def test_socket_planted_as_an_entry_is_a_miss_not_an_error(tmp_path, kind, what):
+    """open() of a Unix socket fails with ENXIO, which used to escape get() as an OSError;
+    a socket in place of an entry (or of a raw entry's data file) is a miss, and is gone
+    after the next scan (or at once, with the record that names the data file)."""
+    base_dir = tmp_path / "cache"
+    region = make(kind, base_dir)
+    put(region, kind, "key")
+    if what == "entry":
+        planted = vacate(region, "key")
+    else:
+        (planted,) = faultkit.data_paths(region.backend, "key")
+        os.unlink(planted)
+    with faultkit.plant_socket(planted):
+        assert region.get("key") is NO_VALUE
+        region.backend.prune()
+        assert not os.path.lexists(planted)
+    put(region, kind, "key", writer=1)
+    assert writer_of(region, kind, "key") == 1
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_directory_planted_as_an_entry(tmp_path, kind):
     """A get is a miss; a set of that key raises IsADirectoryError and leaves no temp file."""

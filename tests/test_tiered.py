@@ -267,6 +267,7 @@ def test_arguments_are_never_modified(redis_url, tmp_path):
         ({"local": "/var/cache"}, "local", "dict"),
         ({"local": {"cache_size": "lots"}}, "local.base_dir", "base_dir"),
         ({"local": {"base_dir": "{tmp}/x", "cache_size": "lots"}}, "local.cache_size", "GiB"),
+        ({"local": {"base_dir": "{tmp}/x", "read_only": "yes"}}, "local.read_only", "copy"),
     ],
 )
 def test_a_bad_argument_is_named(redis_url, tmp_path, change, argument, allowed):
@@ -477,12 +478,19 @@ def test_proxy_refuses_a_region_that_does_not_serialize(tmp_path):
 # -- coherence details --------------------------------------------------------------------
 
 
+def _listener_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("dogpile_fsbackend listener")}
+
+
 def test_one_listener_thread_per_process_and_server(host):
-    regions = [host(name) for name in "abcd"]
-    listeners = {id(r.backend.listener) for r in regions}
-    assert len(listeners) == 1
-    threads = [t for t in threading.enumerate() if t.name.startswith("dogpile_fsbackend listener")]
-    assert len(threads) == 1
+    # Compared with the threads before, not counted: listeners of earlier tests (other
+    # channels, other servers) may still be running, or stopping.
+    first = host("a")
+    before = _listener_threads()
+    assert first.backend.listener._thread in before
+    others = [host(name) for name in "bcd"]
+    assert {r.backend.listener for r in others} == {first.backend.listener}
+    assert _listener_threads() <= before  # no new thread
 
 
 def test_a_racing_reader_drops_the_copy_an_invalidation_outdated(host):
@@ -546,3 +554,59 @@ def test_listener_stops_when_no_backend_uses_it(redis_server, tmp_path):
     gc.collect()
     thread.join(WAIT)
     assert not thread.is_alive()
+
+
+# -- the local tier's figures ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lock", ["both", "remote", "local"])
+def test_a_get_or_create_counts_one_lookup_in_the_local_figures(host, lock):
+    # As for dogpile_fsbackend.pickled: one miss when the creator runs, one hit when a
+    # call returns a cached value (dogpile's look again under the lock is the same call).
+    region = host("a", lock=lock)
+    assert region.get_or_create("k", lambda: "made") == "made"
+    assert region.get_or_create("k", lambda: "again") == "made"
+    figures = region.backend.stats()
+    assert (figures["misses"], figures["hits"]) == (1, 1)
+
+
+def test_a_waiter_on_this_hosts_creator_counts_one_hit(host):
+    region = host("a")
+    started, finish = threading.Event(), threading.Event()
+
+    def slow_creator():
+        started.set()
+        assert finish.wait(WAIT)
+        return "made"
+
+    creator = threading.Thread(target=region.get_or_create, args=("k", slow_creator))
+    creator.start()
+    assert started.wait(WAIT)
+    tier_misses = region.backend.misses  # the creator's look, and its look again
+    waiter_got = []
+    waiter = threading.Thread(
+        target=lambda: waiter_got.append(region.get_or_create("k", lambda: "again"))
+    )
+    waiter.start()
+    # The waiter missed in both tiers: it waits for the creator's lock now.
+    tieredkit.wait_until(lambda: region.backend.misses > tier_misses, "the waiter missed")
+    finish.set()
+    creator.join(WAIT)
+    waiter.join(WAIT)
+    assert waiter_got == ["made"]
+    figures = region.backend.stats()
+    assert (figures["misses"], figures["hits"]) == (1, 1)
+
+
+def test_invalidation_messages_are_not_counted_as_lookups(host, redis_url, tmp_path):
+    writer = tieredkit.Host(redis_url, str(tmp_path / "a"))  # the same local tier
+    try:
+        reader = host("a")
+        before = reader.backend.stats()
+        heard = reader.backend.invalidations
+        writer("set", "k", "fresh")  # its message makes the reader look at its copy
+        tieredkit.wait_until(lambda: reader.backend.invalidations > heard, "the message came")
+        after = reader.backend.stats()
+        assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+    finally:
+        writer.close()

@@ -24,6 +24,8 @@ import pytest
 import tieredkit
 from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
+from dogpile.cache.api import NO_VALUE
+from dogpile.cache.proxy import ProxyBackend
 from faultkit import fork_child, reap
 
 HOSTS = 3
@@ -118,6 +120,9 @@ def test_get_or_create_runs_each_creator_once_across_hosts(redis_url, tmp_path, 
 def test_a_write_and_a_delete_reach_another_host_with_pubsub(hosts):
     a, b = hosts("a"), hosts("b")
     a("set", "k", "v1")
+    # Once b has heard of the write: a copy b reads before that is dropped when the
+    # message comes (it may be older), and b's next read would not be a local hit.
+    tieredkit.wait_until(lambda: b("stats")["invalidations"] >= 1, "b heard of a's write")
     assert b("get", "k") == "v1"
     before = b("stats")["local_hits"]
     assert b("get", "k") == "v1"
@@ -150,6 +155,45 @@ def test_without_pubsub_a_change_arrives_within_local_expiration_time(hosts):
     assert time.time() - deleted < limit + WAIT
 
 
+class _AfterRedisWrite(ProxyBackend):
+    """Sits on a tier's real Redis backend: runs ``then()`` right after each write."""
+
+    def __init__(self, then) -> None:
+        self.then = then
+
+    def set_serialized_multi(self, mapping) -> None:
+        self.proxied.set_serialized_multi(mapping)
+        self.then()
+
+
+@pytest.mark.parametrize("change", ["set", "delete"])
+def test_another_hosts_change_between_a_writers_redis_and_local_writes(
+    hosts, redis_url, tmp_path, change
+):
+    """Host a writes Redis; host b changes the key and host a hears of it; only then
+    does host a write its local copy.  That copy is older than Redis's value: it must
+    not be served."""
+    writer = tieredkit.region(redis_url, str(tmp_path / "a"))
+    other = hosts("b")
+    backend = writer.backend
+
+    def other_host_changes_the_key() -> None:
+        heard = backend.invalidations
+        if change == "set":
+            other("set", "k", "newer")
+        else:
+            other("delete", "k")
+        tieredkit.wait_until(lambda: backend.invalidations > heard, "host a heard host b")
+
+    backend.remote = _AfterRedisWrite(other_host_changes_the_key).wrap(backend.remote)
+    writer.set("k", "older")
+    expected = "newer" if change == "set" else NO_VALUE
+    in_redis = tieredkit.redis_client(redis_url).get("k")
+    assert (in_redis is None) == (change == "delete")  # Redis has host b's change
+    assert writer.get("k") == expected
+    assert other("get", "k") == (tieredkit.MISS if expected is NO_VALUE else expected)
+
+
 def _raw_write(url: str, key: str, value) -> None:
     """A write that reaches Redis without a message (as if the message were lost)."""
     make_region().configure("dogpile.cache.redis", arguments={"url": url}).set(key, value)
@@ -170,6 +214,25 @@ def test_a_dropped_channel_stops_trust_in_older_copies(redis_url, tmp_path):
     # The gap may have hidden a message: the copy from before it is not trusted.
     assert b.get("k") == "v2"
     assert b.backend.remote_hits >= 1
+
+
+def test_a_read_begun_before_a_subscription_was_confirmed_is_not_copied_in(redis_url, tmp_path):
+    """The listener reconnects and sends SUBSCRIBE; a reader notes the generation and
+    reads Redis; another host's write is published before the server subscribed us
+    (lost); then the subscription is confirmed and the reader copies its value in.
+    That copy is written after the trusted-since time, but from a read the channel
+    did not cover."""
+    b = tieredkit.region(redis_url, str(tmp_path / "b"), channel="confirmation")
+    listener = b.backend.listener
+    _raw_write(redis_url, "k", "v1")
+    listener._gap()  # what a reconnection does before it sends SUBSCRIBE
+    generation = listener.generation  # b's reader: a local miss, then its Redis read
+    old = b.backend.remote.get_serialized("k")
+    _raw_write(redis_url, "k", "v2")  # its message was published before SUBSCRIBE
+    listener._handle({"type": "subscribe", "channel": b"confirmation", "data": 1})
+    assert listener.connected
+    b.backend._copy_in({"k": old}, generation)
+    assert b.get("k") == "v2"
 
 
 def _fresh_process_reads(url, base_dir, results) -> None:

@@ -13,14 +13,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 
 import pytest
 import tieredkit
 from conftest import SPAWN, WAIT
+from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
+from faultkit import fork_child, reap
 
 from dogpile_fsbackend import RemoteError
 from dogpile_fsbackend.remote import describe
@@ -293,3 +298,248 @@ def test_redis_killed_and_restarted_under_busy_hosts(private_redis, tmp_path, re
     else:
         for errors in outcomes:
             assert set(errors) <= {"RemoteError"}, errors  # a clear error, nothing else
+
+
+@pytest.mark.parametrize("remote_errors", ["degrade", "raise"])
+def test_a_lock_taken_before_an_outage_is_released_during_the_backoff(
+    private_redis, tmp_path, remote_errors
+):
+    """A failure elsewhere (here a read from a hung Redis) must not keep the Redis lock a
+    creator took before it: skipped during the back-off, its release left the key locked
+    on every host until lock_timeout (forever without one)."""
+    region = tier(
+        private_redis,
+        tmp_path,
+        remote_errors=remote_errors,
+        invalidation=None,
+        local_expiration_time=60,
+        remote_backoff=30,
+        remote_backoff_max=30,
+    )
+    mutex = region.backend.get_mutex("k")
+    assert mutex.acquire()
+    client = tieredkit.redis_client(private_redis.url)
+    assert client.exists("_lockk") == 1
+    # The creator's host sees Redis fail meanwhile (raise: RemoteError; degrade: a miss).
+    with private_redis.paused(), contextlib.suppress(RemoteError):
+        region.get("other")
+    assert not region.backend.guard.healthy  # Redis answers again; the back-off lasts 30 s
+    mutex.release()
+    assert client.exists("_lockk") == 0
+    other_host = tier(private_redis, tmp_path, "b", invalidation=None, local_expiration_time=60)
+    other = other_host.backend.get_mutex("k")
+    assert other.acquire(False)  # at once, not after lock_timeout
+    other.release()
+
+
+def test_a_value_written_only_locally_is_dropped_when_redis_takes_writes_again(
+    private_redis, tmp_path
+):
+    """Redis out of memory (maxmemory, noeviction) refuses writes but keeps the pub/sub
+    channel: host a's set is local only, and its listener never drops.  When Redis
+    takes writes again, Redis is the shared truth: no process of host a may keep
+    serving the local-only value."""
+    degrade = {"remote_errors": "degrade", **tieredkit.FAST_BACKOFF}
+    a = tier(private_redis, tmp_path, "a", **degrade)
+    same_host = tieredkit.Host(private_redis.url, str(tmp_path / "a"), **degrade)
+    try:
+        a.set("k", "v1")
+        assert same_host("get", "k") == "v1"
+        admin = tieredkit.redis_client(private_redis.url)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        a.set("k", "v2")  # refused: OOM
+        assert not a.backend.guard.healthy
+        assert a.get("k") == "v2"  # meanwhile host a is a single-host cache
+        assert a.backend.listener.connected
+        admin.config_set("maxmemory", 0)
+        tieredkit.wait_until(lambda: a.get("k") == "v1", "host a follows Redis again")
+        assert same_host("poll", "k", "v1") < WAIT
+    finally:
+        same_host.close()
+
+
+@pytest.mark.parametrize("change", ["set", "delete"])
+def test_a_change_whose_message_was_refused_is_announced_when_redis_answers(
+    private_redis, tmp_path, change
+):
+    """The write reaches Redis but its message does not (here an ACL refuses PUBLISH):
+    the other host keeps its older copy, trusted, until the writer announces the key
+    once Redis answers it again."""
+    admin = tieredkit.redis_client(private_redis.url)
+    admin.acl_setuser(
+        "tier", enabled=True, passwords=["+secret"], keys=["*"], channels=["*"], commands=["+@all"]
+    )
+    writer_url = f"redis://tier:secret@127.0.0.1:{private_redis.port}/0"
+    degrade = {"remote_errors": "degrade", **tieredkit.FAST_BACKOFF}
+    a = tieredkit.region(writer_url, str(tmp_path / "a"), **degrade)
+    b = tier(private_redis, tmp_path, "b", **degrade)
+    a.set("k", "v1")
+    assert b.get("k") == "v1"
+    admin.acl_setuser("tier", commands=["-publish"])
+    if change == "set":
+        a.set("k", "v2")
+    else:
+        a.delete("k")
+    assert (admin.get("k") is None) == (change == "delete")  # Redis has the change
+    assert not a.backend.guard.healthy  # the message was refused
+    admin.acl_setuser("tier", commands=["+publish"])
+    expected = "v2" if change == "set" else NO_VALUE
+    tieredkit.wait_until(
+        lambda: a.get("other") is NO_VALUE and b.get("k") == expected,
+        "host b got host a's change",
+    )
+
+
+def test_a_lock_wait_is_not_the_probe_that_the_other_calls_wait_for(private_redis, tmp_path):
+    """Redis is back; the first call after the back-off, the probe, is a blocking acquire
+    of a lock another host holds.  The probe must not last as long as that wait: every
+    other call of the process stays degraded (local only) until the probe returns."""
+    holder = tieredkit.Host(private_redis.url, str(tmp_path / "b"), remote={"lock_timeout": 300})
+    try:
+        region = tier(
+            private_redis,
+            tmp_path,
+            remote_errors="degrade",
+            invalidation=None,
+            local_expiration_time=60,
+            remote_backoff=0.2,
+            remote_backoff_max=0.2,
+        )
+        assert holder("hold", "k") is True
+        guard = region.backend.guard
+        with private_redis.paused():
+            region.get("x")  # times out: the back-off begins
+        tieredkit.wait_until(lambda: time.monotonic() > guard._retry_at, "the back-off ended")
+        mutex = region.backend.get_mutex("k")
+        waiter = threading.Thread(target=mutex.acquire)
+        attempts = guard.attempts
+        waiter.start()  # the probe: waits for host b's lock
+        tieredkit.wait_until(lambda: guard.attempts > attempts, "the waiter probes Redis")
+        tieredkit.wait_until(
+            lambda: region.get("y") is NO_VALUE and guard.healthy,
+            "the process uses Redis again",
+            timeout=10,
+        )
+        assert waiter.is_alive()  # still waiting for host b's lock
+        tieredkit.redis_client(private_redis.url).delete("_lockk")  # as if b released it
+        waiter.join(WAIT)
+        assert not waiter.is_alive()
+        mutex.release()
+    finally:
+        holder.close()
+
+
+def test_a_hung_redis_cluster_degrades_in_a_bounded_time(redis_cluster, tmp_path):
+    """dogpile's cluster backend hands redis-py only its connection_kwargs, so the tier's
+    timeouts must go there; and the cluster client's own errors ("cannot be connected")
+    mean an outage as much as a timeout does."""
+    region = make_region().configure(
+        "dogpile_fsbackend.tiered",
+        arguments={
+            "local": {"base_dir": str(tmp_path / "a")},
+            "remote_backend": "dogpile.cache.redis_cluster",
+            "remote": {"url": redis_cluster.url, "distributed_lock": True, "lock_timeout": 30},
+            "local_expiration_time": 60,
+            "remote_errors": "degrade",
+        },
+    )
+    region.set("warm", "v")
+    node = region.backend.remote.writer_client.get_default_node()
+    assert node.redis_connection.connection_pool.connection_kwargs["socket_timeout"] == 1.0
+    outcome = []
+
+    def read() -> None:
+        started = time.monotonic()
+        try:
+            outcome.append(region.get("missing"))
+        except Exception as exc:
+            outcome.append(repr(exc))
+        outcome.append(time.monotonic() - started)
+
+    with redis_cluster.paused():  # accepts nothing, answers nothing
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(WAIT)
+        hung = reader.is_alive()
+    reader.join(WAIT)
+    assert not hung, "a call to a hung cluster node never returned"
+    got, took = outcome
+    assert got is NO_VALUE  # degraded: a miss
+    assert took < 2 * 1.0 + WAIT / 6  # the tier's socket timeout and one retry
+
+
+def _fork_during_a_probe(url, base_dir, redis_pid, results) -> None:
+    """A pre-fork master (gunicorn --preload) forks while one of its threads probes a
+    hung Redis: the child has no such thread, so nothing ends that probe there."""
+    try:
+        region = tieredkit.region(
+            url,
+            base_dir,
+            remote_errors="degrade",
+            invalidation=None,
+            local_expiration_time=60,
+            remote_backoff=0.2,
+            remote_backoff_max=0.2,
+        )
+        guard = region.backend.guard
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            region.get("x")  # times out: the back-off begins
+            tieredkit.wait_until(lambda: time.monotonic() > guard._retry_at, "back-off over")
+            prober = threading.Thread(target=region.get, args=("y",))
+            prober.start()  # the probe: waits for the hung Redis
+            tieredkit.wait_until(lambda: guard._probing, "a thread probes")
+            child = fork_child(
+                lambda: tieredkit.wait_until(
+                    lambda: region.get("z") is NO_VALUE and guard.healthy,
+                    "the child uses Redis again",
+                    timeout=10,
+                )
+            )
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        prober.join(WAIT)
+        results.put(os.waitstatus_to_exitcode(reap(child)))
+    except BaseException as exc:
+        results.put(repr(exc))
+        raise
+
+
+def test_a_child_forked_during_a_probe_probes_again(private_redis, tmp_path):
+    results = SPAWN.Queue()
+    master = SPAWN.Process(
+        target=_fork_during_a_probe,
+        args=(private_redis.url, str(tmp_path / "a"), private_redis.process.pid, results),
+    )
+    master.start()
+    try:
+        assert results.get(timeout=2 * WAIT) == 0
+    finally:
+        master.join(WAIT)
+
+
+def test_lock_remote_keeps_one_holder_when_redis_fails_while_it_is_held(private_redis, tmp_path):
+    """lock="remote": a thread holds the Redis lock when Redis dies; another thread of
+    the process, falling back to this host's lock, must not get the key too (dogpile
+    shares one mutex object per key between a region's threads)."""
+    region = tier(
+        private_redis,
+        tmp_path,
+        lock="remote",
+        remote_errors="degrade",
+        invalidation=None,
+        local_expiration_time=60,
+        **tieredkit.FAST_BACKOFF,
+    )
+    mutex = region.backend.get_mutex("k")
+    assert mutex.acquire()  # the Redis lock
+    private_redis.kill()
+    other = []
+    thread = threading.Thread(target=lambda: other.append(mutex.acquire(False)))
+    thread.start()
+    thread.join(WAIT)
+    assert other == [False]  # the first holder still has the key
+    mutex.release()
+    assert mutex.acquire(False)  # now this host's lock, Redis being out
+    mutex.release()

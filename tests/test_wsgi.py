@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
+import faultkit
 import pytest
 from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
@@ -357,6 +358,22 @@ def test_a_hit_through_the_app_is_a_use(region, serve):
     os.utime(entry, (1_000_000_000, 1_000_000_000))
     assert fetch(port, url).status == 200
     assert os.stat(entry).st_mtime > 1_000_000_000
+
+
+def test_a_read_only_cache_is_served_without_changing_it(region, raw_region, serve, cache_dir):
+    """A cache prepared elsewhere, served with read_only=True: whole files, ranges and
+    304s, and the tree (atimes included) stays exactly as it was."""
+    store(region, "chart|1", DATA)
+    files = CacheFileApp(raw_region(read_only=True))
+    port = serve(files)
+    url = files.url_for("chart|1")
+    before = faultkit.tree_state(cache_dir)
+    whole = fetch(port, url)
+    assert (whole.status, whole.body) == (200, DATA)
+    assert fetch(port, url, Range="bytes=10-19").body == DATA[10:20]
+    assert fetch(port, url, If_None_Match=whole.headers["ETag"]).status == 304
+    assert fetch(port, files.url_for("not cached")).status == 404
+    assert faultkit.tree_state(cache_dir) == before
 
 
 def test_region_invalidation_and_expiration_apply(raw_region, serve):

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from conftest import SPAWN, WAIT
+import hostkit
+from conftest import WAIT
 from dogpile.cache import make_region
 from dogpile.cache.region import CacheRegion
 
@@ -120,44 +121,38 @@ def _host_main(url: str, base_dir: str, top: dict, inbox: Any, outbox: Any) -> N
 
     tier = region(url, base_dir, **top)
     held = {}
-    outbox.put(("ready", os.getpid()))
-    while True:
-        command, *args = inbox.get()
-        try:
-            if command == "get":
-                value = tier.get(args[0])
-                answer: Any = MISS if value is NO_VALUE else value
-            elif command == "set":
-                answer = tier.set(args[0], args[1])
-            elif command == "delete":
-                answer = tier.delete(args[0])
-            elif command == "poll":  # until get(key) == expected; seconds taken
-                answer = _poll(tier, *args)
-            elif command == "hold":  # take a key's mutex and keep it
-                held[args[0]] = tier.backend.get_mutex(args[0])
-                answer = held[args[0]].acquire()
-            elif command == "try":  # acquire(False) and release: is the key locked elsewhere?
-                mutex = tier.backend.get_mutex(args[0])
-                answer = mutex.acquire(False)
-                if answer:
-                    mutex.release()
-            elif command == "acquire":  # blocking acquire and release; seconds taken
-                mutex = tier.backend.get_mutex(args[0])
-                started = time.monotonic()
-                mutex.acquire()
-                answer = time.monotonic() - started
+
+    def handle(command: str, args: list[Any]) -> Any:
+        if command == "get":
+            value = tier.get(args[0])
+            return MISS if value is NO_VALUE else value
+        if command == "set":
+            return tier.set(args[0], args[1])
+        if command == "delete":
+            return tier.delete(args[0])
+        if command == "poll":  # until get(key) == expected; seconds taken
+            return _poll(tier, *args)
+        if command == "hold":  # take a key's mutex and keep it
+            held[args[0]] = tier.backend.get_mutex(args[0])
+            return held[args[0]].acquire()
+        if command == "try":  # acquire(False) and release: is the key locked elsewhere?
+            mutex = tier.backend.get_mutex(args[0])
+            acquired = mutex.acquire(False)
+            if acquired:
                 mutex.release()
-            elif command == "stats":
-                answer = tier.backend.stats()
-            elif command == "stop":
-                outbox.put(("ok", None))
-                return
-            else:
-                raise ValueError(f"unknown command {command!r}")
-        except Exception as exc:
-            outbox.put(("error", f"{type(exc).__name__}: {exc}"))
-        else:
-            outbox.put(("ok", answer))
+            return acquired
+        if command == "acquire":  # blocking acquire and release; seconds taken
+            mutex = tier.backend.get_mutex(args[0])
+            started = time.monotonic()
+            mutex.acquire()
+            waited = time.monotonic() - started
+            mutex.release()
+            return waited
+        if command == "stats":
+            return tier.backend.stats()
+        raise hostkit.unknown(command)
+
+    hostkit.serve(handle, inbox, outbox)
 
 
 def _poll(tier: CacheRegion, key: str, expected: Any) -> float:
@@ -170,33 +165,11 @@ def _poll(tier: CacheRegion, key: str, expected: Any) -> float:
     return wait_until(seen, f"{key!r} == {expected!r} on this host")
 
 
-class Host:
+class Host(hostkit.ProcessHost):
     """A simulated host: a spawned process with a base_dir of its own."""
 
     def __init__(self, url: str, base_dir: str, **top: Any) -> None:
-        self._inbox, self._outbox = SPAWN.Queue(), SPAWN.Queue()
-        self.process = SPAWN.Process(
-            target=_host_main, args=(url, base_dir, top, self._inbox, self._outbox), daemon=True
-        )
-        self.process.start()
-        kind, self.pid = self._outbox.get(timeout=WAIT)
-        assert kind == "ready"
-
-    def __call__(self, command: str, *args: Any) -> Any:
-        self._inbox.put((command, *args))
-        kind, answer = self._outbox.get(timeout=2 * WAIT)
-        if kind == "error":
-            raise AssertionError(f"host {self.pid}: {answer}")
-        return answer
-
-    def send(self, command: str, *args: Any) -> None:
-        """Send without waiting (for a command that never answers, like a held lock)."""
-        self._inbox.put((command, *args))
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(WAIT)
+        super().__init__(_host_main, url, base_dir, top)
 
 
 def redis_client(url: str) -> Any:
