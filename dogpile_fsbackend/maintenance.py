@@ -271,13 +271,54 @@ def _temp_is_abandoned(store: Store, name: str, info: os.stat_result, now_ns: in
     A live writer's temp file is never taken, whatever the clocks say.  One
     named by an older release (``.tmp-<pid>-...``, no writer token) goes once
     it is ``temp_max_age`` old, and any other name at once (nobody writes
-    it); a time in the future counts as now.
+    it).
     """
-    age = max(0.0, (now_ns - info.st_mtime_ns) / 1e9)
     token = paths.temp_writer(name)
     if token is None:
-        return not paths.is_legacy_temp_name(name) or age > store.settings.temp_max_age
-    return not store.lock_file.writer_alive(token) and age > TEMP_GRACE
+        return (
+            not paths.is_legacy_temp_name(name) or _age(info, now_ns) > store.settings.temp_max_age
+        )
+    return not store.lock_file.writer_alive(token) and _age(info, now_ns) > TEMP_GRACE
+
+
+def _age(info: os.stat_result, now_ns: int) -> float:
+    """Seconds since ``info``'s mtime.  A time in the future (the clock was stepped back
+    since) counts as that far in the past: taken for "now", a dead writer's file would
+    stay until the clock caught up, however long that takes."""
+    return abs(now_ns - info.st_mtime_ns) / 1e9
+
+
+def remove_bookkeeping_leftovers(store: Store) -> int:
+    """Remove the temp files of new ``accounting`` and marker files whose writer is gone
+    (``accounting.tmp-...``, ``fsbackend.json.tmp-...`` in ``base_dir``); how many went.
+
+    Judged like the temp files of entries: a live writer's temp is never taken.
+    One of an older release (a random name, no writer token) goes once it is
+    ``temp_max_age`` old.
+    """
+    removed = 0
+    now_ns = time.time_ns()
+    try:
+        with os.scandir(store.settings.base_dir) as it:
+            found = [(item, paths.bookkeeping_temp(item.name)) for item in it]
+    except OSError as exc:
+        store.warn_once(store.settings.base_dir, f"cannot be listed: {exc.strerror}")
+        return 0
+    for item, temp_part in found:
+        if temp_part is None:
+            continue
+        try:
+            info = item.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if paths.temp_writer(temp_part) is None:
+            abandoned = _age(info, now_ns) > store.settings.temp_max_age
+        else:
+            abandoned = _temp_is_abandoned(store, temp_part, info, now_ns)
+        if abandoned:
+            remove_quietly(item.path)
+            removed += 1
+    return removed
 
 
 # -- every shard ----------------------------------------------------------------------
@@ -297,6 +338,7 @@ def scan(
     report = ScanReport()
     counted_before = store.totals()[0]
     store.lock_file.check_identity()  # judge writers by the lock file they all use now
+    report.temp_files_removed += remove_bookkeeping_leftovers(store)
     for shard in range(store.layout.shard_count):
         damaged = _judge_shard(store, shard, report) if deep else None
         found = recount_shard(store, shard, damaged)
@@ -508,6 +550,7 @@ def clear(store: Store, progress: Progress | None = None) -> PruneResult:
     may stay, and are counted).
     """
     result = PruneResult()
+    store.lock_file.check_identity()  # judge writers by the lock file they all use now
     for shard in range(store.layout.shard_count):
         for directory in tree.leaf_dirs(store, shard)[0]:
             names = _clearable(store, directory)

@@ -181,7 +181,7 @@ class Store:
         found = marker.read(self.settings.base_dir)
         if found is not None:
             marker.check(self.settings.base_dir, found, self.wanted_marker)
-            return AccountingFile(path, count, mode, writable=self.writable)
+            return AccountingFile(path, count, mode, self.temp_suffix, writable=self.writable)
         if not self.writable:
             raise ConfigError(
                 "base_dir",
@@ -194,13 +194,21 @@ class Store:
         with maintenance_lock(self.settings.base_dir, mode):
             # The accounting first: one left by a process of another layout is refused
             # (BookkeepingError) before a marker of ours could contradict it.
-            accounting = AccountingFile(path, count, mode)
-            created = marker.ensure(self.settings.base_dir, self.wanted_marker, mode)
+            accounting = AccountingFile(path, count, mode, self.temp_suffix)
+            created = marker.ensure(
+                self.settings.base_dir, self.wanted_marker, mode, self.temp_suffix
+            )
             # A new file has last_reconcile 0, so the first write recounts; a new,
             # empty cache has nothing to count.
             if created and _is_empty(self.layout.data_dir):
                 accounting.last_reconcile = time.time()
             return accounting
+
+    def temp_suffix(self) -> str:
+        """A temp name (``.tmp-<writer token>-<number>``) for a file this process writes:
+        a scan removes it once the writer's byte is free (see maintenance.py)."""
+        lock_file = self.lock_file
+        return paths.temp_name(lock_file.writer_token(), lock_file.next_temp_number())
 
     def check_bookkeeping(self) -> None:
         """At most once a second: the marker is still there (re-written if a cleaner took
@@ -213,7 +221,9 @@ class Store:
         if not os.path.lexists(marker.path_of(base_dir)):
             log.warning("%s was deleted; re-writing it", marker.path_of(base_dir))
             with contextlib.suppress(OSError):
-                marker.write(base_dir, self.wanted_marker, self.settings.file_mode)
+                marker.write(
+                    base_dir, self.wanted_marker, self.settings.file_mode, self.temp_suffix()
+                )
         self.lock_file.check_identity()
         self.accounting.check_identity()
         if now >= self._next_touch:
@@ -312,8 +322,7 @@ class Store:
         directory = self.layout.entry_dir(digest)
         if not self.is_our_dir(directory):
             self._make_real_dirs(directory)
-        lock_file = self.lock_file
-        name = paths.temp_name(lock_file.writer_token(), lock_file.next_temp_number())
+        name = self.temp_suffix()
         path = f"{directory}/{name}"
         try:
             fd = os.open(path, _CREATE_FLAGS, self.settings.file_mode)
