@@ -159,11 +159,13 @@ def _new_keys_writer(base_dir, limit, paths, worker, count, barrier, results):
     results.put(("writer", backend.stats()["evictions"]))
 
 
+@pytest.mark.parametrize("paths", [None, BIG_CACHE_PATHS], ids=["small-cache", "big-cache"])
 @pytest.mark.parametrize("writers", [1, 2])
-def test_a_pass_spread_over_the_writes_evicts_in_true_lru_order(cache_dir, writers):
+def test_a_pass_spread_over_the_writes_evicts_in_true_lru_order(cache_dir, writers, paths):
     """Two thousand entries of a known age, a reader keeping 20 of the oldest in use, and
-    writers setting new keys past the limit, with the paths of a big cache: what went is
-    exactly what true LRU would have evicted (the oldest entries nobody read)."""
+    writers setting new keys past the limit: what went is exactly what true LRU would
+    have evicted (the oldest entries nobody read), both from one pass in one go (a cache
+    of up to EXACT_MAX entries) and with the paths of a big cache (a spread pass)."""
     filler = _backend(cache_dir)
     keys = [f"old-{rank:04d}" for rank in range(FILLED)]
     for key in keys:
@@ -175,13 +177,11 @@ def test_a_pass_spread_over_the_writes_evicts_in_true_lru_order(cache_dir, write
     procs = [
         SPAWN.Process(
             target=_new_keys_writer,
-            args=(cache_dir, limit, BIG_CACHE_PATHS, w, 600 // writers, barrier, results),
+            args=(cache_dir, limit, paths, w, 600 // writers, barrier, results),
         )
         for w in range(writers)
     ]
-    reader = SPAWN.Process(
-        target=_reader, args=(cache_dir, BIG_CACHE_PATHS, hot, barrier, stop, results)
-    )
+    reader = SPAWN.Process(target=_reader, args=(cache_dir, paths, hot, barrier, stop, results))
     for proc in [*procs, reader]:
         proc.start()
     outcomes = [results.get(timeout=WAIT) for _ in procs]
