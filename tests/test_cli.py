@@ -21,7 +21,7 @@ import pytest
 from conftest import WAIT
 from dogpile.cache import make_region
 
-from dogpile_fsbackend import layout, locking, records
+from dogpile_fsbackend import layout, locking, maintenance, records
 
 COMMANDS = ("stats", "prune", "verify", "clear", "keys")
 
@@ -539,20 +539,31 @@ def _state(pid: int) -> str:
         return handle.read().rpartition(")")[2].split()[0]
 
 
-def test_ctrl_z_stops_a_scan_between_shards_holding_no_lock(cache_dir):
-    """SIGTSTP (Ctrl-Z) stops verify at the next shard boundary: while it is stopped no
-    shard lock is held, so every application write goes through; SIGCONT finishes it."""
+@pytest.mark.parametrize(
+    ("command", "output"),
+    [
+        (["verify"], "read back "),
+        (["prune", "--cache-size", "1MiB"], "removed "),
+        (["clear"], "removed "),
+    ],
+    ids=["verify", "prune", "clear"],
+)
+def test_ctrl_z_stops_a_scan_between_shards_holding_no_lock(cache_dir, command, output):
+    """SIGTSTP (Ctrl-Z) stops verify, prune or clear at the next shard boundary: while it
+    is stopped no shard lock is held, so every application write goes through; SIGCONT
+    finishes it."""
     backend = _backend(cache_dir)
     for i in range(2000):
         backend.set_serialized(f"k{i}", b"v" * 100)
+    name = command[0]
     scan = subprocess.Popen(
-        [sys.executable, "-m", "dogpile_fsbackend", "verify", cache_dir, "--progress"],
+        [sys.executable, "-m", "dogpile_fsbackend", *command, cache_dir, "--progress"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert scan.stderr.readline().startswith("verify: ")  # 10% done, 90% to go
+        assert scan.stderr.readline().startswith(f"{name}: ")  # 10% done, 90% to go
         os.kill(scan.pid, signal.SIGSTOP)  # held where it is: far from done
         os.kill(scan.pid, signal.SIGCONT)  # (SIGCONT discards pending stops: this order)
         os.kill(scan.pid, signal.SIGTSTP)  # what Ctrl-Z sends: it stops itself soon
@@ -576,5 +587,6 @@ def test_ctrl_z_stops_a_scan_between_shards_holding_no_lock(cache_dir):
             scan.kill()
             scan.wait(WAIT)
     assert scan.returncode == 0, err
-    assert out.startswith("read back ")
-    assert err.splitlines()[-1] == f"verify: {shards}/{shards} shards (100%)"
+    assert out.startswith(output)
+    done = shards * (maintenance.PRUNE_PASSES if name == "prune" else 1)
+    assert err.splitlines()[-1] == f"{name}: {done}/{done} shards (100%)"
