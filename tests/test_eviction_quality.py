@@ -12,12 +12,11 @@ module's real sizes, is judged that way.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 from conftest import SPAWN, WAIT
 from dogpile.cache.api import NO_VALUE
+from faultkit import run_cli, run_processes
 
 from dogpile_fsbackend import PickleFSBackend, eviction, layout
 
@@ -108,16 +107,6 @@ def test_lru_precision_above_exact_max_against_a_true_lru_oracle(cache_dir):
 # -- the entry limit together with the size limit, from the CLI --------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dogpile_fsbackend", *args],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
-
-
 def test_prune_from_the_cli_enforces_both_limits_whichever_binds(cache_dir):
     """prune --cache-size --max-entries evicts down to 90% of the tighter one: first the
     entry limit binds, then (on bigger values) the size limit, and the counters match
@@ -126,7 +115,8 @@ def test_prune_from_the_cli_enforces_both_limits_whichever_binds(cache_dir):
     for i in range(200):
         backend.set_serialized(f"small-{i}", b"s" * 50)
     entry_size = backend.stats()["bytes"] // 200
-    done = _cli("prune", cache_dir, "--cache-size", str(1000 * entry_size), "--max-entries", "100")
+    room = str(1000 * entry_size)
+    done = run_cli("prune", cache_dir, "--cache-size", room, "--max-entries", "100")
     assert done.returncode == 0, done.stderr
     stats = backend.stats()
     assert stats["entries"] == 90  # the entry limit bound: 90% of 100
@@ -135,12 +125,12 @@ def test_prune_from_the_cli_enforces_both_limits_whichever_binds(cache_dir):
     for i in range(50):
         backend.set_serialized(f"big-{i}", b"b" * 5000)
     size_limit = 40 * 5000
-    done = _cli("prune", cache_dir, "--cache-size", str(size_limit), "--max-entries", "100")
+    done = run_cli("prune", cache_dir, "--cache-size", str(size_limit), "--max-entries", "100")
     assert done.returncode == 0, done.stderr
     stats = backend.stats()
     assert stats["bytes"] <= 0.9 * size_limit  # now the size limit bound
     assert stats["entries"] < 90
-    assert _cli("verify", cache_dir).returncode == 0
+    assert run_cli("verify", cache_dir).returncode == 0
     assert backend.verify().accounting_drift == 0
 
 
@@ -162,14 +152,8 @@ def test_writers_enforce_max_entries_and_cache_size_together(cache_dir):
         SPAWN.Process(target=_limited_writer, args=(cache_dir, w, barrier, results))
         for w in range(2)
     ]
-    for proc in procs:
-        proc.start()
-    evictions = [results.get(timeout=WAIT) for _ in procs]
-    for proc in procs:
-        proc.join(WAIT)
-        assert proc.exitcode == 0
-    assert sum(evictions) > 0
+    assert sum(run_processes(procs, results)) > 0
     stats = _backend(cache_dir).stats()
     assert stats["entries"] <= 150 and stats["bytes"] <= 60_000
-    assert _cli("verify", "--json", cache_dir).returncode == 0
+    assert run_cli("verify", "--json", cache_dir).returncode == 0
     assert _backend(cache_dir).verify().accounting_drift == 0
