@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import json
 import logging
 import multiprocessing
@@ -968,13 +969,18 @@ def test_a_failed_write_leaves_no_descriptor_open(tmp_path, monkeypatch):
 
     invalidator = SharedInvalidation(tmp_path / "shared")
     invalidator.times()
-    descriptors = faultkit.fd_count()
-    monkeypatch.setattr(os, "fchmod", refuse)
-    for _ in range(3):  # the first call creates the lock file, the others find it
-        with pytest.raises(PermissionError):
-            invalidator.invalidate()
-    monkeypatch.undo()
-    assert faultkit.fd_count() == descriptors
+    gc.collect()  # what earlier tests dropped must not close its descriptors meanwhile
+    gc.disable()
+    try:
+        descriptors = faultkit.fd_count()
+        monkeypatch.setattr(os, "fchmod", refuse)
+        for _ in range(3):  # the first call creates the lock file, the others find it
+            with pytest.raises(PermissionError):
+                invalidator.invalidate()
+        monkeypatch.undo()
+        assert faultkit.fd_count() == descriptors
+    finally:
+        gc.enable()
     assert invalidator.was_hard_invalidated()  # honoured here all the same
     assert os.listdir(tmp_path / "shared") == [layout.INVALIDATION_LOCK_NAME]
 
