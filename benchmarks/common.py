@@ -71,6 +71,26 @@ class Params:
     # 9. listing and deleting keys
     listing_entries: int = 1_000_000
     listing_repeats: int = 3
+    # 10. scale: a million entries at the limit, several writers evicting
+    scale_entries: int = 1_000_000
+    scale_value_size: int = 100
+    scale_fill_processes: int = 2
+    scale_fill_batch: int = 10  # keys per region.set_multi while filling (1: region.set)
+    scale_writers: int = 2
+    scale_writes: int = 60_000  # per writer; > 10% of the entries in all: two eviction rounds
+    scale_hot_fraction: float = 0.01  # of the filled keys, read by the reader ...
+    scale_hot_span: float = 0.1  # ... spread over this oldest share of each fill process's keys
+    scale_read_rate: float = 2_000.0  # hot reads per second during the steady phase
+    scale_monitor_interval_s: float = 0.05
+    scale_peers: tuple[str, ...] = ("dogpile_fsbackend", "diskcache", "diskcache (LRU)")
+    scale_maintenance: bool = True  # prune/verify/clear rounds at the full size
+    # 11. deterministic counts (and the syscall column of workload 1)
+    counts_sizes: tuple[int, ...] = (100, 1024)
+    counts_raw_size: int = 16 * 1024
+    counts_strace_n: int = 1_000
+    counts_callgrind_n: int = 200
+    small_syscalls_n: int = 200
+    small_syscall_sizes: tuple[int, ...] = (100, 10 * 1024)
 
     def growth_cap(self, backend: str) -> int | None:
         return dict(self.growth_caps).get(backend)
@@ -105,6 +125,13 @@ QUICK = Params(
     rawtiered_repeats=1,
     listing_entries=20_000,
     listing_repeats=2,
+    scale_entries=100_000,
+    scale_writes=6_000,
+    counts_sizes=(100,),
+    counts_strace_n=100,
+    counts_callgrind_n=30,
+    small_syscalls_n=100,
+    small_syscall_sizes=(100,),
 )
 
 
@@ -141,6 +168,11 @@ def rotated(items: Sequence[Any], shift: int) -> list[Any]:
     return [*items[shift:], *items[:shift]]
 
 
+def slug(name: str) -> str:
+    """``name`` fit for a directory name."""
+    return "".join(c if c.isalnum() else "-" for c in name)
+
+
 def generate_file(path: str, size: int) -> None:
     """A file of ``size`` random bytes (incompressible, so no layer can cheat on it)."""
     with open(path, "wb") as out:
@@ -152,8 +184,12 @@ def generate_file(path: str, size: int) -> None:
 
 
 def size_label(size: int) -> str:
-    """``"64 MiB"``, ``"1 GiB"``: how the tables name a file size."""
-    return f"{size / GiB:g} GiB" if size >= GiB else f"{size // MiB} MiB"
+    """``"100 B"``, ``"10 KiB"``, ``"64 MiB"``, ``"1 GiB"``: how the tables name a size."""
+    if size >= GiB:
+        return f"{size / GiB:g} GiB"
+    if size >= MiB:
+        return f"{size // MiB} MiB"
+    return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
 
 
 def dir_bytes(path: str) -> int:
@@ -255,6 +291,11 @@ class WorkloadResult:
     table: Table
     records: list[dict[str, Any]]
     seconds: float = 0.0
+    more_tables: list[Table] = dataclasses.field(default_factory=list)
+
+    @property
+    def tables(self) -> list[Table]:
+        return [self.table, *self.more_tables]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -263,6 +304,10 @@ class WorkloadResult:
             "records": self.records,
             "table": {"headers": self.table.headers, "rows": self.table.rows},
             "notes": self.table.notes,
+            "more_tables": [
+                {"title": t.title, "headers": t.headers, "rows": t.rows, "notes": t.notes}
+                for t in self.more_tables
+            ],
         }
 
 

@@ -1,4 +1,4 @@
-"""Workload 8: listing keys and deleting by prefix, at the scale users reach.
+"""Workload 9: listing keys and deleting by prefix, at the scale users reach.
 
 Both caches hold the same entries (keys ``user:<i % 1000>:item:<i>``, 100-byte values),
 so a prefix ``user:<n>:`` matches a thousandth of them.  Every case runs in a fresh
@@ -104,7 +104,7 @@ def listing(params: Params, workdir: str) -> WorkloadResult:
     directories[FLOOR] = os.path.join(directories[OURS], "data")
     _fill(directories[OURS], directories[DISKCACHE], entries)
     table = Table(
-        f"Workload 8: listing and deleting keys, {entries:,} entries",
+        f"Workload 9: listing and deleting keys, {entries:,} entries",
         [
             "operation",
             "backend",

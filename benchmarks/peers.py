@@ -151,6 +151,13 @@ def bulk_set(peer: Peer, region: CacheRegion, mapping: Mapping[str, Any]) -> Non
         del backend.prune
 
 
+def close_region(region: CacheRegion) -> None:
+    """Release what a peer keeps open (diskcache's SQLite connection)."""
+    cache = getattr(region.backend, "cache", None)
+    if cache is not None and hasattr(cache, "close"):
+        cache.close()
+
+
 def dbm_flavour() -> str:
     """Which dbm module ``dogpile.cache.dbm`` gets on this Python (``dbm.dumb`` is slow)."""
     with tempfile.TemporaryDirectory() as directory:

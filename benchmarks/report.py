@@ -1,11 +1,13 @@
-"""The targets of issue 5, checked against the numbers (shown, never asserted), and the chart."""
+"""The targets of issues 5, 11 and 12, checked against the numbers (shown, never asserted),
+and the chart."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from common import OURS, MiB, Table, WorkloadResult, fmt_num
+from common import OURS, MiB, Table, WorkloadResult, fmt_num, size_label
+from opcases import FLOOR
 
 DFS = "dogpile_filesystem"
 DISKCACHE = "diskcache"
@@ -128,6 +130,130 @@ def targets(results: dict[str, WorkloadResult]) -> list[Target]:
                 all(x <= 1.01 for x in known) if len(known) == len(added) else None,
             )
         )
+    found += _hot_path_times(small)
+    found += _scale_targets(results.get("scale"))
+    found += _count_targets(results.get("counts"))
+    return found
+
+
+def _hot_path_times(small: WorkloadResult | None) -> list[Target]:
+    """Issue 12's time goals that workload 1 measures (on this run's filesystem)."""
+    if small is None:
+        return []
+    sizes = sorted({r["value_bytes"] for r in small.records})
+    found = []
+    for op, peer, want, name in (
+        ("get (hit)", DISKCACHE, 0.8, "get hit <= 0.8x diskcache's time"),
+        ("set", FLOOR, 1.3, "set within 1.3x of the os floor's create+write+close+rename"),
+    ):
+        got = [_find(small.records, op=op, backend=peer, value_bytes=s) for s in sizes]
+        ratios = [r["ours_over_peer"] if r else None for r in got]
+        shown = ", ".join(
+            f"{size_label(s)}: {x:.2f}x" if x else f"{size_label(s)}: n/a"
+            for s, x in zip(sizes, ratios, strict=True)
+        )
+        ok = all(x is not None and x <= want for x in ratios)
+        found.append(Target(f"issue 12: {name}", f"ours/peer {shown}", ok))
+    return found
+
+
+def _scale_targets(scale: WorkloadResult | None) -> list[Target]:
+    """Issue 11's goals, from workload 10 (ours)."""
+    ours = _find(scale.records, backend=OURS) if scale else None
+    if ours is None:
+        return []
+    writers = {k: v for k, v in ours["processes"].items() if k.startswith("writer")}
+    p99 = ", ".join(f"{k} {v['p99_us'] / 1e3:,.2f} ms" for k, v in writers.items())
+    top = ", ".join(f"{k} {v['max_ms']:,.1f} ms" for k, v in writers.items())
+    scans = [(k, v["rss_growth_mib"]) for k, v in writers.items()]
+    scans += [(m["operation"], m["rss_growth_mib"]) for m in ours.get("maintenance", [])]
+    limit = ours["limit"]
+    allowed = max(0.01 * limit, len(writers) * limit / ours["entries_filled"])
+    over = max(ours["limit_monitor"]["max_bytes"] - limit, ours["end_walk_counted_bytes"] - limit)
+    blocked = [(m["operation"], m["writer_max_ms"]) for m in ours.get("maintenance", [])]
+    n = f"{ours['entries_filled']:,} entries"
+    found = [
+        Target(
+            f"issue 11 ({n}): every writer's set p99 <= 5 ms",
+            p99,
+            all(v["p99_us"] <= 5_000 for v in writers.values()),
+        ),
+        Target(
+            f"issue 11 ({n}): every writer's set max <= 100 ms",
+            top,
+            all(v["max_ms"] <= 100 for v in writers.values()),
+        ),
+        Target(
+            f"issue 11 ({n}): RSS growth <= 50 MiB in every process that evicts or scans",
+            ", ".join(f"{k} {v:.1f} MiB" for k, v in scans if v is not None),
+            all(v is not None and v <= 50 for _, v in scans),
+        ),
+        Target(
+            f"issue 11 ({n}): never over cache_size by more than max(1%, an entry per writer)",
+            f"at most {over:+,} bytes (allowed {allowed:,.0f}): monitor "
+            f"{ours['limit_monitor']['max_over_limit']:.4f}x, walk at the end "
+            f"{ours['end_walk_counted_bytes'] / limit:.4f}x",
+            over <= allowed,
+        ),
+        Target(
+            f"issue 11 ({n}): LRU precision >= 0.95 against a true-LRU oracle",
+            f"{ours['lru_precision']:.4f}" if ours["lru_precision"] is not None else "n/a",
+            ours["lru_precision"] is not None and ours["lru_precision"] >= 0.95,
+        ),
+        Target(
+            f"issue 11 ({n}): recently read entries survive (every hot key kept)",
+            f"{ours['hot_kept']:.1%} of {ours['hot_keys']:,} hot keys kept",
+            ours["hot_kept"] == 1.0,
+        ),
+    ]
+    if blocked:
+        found.append(
+            Target(
+                f"issue 11 ({n}): prune/verify/clear never block a write > 100 ms",
+                ", ".join(f"{k}: writer max {v:,.1f} ms" for k, v in blocked if v is not None),
+                all(v is not None and v <= 100 for _, v in blocked),
+            )
+        )
+    return found
+
+
+_COUNT_GOALS = (  # issue 12: (op, level, goal, instructions or syscalls)
+    ("get (hit)", "region", 50_000, "instructions_per_op"),
+    ("set (new key)", "region", 120_000, "instructions_per_op"),
+    ("set (overwrite)", "region", 120_000, "instructions_per_op"),
+    ("get (hit)", "region", 4, "syscalls_per_op"),
+    ("get (miss)", "region", 1, "syscalls_per_op"),
+    ("set (new key)", "region", 8, "syscalls_per_op"),
+    ("set (overwrite)", "region", 8, "syscalls_per_op"),
+    ("raw get (hit) + close", "raw", 9, "syscalls_per_op"),
+    ("raw set (copy)", "raw", 12, "syscalls_per_op"),
+    ("raw set (move)", "raw", 15, "syscalls_per_op"),
+)
+
+
+def _count_targets(counted: WorkloadResult | None) -> list[Target]:
+    """Issue 12's deterministic goals, from workload 11 (ours, every size measured)."""
+    if counted is None:
+        return []
+    found = []
+    for op, level, goal, field in _COUNT_GOALS:
+        mine = [
+            r
+            for r in counted.records
+            if r["op"] == op and r["level"] == level and r["subject"].startswith(OURS)
+        ]
+        values = [(r["size_bytes"], r[field]) for r in mine if r[field] is not None]
+        if not values:
+            continue
+        unit = "instructions" if field == "instructions_per_op" else "syscalls"
+        shown = ", ".join(f"{size_label(size)}: {value:,.1f}" for size, value in values)
+        found.append(
+            Target(
+                f"issue 12: {op} <= {goal:,} {unit}",
+                shown,
+                all(round(value, 1) <= goal for _, value in values),
+            )
+        )
     return found
 
 
@@ -164,10 +290,10 @@ def set_cost_chart(growth: WorkloadResult, path: str, subtitle: str) -> None:
         if not points:
             continue
         xs, ys = zip(*points, strict=True)
-        style = {"linewidth": 2.5} if backend == OURS else {"linewidth": 1.5}
+        width = 2.5 if backend == OURS else 1.5
         capped = any(r.get("capped") for r in growth.records if r["backend"] == backend)
         label = f"{backend} (capped at {xs[-1]:,})" if capped else backend
-        axes.plot(xs, ys, marker="o", label=label, **style)
+        axes.plot(xs, ys, marker="o", label=label, linewidth=width)
         axes.annotate(
             fmt_num(ys[-1], 0),
             (xs[-1], ys[-1]),

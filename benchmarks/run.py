@@ -3,15 +3,26 @@
 Usage::
 
     pip install -e . -r benchmarks/requirements.txt
-    python benchmarks/run.py            # full run, ~15 min; writes benchmarks/results/
-    python benchmarks/run.py --quick    # smoke check in under 2 minutes
+    apt-get install -y strace valgrind  # Debian packages, for the counts (optional)
+    python benchmarks/run.py            # full run, 20-30 min; writes benchmarks/results/
+    python benchmarks/run.py --quick    # smoke check, 1-2 min
     python benchmarks/run.py --only growth,raw
+    python benchmarks/run.py --only scale    # issue 11: 1M entries at the limit
+    python benchmarks/run.py --only counts   # issue 12: syscalls and instructions per op
 
 Each workload prints a table whose ``ours/peer`` column is our time divided by
 the peer's time (below 1: dogpile_fsbackend is faster).  The same numbers go to
 ``latest.json`` (and ``latest.md``) in the output directory, with a chart of set
 cost against entry count in ``set_cost.png``.  Nothing is asserted: the exit
 status only says whether the benchmark itself ran.
+
+Workload 10 (scale, scale.py) fills each backend with a million 100-byte
+entries from several processes, sets its limit to exactly that size and runs
+two evicting writers, a hot reader and a limit monitor at once: it needs about
+6 GiB and 1.1 million inodes free under ``--tmp``.  Workload 11 (counts,
+counts.py) and the syscalls/op column of workload 1 run each operation N times
+in a child under ``strace -f -c`` and ``valgrind --tool=callgrind``; without
+those tools (CI does not install them) the counts are skipped with a note.
 """
 
 from __future__ import annotations
@@ -32,9 +43,11 @@ from collections.abc import Callable
 from typing import Any
 
 import bigfiles
+import counts
 import listing
 import rawtiered
 import report
+import scale
 import shared_invalidation
 import tiered
 import workloads
@@ -55,6 +68,8 @@ WORKLOADS: list[tuple[str, str, Callable[[Params, str], WorkloadResult]]] = [
     ("7", "tiered", tiered.tiered),
     ("8", "raw_tiered", rawtiered.raw_tiered),
     ("9", "listing", listing.listing),
+    ("10", "scale", scale.scale),
+    ("11", "counts", counts.counts),
 ]
 
 
@@ -73,14 +88,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         help="workloads to run, by number or name (small, growth, dogpile, raw, eviction, "
-        "invalidation, tiered, raw_tiered, listing); "
+        "invalidation, tiered, raw_tiered, listing, scale, counts); "
         "comma-separated or repeated",
     )
     parser.add_argument(
         "--tmp",
         default=tempfile.gettempdir(),
         help="where caches and generated files go (default: %(default)s); "
-        "needs about 4 GiB free for the full run",
+        "needs about 6 GiB and 1.1 million inodes free for the full run",
     )
     args = parser.parse_args(argv)
     names = {number: name for number, name, _ in WORKLOADS}
@@ -190,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(directory, ignore_errors=True)
             result.seconds = time.perf_counter() - begin
             results[name] = result
-            print(result.table.text(), f"\n   ({result.seconds:.0f} s)\n", sep="\n", flush=True)
+            tables = "\n\n".join(table.text() for table in result.tables)
+            print(tables, f"\n   ({result.seconds:.0f} s)\n", sep="\n", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     total = time.perf_counter() - started
@@ -241,7 +257,7 @@ def _markdown(
     if targets is not None:
         parts += [targets.markdown(), ""]
     for result in results.values():
-        parts += [result.table.markdown(), ""]
+        parts += [part for table in result.tables for part in (table.markdown(), "")]
     return "\n".join(parts)
 
 

@@ -28,10 +28,13 @@ from common import (
     percentile,
     ratio,
     rotated,
+    size_label,
+    slug,
     time_each,
 )
+from counts import MISSING_STRACE, Case, count_syscalls
 from dogpile.cache.api import NO_VALUE
-from dogpile.cache.region import CacheRegion
+from opcases import FLOOR, HIT, MISS, RECORD_OVERHEAD, SET_NEW, Floor
 from peers import (
     BY_NAME,
     DBM,
@@ -42,52 +45,11 @@ from peers import (
     OURS_PEER,
     Peer,
     bulk_set,
+    close_region,
     dbm_flavour,
 )
 
-FLOOR = "os floor (bare syscalls)"
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name)
-
-
-def _close(region: CacheRegion) -> None:
-    """Release what a peer keeps open (diskcache's SQLite connection)."""
-    cache = getattr(region.backend, "cache", None)
-    if cache is not None and hasattr(cache, "close"):
-        cache.close()
-
-
 # -- 1. small values ------------------------------------------------------------
-
-
-class _Floor:
-    """What one small file costs on this disk: create+write+rename, open+read."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        os.makedirs(directory, exist_ok=True)
-
-    def set(self, key: str, data: bytes) -> None:
-        final = os.path.join(self.directory, key)
-        temp = final + ".tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(temp, final)
-
-    def get(self, key: str) -> bytes | None:
-        try:
-            fd = os.open(os.path.join(self.directory, key), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            return os.read(fd, 1 << 20)
-        finally:
-            os.close(fd)
 
 
 def small_values(params: Params, workdir: str) -> WorkloadResult:
@@ -98,10 +60,10 @@ def small_values(params: Params, workdir: str) -> WorkloadResult:
     for size in params.small_sizes:
         value = os.urandom(size)
         regions = {
-            p.name: p.region(os.path.join(workdir, f"small-{size}-{_slug(p.name)}")) for p in peers
+            p.name: p.region(os.path.join(workdir, f"small-{size}-{slug(p.name)}")) for p in peers
         }
-        floor = _Floor(os.path.join(workdir, f"small-{size}-floor"))
-        record = os.urandom(size + 120)  # about what a backend writes for this value
+        record = os.urandom(size + RECORD_OVERHEAD)  # about what a backend writes for it
+        floor = Floor(os.path.join(workdir, f"small-{size}-floor"), len(record))
         runners: list[tuple[str, Callable[[str, Any], object], Callable[[str], object], bytes]]
         runners = [(p.name, regions[p.name].set, regions[p.name].get, value) for p in peers]
         runners.append((FLOOR, floor.set, floor.get, record))
@@ -120,20 +82,30 @@ def small_values(params: Params, workdir: str) -> WorkloadResult:
                 if region.get(keys[0]) != value or region.get(missing[0]) is not NO_VALUE:
                     raise AssertionError(f"{peer.name} returned a wrong value")
         for region in regions.values():
-            _close(region)
+            close_region(region)
+    names = [*(p.name for p in peers), FLOOR]
+    counted = [
+        Case(name, _COUNTED_OP[op], size)
+        for size in params.small_syscall_sizes
+        for op in ops
+        for name in names
+    ]
+    syscalls = count_syscalls(counted, params.small_syscalls_n, workdir)
 
     records: list[dict[str, Any]] = []
     table = Table(
         "Workload 1: region set / get of small values, one process",
-        ["case", "backend", "median us/op", "p90 us/op", "ops/s", "ours/peer"],
+        ["case", "backend", "median us/op", "p90 us/op", "ops/s", "ours/peer", "syscalls/op"],
     )
     for size in params.small_sizes:
         for op in ops:
             ours = median(samples[size, op, OURS])
-            for name in [*(p.name for p in peers), FLOOR]:
+            for name in names:
                 values = samples[size, op, name]
                 mid = median(values)
                 r = ratio(ours, mid)
+                by_name = syscalls.get(Case(name, _COUNTED_OP[op], size))
+                total = sum(by_name.values()) if by_name is not None else None
                 records.append(
                     {
                         "value_bytes": size,
@@ -143,15 +115,18 @@ def small_values(params: Params, workdir: str) -> WorkloadResult:
                         "p90_us": percentile(values, 0.9) * 1e6,
                         "samples": len(values),
                         "ours_over_peer": r,
+                        "syscalls_per_op": total,
+                        "syscalls_by_name": by_name,
                     }
                 )
                 table.add(
-                    f"{op} {_size_label(size)}",
+                    f"{op} {size_label(size)}",
                     name,
                     fmt_num(mid * 1e6),
                     fmt_num(percentile(values, 0.9) * 1e6),
                     fmt_num(1 / mid, 0),
                     fmt_ratio(r, name == OURS),
+                    fmt_num(total, 2),
                 )
     entries = params.small_rounds * batch
     table.notes += [
@@ -164,11 +139,29 @@ def small_values(params: Params, workdir: str) -> WorkloadResult:
         "dogpile.cache.memory is a per-process dict: the ceiling set by dogpile's region "
         "overhead.",
         f"'{FLOOR}': the disk's own cost of one small file without any cache logic "
-        "(create+write+close+rename; open+read+close; a failed open), for scale.",
+        "(create+write+close+rename; open + one read of the known size + close; a failed "
+        "open), for scale.",
         "diskcache (LRU) is diskcache with eviction_policy='least-recently-used', the policy "
         "that matches ours; plain diskcache uses its default (least-recently-stored).",
     ]
+    table.notes.append(_syscall_note(params, syscalls))
     return WorkloadResult("small", table, records)
+
+
+_COUNTED_OP = {"set": SET_NEW, "get (hit)": HIT, "get (miss)": MISS}
+
+
+def _syscall_note(params: Params, syscalls: dict[Case, dict[str, float]]) -> str:
+    if not syscalls:
+        return f"syscalls/op: n/a, {MISSING_STRACE}."
+    sizes = ", ".join(size_label(size) for size in params.small_syscall_sizes)
+    return (
+        f"syscalls/op ({sizes}): strace -f -c of {params.small_syscalls_n} ops in a child "
+        "process minus an empty-loop baseline, divided by N (workload 11 has them by name, "
+        "with instruction counts). dogpile_filesystem lists and stats its directory on every "
+        "set and dogpile.cache.dbm reads its index on every call, so their counts grow with "
+        "the entries (here about 2N)."
+    )
 
 
 def _small_op(
@@ -186,16 +179,12 @@ def _small_op(
     return lambda i: getter(missing[i])
 
 
-def _size_label(size: int) -> str:
-    return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
-
-
 # -- 2. set cost as the cache grows -----------------------------------------------
 
 
 def growth(params: Params, workdir: str) -> WorkloadResult:
     peers = [OURS_PEER, DOGPILE_FILESYSTEM, DISKCACHE, DBM, MEMORY]
-    regions = {p.name: p.region(os.path.join(workdir, f"growth-{_slug(p.name)}")) for p in peers}
+    regions = {p.name: p.region(os.path.join(workdir, f"growth-{slug(p.name)}")) for p in peers}
     value = os.urandom(params.growth_value_size)
     filled = dict.fromkeys(regions, 0)
     records: list[dict[str, Any]] = []
@@ -292,7 +281,7 @@ def growth(params: Params, workdir: str) -> WorkloadResult:
         "Interleaved: chunks of 20 sets rotate over the backends at each level.",
     ]
     for region in regions.values():
-        _close(region)
+        close_region(region)
     return WorkloadResult("growth", table, records)
 
 
@@ -332,7 +321,7 @@ def _dogpile_worker(
             if pass_no == 0:
                 first_pass_end = time.perf_counter()
         end = time.perf_counter()
-        _close(region)
+        close_region(region)
         results.put((start, first_pass_end, end, None))
     except BaseException as exc:  # report, do not hang the parent
         results.put((0.0, 0.0, 0.0, repr(exc)))
@@ -346,7 +335,7 @@ def _dogpile_run(
     # Create the cache (and do any one-time first-write work) before the processes race.
     region = peer.region(directory)
     region.set("warm-up", b"warm-up")
-    _close(region)
+    close_region(region)
     barrier = ctx.Barrier(processes)
     counter = ctx.Value("i", 0)
     results = ctx.Queue()
@@ -391,7 +380,7 @@ def dogpile_processes(params: Params, workdir: str) -> WorkloadResult:
         for processes in params.dogpile_processes:
             for peer in rotated(peers, repeat + processes):
                 serial += 1
-                directory = os.path.join(workdir, f"dogpile-{serial}-{_slug(peer.name)}")
+                directory = os.path.join(workdir, f"dogpile-{serial}-{slug(peer.name)}")
                 runs[processes, peer.name].append(_dogpile_run(peer, processes, params, directory))
 
     keys, passes = params.dogpile_keys, params.dogpile_passes
@@ -467,7 +456,7 @@ def eviction(params: Params, workdir: str) -> WorkloadResult:
     peers = [OURS_PEER, DOGPILE_FILESYSTEM, DISKCACHE, DISKCACHE_LRU]
     limit, size = params.evict_limit, params.evict_value_size
     value = os.urandom(size)
-    directories = {p.name: os.path.join(workdir, f"evict-{_slug(p.name)}") for p in peers}
+    directories = {p.name: os.path.join(workdir, f"evict-{slug(p.name)}") for p in peers}
     regions = {p.name: p.region(directories[p.name], limit) for p in peers}
     fill = int(1.5 * limit / size)
     for peer in peers:  # write half as much again as fits: every backend is evicting now
@@ -545,5 +534,5 @@ def eviction(params: Params, workdir: str) -> WorkloadResult:
         "dogpile.cache.dbm and dogpile.cache.memory have no size limit: not applicable.",
     ]
     for region in regions.values():
-        _close(region)
+        close_region(region)
     return WorkloadResult("eviction", table, records)

@@ -7,6 +7,12 @@ publish reads the whole file in the same ``pread`` that fetches its shard's
 counters, so the writer learns the total it has just produced and the time
 of the last recount without a further call (``add`` returns the total,
 ``seen_reconcile`` keeps the time): a ``set`` pays two calls of bookkeeping.
+The total is exact (the sum of the counters as read) at O(1) Python work per
+set: each process keeps the table it read last with its sums and adds in
+only the counters that differ (``_Sums``: one compare of the table in C,
+then of the changed chunks).  There is no shared total word: writers of
+different shards hold different locks, so they could not update one without
+losing each other's changes.
 
 Drift (a writer killed between publishing a file and updating its counter, a
 file deleted by hand) is repaired by every scan, which recomputes the
@@ -38,8 +44,9 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import struct
+import time
+from collections.abc import Callable
 
 from . import files
 from .exceptions import BookkeepingError
@@ -54,14 +61,27 @@ _HEADER = struct.Struct("<4sII")
 _RECONCILED = struct.Struct("<d")
 _RECONCILED_OFFSET = 16
 _SHARD = struct.Struct("<qq")
+_CHUNK = 16 * _SHARD.size  # counters compared at once by _Sums.update
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_ATTEMPTS = 8  # to find a well-formed file at the path (about 60 ms of waiting at most)
 
 
 class AccountingFile:
     """Counters of one cache directory, shared by every process through one file."""
 
-    def __init__(self, path: str, shard_count: int, mode: int, *, writable: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        shard_count: int,
+        mode: int,
+        temp_suffix: Callable[[], str],
+        *,
+        writable: bool = True,
+    ) -> None:
         """Open the counters, creating the file if there is none.
+
+        ``temp_suffix`` names the temp file of a new file (``.tmp-<writer>-<n>``,
+        so that a scan can tell one its writer left behind).
 
         A file that is not a regular file raises BookkeepingError; a damaged
         one is replaced.  ``writable=False`` (a read-only cache) reads what is
@@ -71,10 +91,11 @@ class AccountingFile:
         self.shard_count = shard_count
         self.mode = mode
         self.writable = writable
+        self._temp_suffix = temp_suffix
         self._size = HEADER_SIZE + _SHARD.size * shard_count
         self._header = _HEADER.pack(MAGIC, VERSION, shard_count)
-        self._table = struct.Struct(f"<{2 * shard_count}q")
         self._dirty = False  # counted into our file since the last identity check
+        self._sums = _Sums(shard_count)
         self.seen_reconcile = 0.0  # last_reconcile as the latest table read found it
         self._fd = self._open()
         self._watch = files.Watch(path, self._fd)
@@ -87,14 +108,14 @@ class AccountingFile:
 
     # -- counters (the caller holds the shard's lock for changes) -------------
 
-    def add(self, shard: int, size_delta: int, entries_delta: int) -> int:
-        """Adjust shard ``shard``; return the total bytes of all shards afterwards."""
-        table = self._read_table()
-        at = 2 * shard
-        size, entries = table[at] + size_delta, table[at + 1] + entries_delta
-        os.pwrite(self._fd, _SHARD.pack(size, entries), HEADER_SIZE + _SHARD.size * shard)
+    def add(self, shard: int, size_delta: int, entries_delta: int) -> tuple[int, int]:
+        """Adjust shard ``shard``; return the totals of all shards afterwards (bytes, entries)."""
+        sums = self._sums
+        sums.update(self._read_table())
+        packed = sums.add(shard, size_delta, entries_delta)
+        os.pwrite(self._fd, packed, HEADER_SIZE + _SHARD.size * shard)
         self._dirty = True
-        return max(0, sum(table[0::2]) - table[at] + size)
+        return max(0, sums.bytes), max(0, sums.entries)
 
     def set(self, shard: int, size: int, entries: int) -> None:
         """Overwrite shard ``shard`` with counted values."""
@@ -104,8 +125,14 @@ class AccountingFile:
 
     def totals(self) -> tuple[int, int]:
         """(bytes, entries) over all shards, never negative."""
-        values = self._read_table()
-        return max(0, sum(values[0::2])), max(0, sum(values[1::2]))
+        sums = self._sums
+        sums.update(self._read_table())
+        return max(0, sums.bytes), max(0, sums.entries)
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the file this process counts into now."""
+        return self._watch.identity
 
     @property
     def last_reconcile(self) -> float:
@@ -120,18 +147,19 @@ class AccountingFile:
 
     # -- damage, deletion and replacement -------------------------------------
 
-    def _read_table(self) -> tuple[int, ...]:
+    def _read_table(self) -> bytes:
+        """The shard counters as stored (all zero if the file was damaged)."""
         self._check_if_due()
         data = os.pread(self._fd, self._size, 0)
         if len(data) == self._size and data.startswith(self._header):
             self.seen_reconcile = _RECONCILED.unpack_from(data, _RECONCILED_OFFSET)[0]
-            return self._table.unpack_from(data, HEADER_SIZE)
+            return data[HEADER_SIZE:]
         self._refuse_another_layout(data)
         self.seen_reconcile = 0.0
         if self.writable:
             log.warning("accounting file %s is damaged; replaced it, recount due", self.path)
             self._replace_damaged()
-        return (0,) * (2 * self.shard_count)
+        return bytes(self._size - HEADER_SIZE)
 
     def _refuse_another_layout(self, data: bytes) -> None:
         """A whole header of another shard count is another layout's file, not damage:
@@ -173,7 +201,9 @@ class AccountingFile:
 
     def _open(self) -> int:
         """A descriptor on a well-formed file at our path (published whole if missing)."""
-        for _ in range(3):  # another process may be replacing it meanwhile
+        for attempt in range(_OPEN_ATTEMPTS):  # another process may be replacing it meanwhile
+            if attempt > 1:  # or damaging it again and again: give the file time to settle
+                time.sleep(0.001 * 2 ** (attempt - 2))
             try:
                 fd = open_shared(self.path, self.mode, writable=self.writable, create=False)
             except FileNotFoundError:
@@ -207,7 +237,7 @@ class AccountingFile:
         ``replace=False`` only fills a missing file (a link fails if another
         process published first); ``replace=True`` renames over a damaged one.
         """
-        temp_path = f"{self.path}.tmp-{secrets.token_hex(8)}"
+        temp_path = f"{self.path}{self._temp_suffix()}"
         fd = os.open(temp_path, _CREATE_FLAGS, self.mode)
         try:
             os.fchmod(fd, self.mode)
@@ -221,3 +251,40 @@ class AccountingFile:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp_path)
+
+
+class _Sums:
+    """The totals of the table this process read last, kept up to date by difference.
+
+    ``update`` compares a newly read table with the one kept (one ``memcmp``
+    when nobody else counted meanwhile) and adds in only the counters of the
+    chunks that differ: the exact sum, without summing every shard per set.
+    """
+
+    def __init__(self, shard_count: int) -> None:
+        self.table = bytearray(_SHARD.size * shard_count)  # all zero, so the sums are 0
+        self.bytes = self.entries = 0
+
+    def update(self, table: bytes) -> None:
+        kept = self.table
+        if kept == table:
+            return
+        for low in range(0, len(table), _CHUNK):
+            high = min(low + _CHUNK, len(table))
+            if kept[low:high] == table[low:high]:
+                continue
+            for at in range(low, high, _SHARD.size):
+                old, new = _SHARD.unpack_from(kept, at), _SHARD.unpack_from(table, at)
+                self.bytes += new[0] - old[0]
+                self.entries += new[1] - old[1]
+        kept[:] = table
+
+    def add(self, shard: int, size_delta: int, entries_delta: int) -> bytes:
+        """Count a change of shard ``shard`` in; its counters packed, to be written."""
+        at = _SHARD.size * shard
+        size, entries = _SHARD.unpack_from(self.table, at)
+        packed = _SHARD.pack(size + size_delta, entries + entries_delta)
+        self.table[at : at + _SHARD.size] = packed
+        self.bytes += size_delta
+        self.entries += entries_delta
+        return packed

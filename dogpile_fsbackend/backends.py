@@ -22,7 +22,7 @@ from dogpile.cache.api import (
     CantDeserializeException,
 )
 
-from . import layout, listing, maintenance, rawfiles, records
+from . import eviction, layout, listing, maintenance, rawfiles, records
 from .config import SETTING_NAMES, documented, parse_arguments
 from .exceptions import CacheSizeWarning
 from .lookups import LookupTracker, RecheckingMutex, ThreadMutexes
@@ -44,6 +44,7 @@ class _FSBackendBase(CacheBackend):
     def __init__(self, arguments: Mapping[str, Any]) -> None:
         self.settings = parse_arguments(arguments, self._accepted_arguments)
         self.store = Store(self.settings, self._kind)
+        self.evictor = eviction.Evictor(self.store)
         self._lookups = LookupTracker()
         self._thread_mutexes = ThreadMutexes()  # for distributed_lock=False
 
@@ -121,7 +122,8 @@ class _FSBackendBase(CacheBackend):
     # -- maintenance ----------------------------------------------------------
 
     def prune(self) -> maintenance.PruneResult:
-        """Remove expired entries, evict down to the limit, and reconcile the accounting."""
+        """Remove expired entries, evict down to the low-water mark if over a limit, and
+        reconcile the accounting."""
         self.store.check_writable("prune")
         return maintenance.prune(self.store)
 
@@ -135,7 +137,7 @@ class _FSBackendBase(CacheBackend):
         self.store.check_writable("clear")
         return maintenance.clear(self.store)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | None]:
         """Shared size figures plus hits, misses, writes and evictions of this instance.
 
         A lookup counts once: a ``get_or_create`` (``cache_on_arguments``) call is
@@ -147,6 +149,7 @@ class _FSBackendBase(CacheBackend):
             "entries": entries,
             "bytes": size,
             "limit": self.settings.cache_size,
+            "entry_limit": self.settings.max_entries,
             "hits": self.store.hits,
             "misses": self.store.misses,
             "writes": self.store.writes,
@@ -174,9 +177,10 @@ class _FSBackendBase(CacheBackend):
         self._write(key, refuse, retry=False)
 
     def _write(self, key: str, attempt: Callable[[], None], retry: bool = True) -> None:
-        """Run one write (see ``_attempt``); after one that succeeded, enforce the limit."""
+        """Run one write (see ``_attempt``); after one that succeeded, enforce the limits
+        (a bounded step, see eviction.py)."""
         if self._attempt(key, attempt, retry):
-            maintenance.enforce_limit(self.store)
+            self.evictor.after_write()
 
     def _attempt(self, key: str, attempt: Callable[[], None], retry: bool = True) -> bool:
         """Run one write; when the disk is full, evict a batch and try once more.
@@ -202,7 +206,7 @@ class _FSBackendBase(CacheBackend):
     def _made_room(self, error: OSError) -> bool:
         """Evict one batch after ``error`` (a full disk); False if nothing could go."""
         try:
-            freed = maintenance.make_room(self.store).removed
+            freed = self.evictor.make_room()
         except OSError as exc:
             log.warning("could not evict after %s: %s", error, exc)
             return False
@@ -227,8 +231,11 @@ class _FSBackendBase(CacheBackend):
         log.warning(message)
         warnings.warn(message, CacheSizeWarning, stacklevel=4)
         # The key's old value must not outlive this set; where it cannot go (a read-only
-        # filesystem), that failed write follows write_errors like any other.
-        self._attempt(key, lambda: self.store.delete(_digest(key)), retry=False)
+        # cache), that refused write follows write_errors like any other.
+        if self.store.writable:
+            self._attempt(key, lambda: self.store.delete(_digest(key)), retry=False)
+        else:
+            self._refuse_set(key)
         return False
 
     def room(self) -> int:
@@ -376,12 +383,12 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
 
     def _put(self, key: str, payload: bytes, form: int) -> None:
         key_bytes = checked_key(key)
-        if not self.store.writable:
-            self._refuse_set(key)
-            return
         digest = layout.key_digest(key_bytes)
         data = records.encode(records.KIND_PICKLED, key_bytes, payload, time.time(), form)
         if not self._fits(key, len(data)):
+            return
+        if not self.store.writable:
+            self._refuse_set(key)
             return
         self._write(key, lambda: self.store.write_and_publish(digest, data))
 

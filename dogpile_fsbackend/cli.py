@@ -7,10 +7,12 @@ constant memory.  ``keys`` and every ``--dry-run`` open the cache read-only:
 they create and change nothing, so they work on a read-only mount and as a
 user who may only read the cache.
 
-The size limit and expiration time are application settings that the cache
-directory does not record, so ``prune`` only evicts for size or age when given
-``--cache-size`` or ``--expiration-time``; without them it removes damaged and
-abandoned files and recounts the accounting.
+The limits and expiration time are application settings that the cache
+directory does not record, so ``prune`` only evicts for size, count or age
+when given ``--cache-size``, ``--max-entries`` or ``--expiration-time``;
+without them it removes damaged and abandoned files and recounts the
+accounting.  Ctrl-Z (SIGTSTP) stops a scan between two shards, holding no
+lock, so nobody waits for it while it is stopped.
 
 A directory is opened only if its marker file says it is a cache; nothing is
 ever created in one that is not (exit status 2).
@@ -35,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
 from . import __version__, listing, maintenance, marker
-from .config import Settings, parse_seconds, parse_size
+from .config import Settings, parse_count, parse_seconds, parse_size
 from .exceptions import BookkeepingError, ConfigError, FSBackendError, NotACacheError
 from .invalidation import InvalidationTimes, SharedInvalidation, read_times
 from .layout import INVALIDATION_NAME, MARKER_NAME, encode_key
@@ -58,6 +60,7 @@ def open_cache(
     base_dir: str,
     cache_size: int | None = None,
     expiration_time: float | None = None,
+    max_entries: int | None = None,
     read_only: bool = False,
 ) -> Store:
     """The Store of an existing cache directory, laid out as its marker says.
@@ -86,6 +89,7 @@ def open_cache(
     settings = Settings(
         base_dir=base_dir,
         cache_size=cache_size or _NO_LIMIT,
+        max_entries=max_entries,
         expiration_time=expiration_time,
         reconcile_interval=None,
         file_mode=marker_mode & 0o777,  # anything (re)created matches what is there
@@ -110,6 +114,7 @@ def _stats(store: Store, args: argparse.Namespace, progress: Progress | None) ->
         "entries": entries,
         "bytes": size,
         "limit": args.cache_size,
+        "entry_limit": args.max_entries,
         "shards": store.layout.shard_count,
         "last_reconcile": reconciled or None,
     }
@@ -126,6 +131,11 @@ def _stats(store: Store, args: argparse.Namespace, progress: Progress | None) ->
             f"entries     {entries}",
             f"size        {_size(size)} ({size} bytes)",
             f"limit       {limit}",
+            *(
+                [f"entry limit {args.max_entries}, {100 * entries / args.max_entries:.0f}% used"]
+                if args.max_entries
+                else []
+            ),
             f"recounted   {recounted}",
             f"invalidated {_invalidation_text(times, problem)}",
         )
@@ -146,16 +156,19 @@ def _prune(store: Store, args: argparse.Namespace, progress: Progress | None) ->
         "entries": entries,
         "bytes": size,
         "limit": args.cache_size,
+        "entry_limit": args.max_entries,
     }
     lines = [
         f"removed {_count(result.removed, 'entry', 'entries')} ({_size(result.removed_bytes)}):"
-        f" {result.expired} expired, {data['evicted']} evicted for the size limit",
+        f" {result.expired} expired, {data['evicted']} evicted for the limits",
         _cleanup_line(result.scan),
-        f"now {_count(entries, 'entry', 'entries')}, {_size(size)}"
+        f"now {_count(entries, 'entry', 'entries')}"
+        + (f" of {args.max_entries}" if args.max_entries else "")
+        + f", {_size(size)}"
         + (f" of {_size(args.cache_size)}" if args.cache_size else ""),
     ]
-    if args.cache_size is None:
-        lines.append("no --cache-size given: nothing was evicted for size")
+    if args.cache_size is None and args.max_entries is None:
+        lines.append("no --cache-size or --max-entries given: nothing was evicted for size")
     return data, "\n".join(lines)
 
 
@@ -256,6 +269,7 @@ class _Command:
     run: Callable[[Store, argparse.Namespace, Progress | None], Outcome]
     options: Mapping[str, str] = dataclasses.field(default_factory=dict)  # name -> its help
     scans: bool = True  # visits every shard, so it can show progress
+    passes: int = 1  # how many times it visits every shard
     dry_run_scans: bool = False  # its --dry-run visits every shard too
     # Refused at once on a read-only cache.  A --dry-run opens the cache read-only; stats
     # opens it as the applications do (it reports a planted lock file, repairs a damaged
@@ -268,7 +282,10 @@ _MAINTENANCE = {
     "stats": _Command(
         "entries, size and limit, from the shared counters (no scan)",
         _stats,
-        {"--cache-size": "the applications' cache_size, e.g. 2GiB, to show how full it is"},
+        {
+            "--cache-size": "the applications' cache_size, e.g. 2GiB, to show how full it is",
+            "--max-entries": "the applications' max_entries, to show how full it is",
+        },
         scans=False,
         changes=False,
     ),
@@ -277,9 +294,12 @@ _MAINTENANCE = {
         _prune,
         {
             "--cache-size": "the applications' cache_size, e.g. 2GiB: evict down to 90%% of it",
+            "--max-entries": "the applications' max_entries, e.g. 1000000: evict down to 90%% "
+            "of it",
             "--expiration-time": "the applications' expiration_time, e.g. 86400, 90m, 1h or "
             "7d: remove older entries",
         },
+        passes=maintenance.PRUNE_PASSES,
     ),
     "verify": _Command("read and check every entry, remove damaged ones, recount", _verify),
     "clear": _Command(
@@ -309,6 +329,10 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "--cache-size": {
         "type": lambda text: _parse_option(parse_size, "cache_size", text),
         "metavar": "SIZE",
+    },
+    "--max-entries": {
+        "type": lambda text: _parse_option(parse_count, "max_entries", text),
+        "metavar": "N",
     },
     "--expiration-time": {
         "type": lambda text: _parse_option(parse_seconds, "expiration_time", text),
@@ -358,7 +382,11 @@ def _run_maintenance(args: argparse.Namespace) -> int:
     )
     try:
         store = open_cache(
-            args.directory, args.cache_size, args.expiration_time, read_only=args.dry_run
+            args.directory,
+            args.cache_size,
+            args.expiration_time,
+            args.max_entries,
+            read_only=args.dry_run,
         )
         if command.changes and not args.dry_run:
             store.check_writable(args.command)
@@ -366,7 +394,11 @@ def _run_maintenance(args: argparse.Namespace) -> int:
         if asks and not _confirm(args.command, store):
             print(f"{PROG}: {args.command} cancelled; nothing was removed", file=sys.stderr)
             return EXIT_ERROR
-        with _progress(args.command, store.layout.shard_count, show_progress) as progress:
+        total = store.layout.shard_count * command.passes
+        with (
+            _progress(args.command, total, show_progress) as shown,
+            _stopping_between_shards(shown) as progress,
+        ):
             data, text = command.run(store, args, progress)
     except NotACacheError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
@@ -449,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(
             run=_run_maintenance,
             cache_size=None,
+            max_entries=None,
             expiration_time=None,
             progress=None,
             dry_run=False,
@@ -580,6 +613,28 @@ def _progress(label: str, total: int, enabled: bool) -> Iterator[Progress | None
                 yield bar.update
             return
     yield _LineProgress(label, total, sys.stderr)
+
+
+@contextlib.contextmanager
+def _stopping_between_shards(shown: Progress | None) -> Iterator[Progress]:
+    """A progress callback that also stops the process, when Ctrl-Z (SIGTSTP) asked for it,
+    between two shards: holding no shard lock, so that no application write waits for a
+    stopped scan.  (A plain SIGSTOP stops it where it is; writers to the one shard it may
+    hold then wait until it is continued.)"""
+    asked: list[int] = []
+
+    def progress(count: int) -> None:
+        if shown:
+            shown(count)
+        if asked:
+            asked.clear()
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    previous = signal.signal(signal.SIGTSTP, lambda signum, frame: asked.append(signum))
+    try:
+        yield progress
+    finally:
+        signal.signal(signal.SIGTSTP, previous)
 
 
 class _LineProgress:

@@ -64,6 +64,7 @@ class Settings:
 
     base_dir: str
     cache_size: int = GiB
+    max_entries: int | None = None  # an entry-count limit besides cache_size
     expiration_time: float | None = None
     distributed_lock: bool = True
     file_movable: bool = False
@@ -132,6 +133,22 @@ def parse_seconds(name: str, value: Any) -> float | None:
     return parse_duration(name, value)
 
 
+def parse_count(name: str, value: Any) -> int | None:
+    """A whole number of at least 1 (an int or a string such as ``"100000"``), or ``None``
+    (or ``"none"``): no limit."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip().replace("_", "")
+        number = int(text) if text.isdigit() else None
+    if number is None or number < 1:
+        raise ConfigError(name, "a whole number of entries, at least 1 (or None: no limit)", value)
+    return number
+
+
 def parse_bool(name: str, value: Any) -> bool:
     """``True``/``False``/``None`` or an ini-style string such as ``"yes"``/``"false"``."""
     if value is None or isinstance(value, bool):
@@ -198,6 +215,7 @@ def parse_base_dir(name: str, value: Any) -> str:
 PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "base_dir": parse_base_dir,
     "cache_size": parse_size,
+    "max_entries": parse_count,
     "expiration_time": parse_seconds,
     "distributed_lock": parse_bool,
     "file_movable": parse_bool,
@@ -245,6 +263,10 @@ ARGUMENT_DOCS = {
     "directory per backend kind.  Required.",
     "cache_size": "size limit: the total bytes of the entry files, an int or a string with "
     "units such as ``'512MiB'`` or ``'2GB'``.  Defaults to ``1073741824`` (1 GiB).",
+    "max_entries": "entry-count limit, enforced like ``cache_size`` and together with it "
+    "(whichever is reached first): an int, or ``None`` for no limit.  Many small values "
+    "take an inode and a block each, and filesystems run out of inodes too.  Defaults to "
+    "``None``.",
     "expiration_time": "a duration (seconds, a ``timedelta``, or ``'90s'``, ``'15m'``, "
     "``'1h'``, ``'7d'``) after which an entry is a miss and goes first on eviction; "
     "independent of the region's ``expiration_time``.  Defaults to ``None`` (never).",
@@ -267,8 +289,9 @@ ARGUMENT_DOCS = {
     "dir_mode": "permissions of shard directories.  Defaults to ``0o700``.",
     "fsync": "``fsync`` every entry before publishing it (durable across power loss, "
     "slower).  Defaults to ``False``.",
-    "eviction_low_water": "when the limit is crossed, evict down to this fraction of "
-    "``cache_size``.  Defaults to ``0.9``.",
+    "eviction_low_water": "once a write takes the cache over a limit, the following writes "
+    "evict a few entries each until the cache is down to this fraction of ``cache_size`` "
+    "(and of ``max_entries``); ``prune()`` evicts down to it at once.  Defaults to ``0.9``.",
     "reconcile_interval": "duration between automatic recounts of the size accounting from "
     "the files; ``None``: only on eviction or ``prune()``.  Defaults to ``3600``.",
     "temp_max_age": "duration after which a temp file whose writer cannot be identified (one "

@@ -192,6 +192,15 @@ def temp_writer(name: str) -> str | None:
     return token if len(token) == WRITER_TOKEN_LEN and is_hex(token) else None
 
 
+def bookkeeping_temp(name: str) -> str | None:
+    """The temp part (``.tmp-...``) of ``accounting.tmp-...`` or ``fsbackend.json.tmp-...``,
+    a new bookkeeping file being written; None for any other name."""
+    for bookkeeping in (ACCOUNTING_NAME, MARKER_NAME):
+        if name.startswith(bookkeeping + TEMP_PREFIX):
+            return name[len(bookkeeping) :]
+    return None
+
+
 def is_legacy_temp_name(name: str) -> bool:
     """True for ``.tmp-<pid>-<random>``, the temp names of releases before writer tokens."""
     return name[len(TEMP_PREFIX) :].split("-", 1)[0].isdigit()

@@ -1,7 +1,9 @@
 """Byte-range ``lockf`` locks on one lock file, made safe for threads and forks.
 
-Every lock is one byte of the cache's lock file: byte 0 guards eviction, the
-next bytes guard the accounting shards, and the key mutexes hash onto
+Every lock is one byte of the cache's lock file: byte 0 is left unused (it
+serialised eviction scans until eviction became per-write work that needs no
+shared lock, see eviction.py), the next bytes guard the accounting shards, and
+the key mutexes hash onto
 ``lock_slots`` bytes after those (2**32 by default: a lock file is sparse, an
 unlocked byte costs nothing, so distinct keys practically never share a byte).
 No lock file is ever created or deleted per key.
@@ -62,8 +64,7 @@ from .layout import WRITER_TOKEN_LEN
 
 log = logging.getLogger(__name__)
 
-EVICTION_OFFSET = 0
-SHARD_BASE_OFFSET = 1
+SHARD_BASE_OFFSET = 1  # byte 0 is unused (see above)
 KEY_BASE_OFFSET = SHARD_BASE_OFFSET + 16**3  # room for the widest shard layout
 WRITER_BASE_OFFSET = 1 << 56  # beyond every key slot (lock_slots <= 2**48)
 

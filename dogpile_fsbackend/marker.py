@@ -26,8 +26,8 @@ import errno
 import json
 import logging
 import os
-import secrets
 import stat
+from collections.abc import Callable
 
 from . import layout as paths
 from . import records
@@ -114,7 +114,7 @@ def read(base_dir: str) -> Marker | None:
     return Marker(kind, **layout)
 
 
-def ensure(base_dir: str, wanted: Marker, mode: int) -> bool:
+def ensure(base_dir: str, wanted: Marker, mode: int, temp_suffix: Callable[[], str]) -> bool:
     """Check ``base_dir``'s marker against ``wanted``, writing it if there is none.
 
     True if this call wrote the marker.  The caller holds the maintenance
@@ -123,7 +123,7 @@ def ensure(base_dir: str, wanted: Marker, mode: int) -> bool:
     found = read(base_dir)
     if found is None:
         adopted = _kind_of_unmarked_entries(base_dir, wanted)
-        write(base_dir, wanted, mode)
+        write(base_dir, wanted, mode, temp_suffix())
         if adopted:
             log.warning(
                 "%s was missing; re-created it for the %s entries found",
@@ -154,10 +154,11 @@ def check(base_dir: str, found: Marker, wanted: Marker) -> None:
             )
 
 
-def write(base_dir: str, marker: Marker, mode: int) -> None:
-    """Publish ``marker`` atomically (a temp file renamed over the marker)."""
+def write(base_dir: str, marker: Marker, mode: int, temp_suffix: str) -> None:
+    """Publish ``marker`` atomically: a temp file (``fsbackend.json<temp_suffix>``, named
+    after its writer, so a scan can tell when it was left behind) renamed over the marker."""
     path = path_of(base_dir)
-    temp_path = f"{path}{paths.TEMP_PREFIX}{secrets.token_hex(8)}"
+    temp_path = f"{path}{temp_suffix}"
     fd = os.open(temp_path, _CREATE_FLAGS, mode)
     try:
         os.fchmod(fd, mode)

@@ -21,7 +21,6 @@ bytes, bounded by the header's lengths for anything longer.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import functools
@@ -30,7 +29,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from . import files, marker, records
 from . import layout as paths
@@ -38,10 +37,7 @@ from .accounting import AccountingFile
 from .config import Settings
 from .exceptions import ConfigError, ReadOnlyError
 from .files import make_dir, open_quietly, open_shared
-from .locking import EVICTION_OFFSET, SHARD_BASE_OFFSET, ExclusiveByte, FileMutex, LockFile
-
-if TYPE_CHECKING:
-    from .maintenance import EntryInfo
+from .locking import SHARD_BASE_OFFSET, ExclusiveByte, FileMutex, LockFile
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +111,11 @@ class Store:
         self.settings = settings
         self.kind = kind
         self.layout = paths.Layout(settings.base_dir, settings.shard_depth, settings.shard_width)
-        # The oldest entries of the last scan, in LRU order (see maintenance.py).
-        self.eviction_order: collections.deque[EntryInfo] = collections.deque()
         self._known_dirs: dict[str, tuple[int, int]] = {}  # checked directory -> (dev, inode)
         self._stamps: dict[str, float] = {}  # digest -> when this process last stamped it
         self.hits = self.misses = self.writes = self.evictions = self.write_errors = 0
-        self.last_total = 0  # total bytes as the last publish or discard left them
+        # Totals (bytes, entries) as the last publish or discard of this instance left them.
+        self.last_total = self.last_entries = 0
         self._warned: set[str] = set()  # paths already reported unreadable or foreign
         # Why this store may change nothing (None: it may), for ReadOnlyError messages.
         self.read_only_reason = self._prepare_base_dir()
@@ -201,7 +196,7 @@ class Store:
         found = marker.read(self.settings.base_dir)
         if found is not None:
             marker.check(self.settings.base_dir, found, self.wanted_marker)
-            return AccountingFile(path, count, mode, writable=self.writable)
+            return AccountingFile(path, count, mode, self.temp_suffix, writable=self.writable)
         if not self.writable:
             raise ConfigError(
                 "base_dir",
@@ -214,13 +209,21 @@ class Store:
         with maintenance_lock(self.settings.base_dir, mode):
             # The accounting first: one left by a process of another layout is refused
             # (BookkeepingError) before a marker of ours could contradict it.
-            accounting = AccountingFile(path, count, mode)
-            created = marker.ensure(self.settings.base_dir, self.wanted_marker, mode)
+            accounting = AccountingFile(path, count, mode, self.temp_suffix)
+            created = marker.ensure(
+                self.settings.base_dir, self.wanted_marker, mode, self.temp_suffix
+            )
             # A new file has last_reconcile 0, so the first write recounts; a new,
             # empty cache has nothing to count.
             if created and _is_empty(self.layout.data_dir):
                 accounting.last_reconcile = time.time()
             return accounting
+
+    def temp_suffix(self) -> str:
+        """A temp name (``.tmp-<writer token>-<number>``) for a file this process writes:
+        a scan removes it once the writer's byte is free (see maintenance.py)."""
+        lock_file = self.lock_file
+        return paths.temp_name(lock_file.writer_token(), lock_file.next_temp_number())
 
     def check_bookkeeping(self) -> None:
         """At most once a second: the marker is still there (re-written if a cleaner took
@@ -233,7 +236,9 @@ class Store:
         if not os.path.lexists(marker.path_of(base_dir)):
             log.warning("%s was deleted; re-writing it", marker.path_of(base_dir))
             with contextlib.suppress(OSError):
-                marker.write(base_dir, self.wanted_marker, self.settings.file_mode)
+                marker.write(
+                    base_dir, self.wanted_marker, self.settings.file_mode, self.temp_suffix()
+                )
         self.lock_file.check_identity()
         self.accounting.check_identity()
         if now >= self._next_touch:
@@ -273,12 +278,6 @@ class Store:
 
     def shard_locked(self, shard: int) -> ExclusiveByte:
         return self.lock_file.exclusive(SHARD_BASE_OFFSET + shard)
-
-    def acquire_eviction_lock(self, wait: bool) -> bool:
-        return self.lock_file.acquire(("evict",), EVICTION_OFFSET, wait)
-
-    def release_eviction_lock(self) -> None:
-        self.lock_file.release(("evict",), EVICTION_OFFSET)
 
     # -- reading --------------------------------------------------------------
 
@@ -373,8 +372,7 @@ class Store:
         directory = self.layout.entry_dir(digest)
         if not dir_checked and not self.is_our_dir(directory):
             self._make_real_dirs(directory)
-        lock_file = self.lock_file
-        name = paths.temp_name(lock_file.writer_token(), lock_file.next_temp_number())
+        name = self.temp_suffix()
         path = f"{directory}/{name}"
         mode = self.settings.file_mode
         try:
@@ -515,7 +513,9 @@ class Store:
             for old_path in old_data:
                 if old_path != data_path:
                     remove_quietly(old_path)
-            self.last_total = self.accounting.add(shard, size - old_size, 0 if existed else 1)
+            self.last_total, self.last_entries = self.accounting.add(
+                shard, size - old_size, 0 if existed else 1
+            )
         self.writes += 1
         self.check_bookkeeping()
 
@@ -559,7 +559,7 @@ class Store:
             size, existed, data = self._entry_files_locked(digest)
             for path in (entry_path, *data):
                 remove_quietly(path)
-            self.last_total = self.accounting.add(shard, -size, -existed)
+            self.last_total, self.last_entries = self.accounting.add(shard, -size, -existed)
         return size
 
     @staticmethod

@@ -133,6 +133,29 @@ def check_raw_hit(key: str, value: Any, writers: int | None = None) -> str | Non
     return check_blob(key, read_raw(value), writers)
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m dogpile_fsbackend ARGS`` in a new process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "dogpile_fsbackend", *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+
+
+def run_processes(procs: list[Any], results: Any) -> list[Any]:
+    """Start ``procs``, take one result each from ``results`` (a queue), and join them:
+    the results, once every process exited cleanly."""
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=WAIT * 4) for _ in procs]
+    for proc in procs:
+        proc.join(WAIT)
+        assert proc.exitcode == 0
+    return outcomes
+
+
 def set_bytes(backend: Any, kind: str, key: str, value: bytes) -> None:
     """Store ``value`` under ``key`` on either backend ("pickled" or "raw")."""
     if kind == "raw":

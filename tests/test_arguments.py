@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import copy
 import datetime
+import io
 import logging
 import multiprocessing
 import os
@@ -189,6 +190,68 @@ def test_cache_size_string_limits_the_cache(cache_dir):
     assert region.get("huge") is NO_VALUE
 
 
+# -- max_entries --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_entries_defaults_to_no_limit(backend, cache_dir):
+    found = configure(backend, {"base_dir": cache_dir}).backend
+    assert found.settings.max_entries is None
+    assert found.stats()["entry_limit"] is None
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (1, 1),
+        (5000, 5000),
+        ("5000", 5000),
+        (" 1_000_000 ", 1_000_000),
+        (None, None),
+        ("none", None),
+    ],
+)
+def test_max_entries_accepts_ints_and_strings(cache_dir, given, expected):
+    backend = configure(BACKENDS[0], {"base_dir": cache_dir, "max_entries": given}).backend
+    assert backend.settings.max_entries == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_entries_limits_the_number_of_entries(backend, cache_dir):
+    """Enforced like cache_size: once a write goes over, the cache is back at the limit
+    when it returns, and the following writes evict down to the low-water mark."""
+    region = configure(backend, {"base_dir": cache_dir, "max_entries": 20})
+    for index in range(100):
+        if backend.endswith("raw"):
+            region.set(f"key-{index}", io.BytesIO(b"x" * 10))
+        else:
+            region.set(f"key-{index}", b"x" * 10)
+        assert region.backend.stats()["entries"] <= 20
+    stats = region.backend.stats()
+    assert 18 <= stats["entries"] <= 20  # between eviction_low_water (0.9) and the limit
+    assert stats["evictions"] == 100 - stats["entries"]
+    assert stats["entry_limit"] == 20
+    found = region.get("key-99")  # the newest survives
+    assert found is not NO_VALUE
+    if backend.endswith("raw"):
+        found.close()
+
+
+def test_max_entries_and_cache_size_together(cache_dir):
+    """Whichever limit is reached first holds."""
+    region = configure(
+        BACKENDS[0], {"base_dir": cache_dir, "max_entries": 30, "cache_size": "20KiB"}
+    )
+    for index in range(60):
+        region.set(f"small-{index}", b"x" * 10)
+    assert region.backend.stats()["entries"] <= 30
+    for index in range(60):
+        region.set(f"big-{index}", b"x" * 2000)
+    stats = region.backend.stats()
+    assert stats["bytes"] <= 20 * 1024
+    assert stats["entries"] <= 30
+
+
 # -- expiration_time ----------------------------------------------------------------
 
 
@@ -338,6 +401,7 @@ BAD_VALUES = {
         None,
         [],
     ],
+    "max_entries": [0, -1, "0", "-5", "many", 1.5, "1.5", "1e6", True, [], float("inf")],
     "expiration_time": [0, -1, "0", "-3", "soon", True, [], float("nan")],
     "distributed_lock": ["maybe", 2, 1.0, [], "tru"],
     "file_movable": ["perhaps", 2, 0.0, {}],
@@ -470,6 +534,7 @@ def test_arguments_are_never_modified(backend, cache_dir):
     arguments = {
         "base_dir": cache_dir,
         "cache_size": "64MiB",
+        "max_entries": "100_000",
         "expiration_time": datetime.timedelta(hours=1),
         "distributed_lock": "yes",
         "shard_depth": "3",
@@ -498,6 +563,7 @@ cache.backend = {backend}
 cache.expiration_time = 600
 cache.arguments.base_dir = {base_dir}
 cache.arguments.cache_size = 512MiB
+cache.arguments.max_entries = 250000
 cache.arguments.expiration_time = 30
 cache.arguments.distributed_lock = false
 cache.arguments.fsync = yes
@@ -525,6 +591,7 @@ def test_ini_style_strings_via_configure_from_config(backend, cache_dir):
     assert region.expiration_time == 600
     assert settings.base_dir == cache_dir
     assert settings.cache_size == 512 * 1024**2
+    assert settings.max_entries == 250_000
     assert settings.expiration_time == 30.0
     assert settings.distributed_lock is False
     assert settings.fsync is True

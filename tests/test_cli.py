@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pty
+import signal
 import struct
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from conftest import WAIT
 from dogpile.cache import make_region
 
-from dogpile_fsbackend import layout, records
+from dogpile_fsbackend import layout, locking, maintenance, records
 
 COMMANDS = ("stats", "prune", "verify", "clear", "keys")
 
@@ -92,6 +93,23 @@ def test_prune_evicts_down_to_the_given_size(filled, cache_dir):
     assert data["entries"] == 40 - data["removed"]
     assert data["scan"]["entries"] == 40  # what the scan counted before evicting
     assert filled.stats()["bytes"] == data["bytes"]
+
+
+def test_prune_evicts_down_to_the_given_entry_count(filled, cache_dir):
+    for i in range(40):  # a known LRU order: k00 least recently used
+        when = time.time_ns() - (100 - i) * 10**9
+        os.utime(_entry_path(filled, f"k{i:02d}"), ns=(when, when))
+    data = _json("prune", cache_dir, "--max-entries", "20")
+    assert (data["removed"], data["evicted"], data["entries"]) == (22, 22, 18)  # 90% of 20
+    assert data["entry_limit"] == 20
+    assert [os.path.exists(_entry_path(filled, f"k{i:02d}")) for i in range(40)] == [
+        False
+    ] * 22 + [True] * 18
+    assert "of 20" in _cli("prune", cache_dir, "--max-entries", "20").stdout
+    assert _json("stats", cache_dir, "--max-entries", "36")["entry_limit"] == 36
+    assert "entry limit 36, 50% used" in _cli("stats", cache_dir, "--max-entries", "36").stdout
+    done = _cli("prune", cache_dir, "--max-entries", "0")
+    assert done.returncode == 2 and "max_entries" in done.stderr
 
 
 def test_prune_removes_expired_entries_when_told_the_expiration_time(filled, cache_dir):
@@ -581,3 +599,61 @@ def test_ctrl_c_stops_a_delete_between_entries_with_exact_counters(filled, cache
     assert "interrupted" in done.stderr
     assert len(list(filled.keys())) == 35
     assert (filled.stats()["bytes"], filled.stats()["entries"]) == faultkit.disk_usage(cache_dir)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rpartition(")")[2].split()[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "output"),
+    [
+        (["verify"], "read back "),
+        (["prune", "--cache-size", "1MiB"], "removed "),
+        (["clear"], "removed "),
+    ],
+    ids=["verify", "prune", "clear"],
+)
+def test_ctrl_z_stops_a_scan_between_shards_holding_no_lock(cache_dir, command, output):
+    """SIGTSTP (Ctrl-Z) stops verify, prune or clear at the next shard boundary: while it
+    is stopped no shard lock is held, so every application write goes through; SIGCONT
+    finishes it."""
+    backend = _backend(cache_dir)
+    for i in range(2000):
+        backend.set_serialized(f"k{i}", b"v" * 100)
+    name = command[0]
+    scan = subprocess.Popen(
+        [sys.executable, "-m", "dogpile_fsbackend", *command, cache_dir, "--progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert scan.stderr.readline().startswith(f"{name}: ")  # 10% done, 90% to go
+        os.kill(scan.pid, signal.SIGSTOP)  # held where it is: far from done
+        os.kill(scan.pid, signal.SIGCONT)  # (SIGCONT discards pending stops: this order)
+        os.kill(scan.pid, signal.SIGTSTP)  # what Ctrl-Z sends: it stops itself soon
+        deadline = time.monotonic() + WAIT
+        while _state(scan.pid) != "T":
+            assert time.monotonic() < deadline, "the scan never stopped"
+            time.sleep(0.01)
+        store = backend.store
+        shards = store.layout.shard_count
+        assert not any(
+            store.lock_file.is_locked(("probe", s), locking.SHARD_BASE_OFFSET + s)
+            for s in range(shards)
+        )
+        for i in range(300):  # writes to every shard go through while it is stopped
+            backend.set_serialized(f"during-{i}", b"w" * 100)
+        assert scan.poll() is None
+        os.kill(scan.pid, signal.SIGCONT)
+        out, err = scan.communicate(timeout=WAIT)
+    finally:
+        if scan.poll() is None:
+            scan.kill()
+            scan.wait(WAIT)
+    assert scan.returncode == 0, err
+    assert out.startswith(output)
+    done = shards * (maintenance.PRUNE_PASSES if name == "prune" else 1)
+    assert err.splitlines()[-1] == f"{name}: {done}/{done} shards (100%)"

@@ -6,8 +6,8 @@ Two kinds of test:
   given function (see ``faultkit.kill_at``) -- before the temp file is
   filled, under the shard lock before ``os.replace``, between the data file
   and the record of a raw entry, between a publish and its accounting
-  update, in the middle of an eviction scan ... -- so every window is hit on
-  every run;
+  update, in the middle of an eviction's pass over the entries ... -- so
+  every window is hit on every run;
 * random kills: several writers doing sets (pickled, raw copy, raw move),
   deletes, gets, get_or_create and evictions on overlapping keys, each killed
   after a random delay, many times, while the test reads the same keys.
@@ -39,8 +39,8 @@ from conftest import WAIT
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE
 
-from dogpile_fsbackend import maintenance
 from dogpile_fsbackend.accounting import AccountingFile
+from dogpile_fsbackend.eviction import Evictor
 from dogpile_fsbackend.store import Store, remove_quietly
 
 KEYS = [f"key-{i}" for i in range(24)]
@@ -147,12 +147,12 @@ CRASH_POINTS = [
     ("pickled-set-before-publish", "pickled", "set", Store.publish, 1, "old"),
     ("pickled-set-under-shard-lock", "pickled", "set", os.replace, 1, "old"),
     ("pickled-set-before-accounting", "pickled", "set", AccountingFile.add, 1, "new"),
-    ("pickled-set-before-eviction-check", "pickled", "set", maintenance.enforce_limit, 1, "new"),
+    ("pickled-set-before-eviction-check", "pickled", "set", Evictor.after_write, 1, "new"),
     # pickled delete
     ("pickled-delete-before-unlink", "pickled", "delete", remove_quietly, 1, "old"),
     ("pickled-delete-before-accounting", "pickled", "delete", AccountingFile.add, 1, "miss"),
     # pickled eviction (the child's write crosses the limit)
-    ("pickled-evict-mid-scan", "pickled", "evict", AccountingFile.set, 3, "any"),
+    ("pickled-evict-mid-pass", "pickled", "evict", os.scandir, 3, "any"),
     ("pickled-evict-before-first-victim", "pickled", "evict", Store.discard, 1, "any"),
     ("pickled-evict-victim-unaccounted", "pickled", "evict", AccountingFile.add, 2, "any"),
     # raw set, copied

@@ -75,24 +75,6 @@ def _is_whole(key: str, value: bytes) -> bool:
     return found_key == key.encode() and value == _value(key, int(version))
 
 
-def _set(backend, kind: str, key: str, value: bytes) -> None:
-    if kind == "pickled":
-        backend.set_serialized(key, value)
-    else:
-        backend.set(key, io.BytesIO(value))
-
-
-def _get(backend, kind: str, key: str) -> bytes | None:
-    if kind == "pickled":
-        found = backend.get_serialized(key)
-        return None if found is NO_VALUE else found
-    found = backend.get(key)
-    if found is NO_VALUE:
-        return None
-    with found:
-        return found.read()
-
-
 # -- the limit holds with many writers ----------------------------------------
 
 
@@ -156,34 +138,33 @@ def test_prune_reports_what_it_removed(cache_dir):
     _assert_accounting_exact(small)
 
 
-def _try_to_evict(base_dir, results):
-    store = _backend(base_dir).store
-    got = store.acquire_eviction_lock(wait=False)
-    if got:
-        store.release_eviction_lock()
-    results.put(got)
+def _write_past_the_limit(base_dir, limit, results):
+    backend = _backend(base_dir, cache_size=limit)
+    for i in range(30):
+        backend.set_serialized(f"late-{i}", _value(f"late-{i}", 0))
+    results.put((backend.stats()["bytes"], backend.stats()["evictions"]))
 
 
-def test_prune_leaves_the_eviction_lock_free(cache_dir):
-    """A prune holds one shard lock at a time and never the eviction lock, so a writer
-    crossing the limit meanwhile never waits for it (see test_bookkeeping.py)."""
+def test_a_writer_crossing_the_limit_during_a_prune_evicts_at_once(cache_dir):
+    """No eviction lock, no waiting: a prune holds one shard lock at a time, so a writer
+    that crosses the limit in the middle of it evicts for itself and returns within it."""
     backend = _backend(cache_dir)
-    backend.set_serialized("k", b"v")
+    for i in range(40):
+        backend.set_serialized(f"k{i}", _value(f"k{i}", 0))
+    limit = backend.stats()["bytes"]
     results, answers = SPAWN.Queue(), []
 
-    def ask_another_process(count: int) -> None:
+    def write_from_another_process(count: int) -> None:
         if not answers:  # once, in the middle of the scan
-            prober = SPAWN.Process(target=_try_to_evict, args=(cache_dir, results))
-            prober.start()
+            writer = SPAWN.Process(target=_write_past_the_limit, args=(cache_dir, limit, results))
+            writer.start()
             answers.append(results.get(timeout=WAIT))
-            prober.join(WAIT)
+            writer.join(WAIT)
 
-    maintenance.prune(backend.store, progress=ask_another_process)
-    assert answers == [True]
-    assert backend.store.acquire_eviction_lock(wait=False)  # and the writers' eviction
-    _try_to_evict(cache_dir, results)  # excludes other processes while it runs
-    assert results.get(timeout=WAIT) is False
-    backend.store.release_eviction_lock()
+    maintenance.prune(backend.store, progress=write_from_another_process)
+    ((size, evictions),) = answers
+    assert evictions >= 30 and size <= limit
+    _assert_accounting_exact(backend)
 
 
 # -- LRU across processes, expired entries first -----------------------------
@@ -284,7 +265,7 @@ def _endless_writer(base_dir, kind, limit, seed, started):
     rng = random.Random(seed)
     for i in itertools.count():
         key = f"k{rng.randrange(300)}"
-        _set(backend, kind, key, _value(key, i))
+        faultkit.set_bytes(backend, kind, key, _value(key, i))
         if i == 30:
             started.set()
 
@@ -320,7 +301,7 @@ def test_accounting_recovers_after_sigkill(cache_dir, kind):
     assert report.accounting_drift < 0
     _assert_accounting_exact(backend)
     for i in range(300):  # everything left reads back whole
-        found = _get(backend, kind, f"k{i}")
+        found = faultkit.get_bytes(backend, kind, f"k{i}")
         assert found is None or _is_whole(f"k{i}", found)
 
 
@@ -390,7 +371,7 @@ def test_eviction_spares_entries_rewritten_or_read_during_its_scan(cache_dir, tm
     finished = []
 
     def meddle(count: int) -> None:
-        """After the scan has judged every shard, another process rewrites and reads."""
+        """After the first pass has judged every shard, another process rewrites and reads."""
         finished.append(count)
         if len(finished) == shards:
             requests.put(("set", keys[0], b"new" * 300))
@@ -400,7 +381,7 @@ def test_eviction_spares_entries_rewritten_or_read_during_its_scan(cache_dir, tm
     result = maintenance.prune(evicting.store, progress=meddle)
     requests.put(None)
     helper.join(WAIT)
-    assert len(finished) == shards
+    assert len(finished) == maintenance.PRUNE_PASSES * shards  # one call per shard and pass
     gone = [key for key in keys if not os.path.exists(_entry_path(backend, key))]
     assert gone == keys[2:4]  # the next least recently used went instead
     assert result.removed == 2
@@ -415,10 +396,10 @@ def _churn_writer(base_dir, kind, limit, worker, keys, rounds, barrier, results)
     for version in range(rounds):
         for k in range(keys):
             key, value = f"w{worker}-{k}", _value(f"w{worker}-{k}", version)
-            _set(backend, kind, key, value)
+            faultkit.set_bytes(backend, kind, key, value)
             worst = max(worst, backend.stats()["bytes"])
             largest = max(largest, len(value) + 500)  # record header, key and raw metadata
-            found = _get(backend, kind, key)
+            found = faultkit.get_bytes(backend, kind, key)
             if found is not None and found != value:  # evicted is fine; old or torn is not
                 stale.append(key)
     results.put(("writer", stale, backend.stats()["evictions"], worst, largest))
@@ -431,7 +412,7 @@ def _churn_reader(base_dir, kind, keys, barrier, stop, results):
     hits, bad = 0, []
     while not stop.is_set():
         key = f"w{rng.randrange(2)}-{rng.randrange(keys)}"
-        found = _get(backend, kind, key)
+        found = faultkit.get_bytes(backend, kind, key)
         if found is not None:
             hits += 1
             if not _is_whole(key, found):

@@ -356,3 +356,64 @@ def test_threads_exclude_each_other_through_one_key_mutex(tmp_path):
     mutex = region.backend.get_mutex("shared")
     assert mutex.acquire(wait=False)
     mutex.release()
+
+
+# -- eviction across fork ------------------------------------------------------------------
+
+
+def _evict_across_fork_master(base_dir, results) -> None:
+    """Evict with a walk of the tree in progress (an open directory), fork while other
+    threads evict too, and evict on in both processes."""
+    try:
+        from dogpile_fsbackend import eviction
+
+        eviction.EXACT_MAX = 0  # the walk of a big cache, in a small one
+        region = make("pickled", base_dir, cache_size=48 * 1024)
+        errors: list[str] = []
+        for i in range(200):
+            region.set(f"before-{i}", faultkit.make_value(f"before-{i}", 0, i, 400))
+        assert region.backend.evictor._walk is not None
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=_hammer, args=(region, stop, errors, t)) for t in range(3)
+        ]
+        for thread in threads:
+            thread.start()
+
+        def child() -> None:
+            signal.alarm(CHILD_ALARM)
+            for i in range(300):
+                region.set(f"child-{i}", faultkit.make_value(f"child-{i}", 1, i, 400))
+            assert region.backend.stats()["bytes"] <= 48 * 1024 + 4 * 1024
+
+        statuses = []
+        try:
+            for _ in range(10):
+                statuses.append(faultkit.reap(faultkit.fork_child(child), WAIT))
+                for i in range(50):
+                    region.set(f"parent-{i}", faultkit.make_value(f"parent-{i}", 2, i, 400))
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(WAIT)
+        size, entries = faultkit.disk_usage(base_dir)
+        stats = region.backend.stats()
+        results.put(
+            {
+                "statuses": statuses,
+                "errors": errors[:5],
+                "exact": (stats["bytes"], stats["entries"]) == (size, entries),
+                "within": size <= 48 * 1024,
+            }
+        )
+    except Exception:
+        results.put({"statuses": [], "errors": [traceback.format_exc()]})
+
+
+def test_eviction_goes_on_in_parent_and_children_after_fork(tmp_path):
+    """A forked child starts its own walk (closing its copy of the parent's directory, or
+    keeping it if a parent thread was inside it); both go on evicting, the limit holds."""
+    outcome = _run_in_spawned(_evict_across_fork_master, str(tmp_path / "cache"))
+    assert outcome["errors"] == []
+    assert outcome["statuses"] == [0] * 10, "a child failed or deadlocked (SIGALRM is 14)"
+    assert outcome["exact"] and outcome["within"]

@@ -18,7 +18,7 @@ from conftest import SPAWN, WAIT
 from dogpile.cache import make_region
 from faultkit import disk_usage, entry_path, foreign_files, get_bytes, set_bytes, temp_files
 
-from dogpile_fsbackend import cli, layout
+from dogpile_fsbackend import cli, layout, maintenance
 
 LAYOUTS = [(1, 1), (3, 1), (4, 1), (1, 2), (2, 2), (3, 2), (1, 3), (2, 3)]
 KEYS = [f"key {index}" for index in range(30)]
@@ -188,3 +188,35 @@ def test_the_cli_recounts_after_the_accounting_file_is_lost(cache_dir, capsys, h
     data = json.loads(capsys.readouterr().out)
     assert (data["bytes"], data["entries"]) == disk_usage(cache_dir)
     assert data["entries"] == len(KEYS)
+
+
+# -- verify reads without the lock, and removes only what it judged -------------------------
+
+
+@pytest.mark.parametrize("kind", ["pickled", "raw"])
+def test_verify_never_removes_an_entry_rewritten_after_it_was_judged(cache_dir, kind, monkeypatch):
+    """verify reads the records of a shard without its lock, then takes the lock to
+    recount and remove what it judged damaged: an entry rewritten in between (a new
+    file) is kept, and one still damaged goes."""
+    backend = _backend(cache_dir, kind)
+    _fill(backend, kind)
+    rewritten, damaged = KEYS[0], KEYS[1]
+    for key in (rewritten, damaged):
+        with open(entry_path(backend, key), "r+b") as handle:
+            handle.seek(40)
+            handle.write(b"\xff" * 4)  # a flipped byte: the checksum no longer matches
+    judge_shard = maintenance._judge_shard
+    shard_of = backend.store.layout.shard_index
+
+    def judge_then_rewrite(store, shard, report):
+        verdicts = judge_shard(store, shard, report)
+        if shard == shard_of(layout.key_digest(rewritten.encode())):
+            set_bytes(backend, kind, rewritten, b"fresh")  # after the verdict, before the lock
+        return verdicts
+
+    monkeypatch.setattr(maintenance, "_judge_shard", judge_then_rewrite)
+    report = backend.verify()
+    assert report.damaged_removed == 1
+    assert get_bytes(backend, kind, rewritten) == b"fresh"
+    assert get_bytes(backend, kind, damaged) is None
+    assert (backend.stats()["bytes"], backend.stats()["entries"]) == disk_usage(cache_dir)

@@ -309,6 +309,101 @@ def test_prune_reclaims_temp_files_of_dead_writers_only(cache_dir, kind):
         assert value == b"value"
 
 
+def test_a_dead_writers_temp_file_dated_in_the_future_is_reclaimed(cache_dir):
+    """A clock stepped back leaves temp files dated in the future: one whose writer is
+    dead still goes (it used to count as written just now, and stay until the clock
+    caught up); a live writer's stays whatever its date."""
+    backend = pickled_backend(cache_dir)
+    backend.set_serialized("key", b"value")
+    directory = os.path.dirname(entry_path(backend, "key"))
+    ours = backend.store.lock_file.writer_token()
+    nobody = format(int(ours, 16) ^ 1, "012x")
+    doomed = os.path.join(directory, layout.temp_name(nobody, 1))
+    kept = os.path.join(directory, layout.temp_name(ours, 2))
+    in_a_day = time.time() + 86400
+    for path in (doomed, kept):
+        with open(path, "wb") as handle:
+            handle.write(b"half-written")
+        os.utime(path, (in_a_day, in_a_day))
+
+    assert backend.prune().scan.temp_files_removed == 1
+    assert not os.path.exists(doomed) and os.path.exists(kept)
+
+
+@pytest.mark.parametrize("scan", ["prune", "verify"])
+def test_scans_reclaim_bookkeeping_temp_files_of_dead_writers_only(cache_dir, scan):
+    """A process killed while it published a new accounting file or marker leaves
+    ``accounting.tmp-...`` or ``fsbackend.json.tmp-...`` in base_dir: prune and verify
+    remove those of dead writers (and an older release's random names once older than
+    temp_max_age), never a live writer's."""
+    backend = pickled_backend(cache_dir, temp_max_age=600)
+    backend.set_serialized("key", b"value")
+    ours = backend.store.lock_file.writer_token()
+    nobody = format(int(ours, 16) ^ 1, "012x")
+    doomed = [
+        f"{layout.ACCOUNTING_NAME}{layout.temp_name(nobody, 1)}",
+        f"{layout.MARKER_NAME}{layout.temp_name(nobody, 2)}",
+        f"{layout.ACCOUNTING_NAME}{layout.TEMP_PREFIX}0123456789abcdef",  # older, an hour old
+    ]
+    kept = [
+        f"{layout.ACCOUNTING_NAME}{layout.temp_name(ours, 3)}",  # a live writer, however old
+        f"{layout.MARKER_NAME}{layout.TEMP_PREFIX}fedcba9876543210",  # older, young
+    ]
+    an_hour_ago = time.time() - 3600
+    for name in doomed + kept:
+        path = os.path.join(cache_dir, name)
+        with open(path, "wb") as handle:
+            handle.write(b"half-written")
+        if name != kept[1]:
+            os.utime(path, (an_hour_ago, an_hour_ago))
+
+    report = backend.prune().scan if scan == "prune" else backend.verify()
+
+    assert sorted(n for n in doomed + kept if os.path.exists(os.path.join(cache_dir, n))) == (
+        sorted(kept)
+    )
+    assert report.temp_files_removed == len(doomed)
+    assert backend.get_serialized("key") == b"value"
+
+
+def _live_writer_after_the_lock_file_was_replaced(base_dir, directory, ready, done):
+    """A writer that opened the cache after its lock file was replaced: it holds its
+    writer byte on the new file and has a temp file in flight."""
+    backend = pickled_backend(base_dir)
+    path = os.path.join(directory, layout.temp_name(backend.store.lock_file.writer_token(), 1))
+    with open(path, "wb") as handle:
+        handle.write(b"being written")
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
+    ready.put(path)
+    assert done.wait(WAIT)
+
+
+def test_clear_judges_temp_files_by_the_lock_file_in_use_now(cache_dir):
+    """clear, run by a process that opened the cache before its lock file was replaced,
+    first moves to the new lock file (as every scan does): a live writer's temp file,
+    its byte held on the new file only, is not taken for a dead writer's."""
+    backend = pickled_backend(cache_dir)
+    backend.set_serialized("key", b"value")
+    directory = os.path.dirname(entry_path(backend, "key"))
+    os.unlink(os.path.join(cache_dir, layout.LOCK_NAME))
+    ready, done = SPAWN.Queue(), SPAWN.Event()
+    writer = SPAWN.Process(
+        target=_live_writer_after_the_lock_file_was_replaced,
+        args=(cache_dir, directory, ready, done),
+    )
+    writer.start()
+    try:
+        temp = ready.get(timeout=WAIT)
+        backend.clear()
+        assert os.path.exists(temp)
+        assert backend.get_serialized("key") is NO_VALUE
+    finally:
+        done.set()
+        writer.join(WAIT)
+    assert writer.exitcode == 0
+
+
 def test_writes_leave_no_temp_files(cache_dir):
     backend = pickled_backend(cache_dir)
     for index in range(20):

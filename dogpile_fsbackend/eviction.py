@@ -1,0 +1,370 @@
+"""Eviction on the write path: a few entries per write, never a scan of a big cache.
+
+Once a write takes the cache over ``cache_size`` (or ``max_entries``), the
+writing process *drains*: each of its writes evicts until the cache is under
+the limit again, then up to ``STEP_VICTIMS`` more least recently used
+entries, until the cache is down to ``eviction_low_water`` of its limits.  So
+the work of an eviction "batch" is spread over the following writes, and no
+write does more than a bounded step, plus what it takes to get under the
+limit (proportional to what it wrote).  Processes share no eviction lock:
+``Store.discard`` is safe to race (per-shard lock, inode and mtime checked),
+so two processes evicting at once cost a failed check, never a wrong
+eviction, and no writer ever waits for another.
+
+Victims come from the *remembered order*: the least recently used entries of
+the last pass over the cache, oldest last, consumed by the following writes.
+It stays the true LRU order without a new pass: every entry it lacks was
+newer than all of it when the pass saw it, and stays so (times only move
+forward, and writes are newest), and an entry used since fails ``discard``'s
+check and is passed over.
+
+* **Up to ``EXACT_MAX`` entries**, a pass is one go over the cache (``lstat``
+  only, no lock, ~30 ms at most), remembering every entry.
+* **Above**, a pass is spread over the writes that evict: each ``lstat``s the
+  next few entries of an endless walk of the shard tree (an open directory
+  iterator, kept between writes) into a bounded heap of the ``REMEMBERED``
+  least recently used seen so far; when the walk has been round the whole
+  tree, the heap becomes the new remembered order.  Each write walks just
+  fast enough for the pass to end before the order in hand runs out at the
+  current eviction rate (``SCAN_MIN`` to ``SCAN_MAX`` entries): about
+  ``1.25 * entries * victims / REMEMBERED`` per write: 40 to 120 ``lstat``
+  calls at a million entries.  Were the order to run out first (a fresh process, or
+  a cache of tens of millions), victims come from the heap so far, but only
+  its oldest ``PARTIAL_SHARE`` of the entries seen: keys are hashed, so every
+  directory is a uniform sample of the cache, and the oldest 2% of a sample
+  are among the oldest of the whole cache.
+
+Entries past ``expiration_time`` go first.  Memory is bounded: two lists of
+at most ``REMEMBERED`` small tuples and one open directory.
+
+A writer also recounts the accounting when a recount is due
+(``reconcile_interval``, or a file marked for one), a shard or two per write
+(``RECOUNT_BUDGET`` files): never the whole cache in one request.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import logging
+import math
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Generator
+from typing import TYPE_CHECKING, NamedTuple
+
+from . import maintenance, tree
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+EXACT_MAX = 10_000  # entries: up to this many, a pass is made in one go
+STEP_VICTIMS = 2  # entries a draining write evicts beyond what takes it under the limit
+REMEMBERED = 32_768  # least recently used entries a pass remembers (a few MB)
+SCAN_MIN, SCAN_MAX = 16, 256  # entries an evicting write walks over in a bigger cache
+PARTIAL_SHARE = 0.02  # of the entries a pass has seen, the oldest that may go before it ends
+HARD_SCAN = 4096  # entries a write may walk over to find victims when over the limit
+ROOM_VICTIMS = 64  # entries a write that found the disk full evicts before its retry
+RECOUNT_BUDGET = 4096  # files a write recounts when a recount is due (one shard at least)
+_DIR_COST = 8  # a directory visited counts as this many entries of work
+_PASSES = 3  # passes one write may make over a small cache when reads outdate them
+_EXPIRY_RECHECK = 1.0  # seconds between re-judging the remembered order for expiry
+
+# A remembered entry: (-rank, used_ns, inode, digest bytes, created_ns), where rank is the
+# last use (ns), or -1 if it had expired (it goes first).  Kept as small as a tuple gets.
+Remembered = tuple[int, int, int, bytes, int]
+
+
+class _Recount(NamedTuple):
+    next_shard: int
+    left: int
+    accounting: tuple[int, int]  # the file counted into: a new one restarts the cycle
+
+
+class Evictor:
+    """One backend instance's share of the eviction work, and what it remembers for it.
+
+    Thread-safe by try-lock: a thread that finds another of its process
+    evicting leaves the work to it and never waits.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._limits = maintenance.limits(store)
+        self._draining = False
+        self._order: list[Remembered] = []  # youngest first: pop() gives the oldest
+        self._order_whole = False  # it comes from a whole pass (not from part of one)
+        self._expiry_checked = 0.0
+        self._rate = 1.0  # entries taken from the order per evicting write (moving average)
+        # The pass in progress: the walk, the oldest entries it saw (a heap, youngest on
+        # top), the shards it has left, the entries seen, and those tried meanwhile.
+        self._walk: _Walk | None = None
+        self._heap: list[Remembered] = []
+        self._shards_left = store.layout.shard_count
+        self._seen = 0
+        self._gone: set[bytes] = set()
+        self._recount: _Recount | None = None
+        _LIVE.add(self)
+
+    def _reset_after_fork(self) -> None:
+        self._lock = threading.Lock()  # another thread of the parent may have held it
+        # Dropping the walk closes the child's copy of its directory, unless a thread of
+        # the parent was inside it at fork(): such a walk cannot be closed, so it is kept.
+        walk, self._walk = self._walk, None
+        if walk is not None and inspect.getgeneratorstate(walk) == inspect.GEN_RUNNING:
+            _ABANDONED.append(walk)
+
+    # -- the write path -------------------------------------------------------------
+
+    def after_write(self) -> None:
+        """After every successful write: recount a shard or two if due, evict if due.
+
+        Trouble (an unreadable directory, a failing disk) is logged, never
+        raised: the value was stored.
+        """
+        store = self.store
+        if not self._lock.acquire(blocking=False):
+            return  # another thread of this process is at it
+        try:
+            if self._recount is not None or store.reconcile_due(fresh=False):
+                self._recount_step()
+            (size, max_entries), low = self._limits
+            if store.last_total > size or store.last_entries > max_entries:
+                self._draining = True
+            if self._draining:
+                self._evict(low, STEP_VICTIMS)
+                self._draining = not self._under(low)
+        except OSError as exc:
+            log.warning(
+                "eviction in %s failed (the value was stored): %s", store.settings.base_dir, exc
+            )
+        finally:
+            self._lock.release()
+
+    def make_room(self) -> int:
+        """After a write failed for want of space: evict a batch, down to the low-water
+        share of what is stored (``ROOM_VICTIMS`` entries at most).  How many went."""
+        store = self.store
+        with self._lock:
+            store.last_total, store.last_entries = store.totals()
+            (size, max_entries), _ = self._limits
+            ratio = store.settings.eviction_low_water
+            target = (
+                int(min(store.last_total, size) * ratio),
+                int(min(store.last_entries, max_entries) * ratio),
+            )
+            return self._evict(target, ROOM_VICTIMS, must=True)
+
+    def _under(self, target: tuple[int, float]) -> bool:
+        return self.store.last_total <= target[0] and self.store.last_entries <= target[1]
+
+    def _evict(self, target: tuple[int, float], cap: int, must: bool = False) -> int:
+        """Evict the least recently used entries until ``target`` is reached: as many as it
+        takes to get the cache within its limits, then at most ``cap`` more.  Returns how
+        many went."""
+        store = self.store
+        (size, max_entries), _ = self._limits
+        small = store.last_entries <= EXACT_MAX
+        if small:
+            if not self._order_whole:
+                self._order.clear()  # part of a pass is not the exact order: make one
+        else:
+            self._walk_on(self._walk_size())
+        budget = [HARD_SCAN, _PASSES]  # entries left to walk, passes left, in this write
+        victims = extra = taken = 0  # extra: victims while within the limits
+        while True:
+            over = store.last_total > size or store.last_entries > max_entries
+            if self._under(target):  # expired entries at hand go all the same (misses)
+                if extra >= cap or not (self._order and self._order[-1][0] > 0):
+                    break
+            elif extra >= cap and not over:
+                break
+            entry = self._take(small, must or over, budget)
+            if entry is None:
+                break
+            taken += 1
+            _, used_ns, inode, digest, _ = entry
+            self._gone.add(digest)  # tried: no longer a candidate of the pass in progress
+            if store.discard(digest.hex(), inode, used_ns):
+                victims += 1
+                extra += not over
+                store.evictions += entry[0] < 0  # expired entries are not evictions
+        self._rate = 0.9 * self._rate + 0.1 * taken
+        return victims
+
+    def _take(self, small: bool, must: bool, budget: list[int]) -> Remembered | None:
+        """The oldest entry remembered; when there is none, what is known of the pass in
+        progress, or (if a victim is needed) more of a pass, within ``budget``."""
+        while not self._order:
+            if self._heap and not small:  # part of a pass: only its oldest are surely old
+                part = sorted(e for e in self._heap if e[3] not in self._gone)
+                self._order = part[-max(1, int(PARTIAL_SHARE * self._seen)) :]
+                self._order_whole = False
+                if self._order:
+                    break
+            if not must and not small:
+                return None
+            if small:
+                if budget[1] <= 0:
+                    return None
+                budget[1] -= 1
+                self._whole_pass()
+            else:
+                if budget[0] <= 0:
+                    return None
+                budget[0] -= self._walk_on(SCAN_MAX)
+                if not self._heap:
+                    return None  # nothing to find: an empty cache
+        self._recheck_expiry()
+        return self._order.pop()
+
+    def _recheck_expiry(self) -> None:
+        """Move remembered entries that expired since they were judged to the front."""
+        store = self.store
+        now = time.time()
+        if store.settings.expiration_time is None or now - self._expiry_checked < _EXPIRY_RECHECK:
+            return
+        self._expiry_checked = now
+        limit = (now - store.settings.expiration_time) * 1e9  # created before this: expired
+        if any(e[0] < 0 < e[4] < limit for e in self._order):
+            self._order = sorted((1, *e[1:]) if 0 < e[4] < limit else e for e in self._order)
+
+    # -- passes over the cache -------------------------------------------------------
+
+    def _remembered(self, digest: str, info: os.stat_result, now: float) -> Remembered:
+        store = self.store
+        created = info.st_atime_ns if store.settings.expiration_time is not None else 0
+        rank = -1 if store.is_expired(info.st_atime_ns / 1e9, now) else info.st_mtime_ns
+        return (-rank, info.st_mtime_ns, info.st_ino, bytes.fromhex(digest), created)
+
+    def _whole_pass(self) -> None:
+        """Judge every entry of a small cache at once: the exact LRU order."""
+        store = self.store
+        now = time.time()
+        order: list[Remembered] = []
+        whole = True
+        for shard in range(store.layout.shard_count):
+            for directory in tree.leaf_dirs(store, shard)[0]:
+                for digest, info in tree.record_stats(store, directory):
+                    order.append(self._remembered(digest, info, now))
+                whole = len(order) <= 2 * EXACT_MAX
+                if not whole:  # far more than the counters say: the oldest of those seen
+                    break
+            if not whole:
+                break
+        order.sort()
+        self._order, self._order_whole = order, whole
+        self._expiry_checked = now
+
+    def _walk_size(self) -> int:
+        """Entries to walk in this write: enough for the pass to end before the order in
+        hand runs out at the current rate of eviction."""
+        if not self._order:
+            return SCAN_MAX
+        writes_left = len(self._order) / max(self._rate, 1.0)
+        work_left = max(0, self.store.last_entries - self._seen)
+        work_left += self._shards_left * _DIR_COST
+        return max(SCAN_MIN, min(SCAN_MAX, math.ceil(1.25 * work_left / writes_left)))
+
+    def _walk_on(self, count: int) -> int:
+        """Walk over ``count`` entries' worth of work into the pass's heap; the work done."""
+        store = self.store
+        if self._walk is None:
+            self._walk = _walk(store, random.randrange(store.layout.shard_count))
+        heap = self._heap
+        now = time.time()
+        work = 0
+        while work < count:
+            try:
+                item = next(self._walk)
+            except BaseException:  # a walk that raised is over: a new one next time
+                self._walk = None
+                raise
+            if item is None:
+                work += _DIR_COST
+            elif isinstance(item, int):
+                self._shards_left -= 1
+                if self._shards_left <= 0:
+                    self._end_pass()
+                    heap = self._heap
+            else:
+                work += 1
+                self._seen += 1
+                entry = self._remembered(*item, now)
+                if len(heap) < REMEMBERED:
+                    heapq.heappush(heap, entry)
+                elif entry > heap[0]:
+                    heapq.heapreplace(heap, entry)
+        return work
+
+    def _end_pass(self) -> None:
+        """The walk has been round the tree: what it remembers is the order now."""
+        self._order = sorted(e for e in self._heap if e[3] not in self._gone)
+        self._order_whole = True
+        self._heap, self._gone = [], set()
+        self._shards_left = self.store.layout.shard_count
+        self._seen = 0
+        self._expiry_checked = time.time()
+
+    # -- recounting, when due ---------------------------------------------------------
+
+    def _recount_step(self) -> None:
+        """Recount the next shards (``RECOUNT_BUDGET`` files' worth); when a whole cycle is
+        done, date the recount.  A cycle restarts on a replaced accounting file."""
+        store = self.store
+        accounting = store.accounting
+        cycle = self._recount
+        if cycle is not None and not store.reconcile_due(fresh=False):
+            self._recount = None  # another process finished one meanwhile
+            return
+        shards = store.layout.shard_count
+        if cycle is None or cycle.accounting != accounting.identity:
+            store.lock_file.check_identity()  # judge writers by the lock file all use now
+            cycle = _Recount(random.randrange(shards), shards, accounting.identity)
+        work = 0
+        next_shard, left = cycle.next_shard, cycle.left
+        while left and work < RECOUNT_BUDGET:
+            work += _DIR_COST + maintenance.recount_shard(store, next_shard).files
+            next_shard, left = (next_shard + 1) % shards, left - 1
+        if left:
+            self._recount = cycle._replace(next_shard=next_shard, left=left)
+        else:
+            accounting.last_reconcile = time.time()
+            self._recount = None
+        store.last_total, store.last_entries = store.totals()
+
+
+_Walk = Generator[tuple[str, os.stat_result] | int | None, None, None]
+
+
+def _walk(store: Store, shard: int) -> _Walk:
+    """Every record of the cache, shard after shard from ``shard``, round and round.
+
+    ``None`` after each directory (work is counted even in an empty cache), and
+    the shard's number after each shard.
+    """
+    shards = store.layout.shard_count
+    while True:
+        for directory in tree.leaf_dirs(store, shard)[0]:
+            yield from tree.record_stats(store, directory)
+            yield None
+        yield shard
+        shard = (shard + 1) % shards
+
+
+_LIVE: weakref.WeakSet[Evictor] = weakref.WeakSet()
+_ABANDONED: list[_Walk] = []  # walks a forked child inherited mid-step (one fd each, rare)
+
+
+def _reset_all_after_fork() -> None:
+    for evictor in list(_LIVE):
+        evictor._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_all_after_fork)
