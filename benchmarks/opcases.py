@@ -152,7 +152,9 @@ class RegionSubject:
 
 
 class BackendSubject(RegionSubject):
-    """The same peer one level down: the backend's ``get_serialized``/``set_serialized``."""
+    """The same peer one level down: what the region calls, ``get``/``set`` with dogpile's
+    ``CachedValue`` for a backend without a serializer of its own (ours), else
+    ``get_serialized``/``set_serialized`` with the bytes."""
 
     ops: tuple[str, ...] = (HIT, SET_NEW)
 
@@ -164,12 +166,16 @@ class BackendSubject(RegionSubject):
         backend = self._open_region(directory, n).backend
         count = WARM + n
         hit, new = _keys("hit", count), _keys("new", count)
-        serialized = backend.get_serialized(hit[0])  # what the region would pass down
-        if serialized is NO_VALUE:
+        if backend.serializer is None:
+            get, put = backend.get, backend.set
+        else:
+            get, put = backend.get_serialized, backend.set_serialized
+        value = get(hit[0])  # what the region would pass down
+        if value is NO_VALUE:
             raise AssertionError(f"{self.name}: a prepared entry is missing")
         return {
-            HIT: Loop(lambda i: backend.get_serialized(hit[i]), _nothing),
-            SET_NEW: Loop(lambda i: backend.set_serialized(new[i], serialized), _nothing),
+            HIT: Loop(lambda i: get(hit[i]), _nothing),
+            SET_NEW: Loop(lambda i: put(new[i], value), _nothing),
         }
 
 

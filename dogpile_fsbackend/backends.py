@@ -384,11 +384,11 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
     def _put(self, key: str, payload: bytes, form: int) -> None:
         key_bytes = checked_key(key)
         digest = layout.key_digest(key_bytes)
+        if not self.store.writable:  # refused like any set, too large or not
+            self._refuse_set(key)
+            return
         data = records.encode(records.KIND_PICKLED, key_bytes, payload, time.time(), form)
         if not self._fits(key, len(data)):
-            return
-        if not self.store.writable:
-            self._refuse_set(key)
             return
         self._write(key, lambda: self.store.write_and_publish(digest, data))
 
