@@ -19,7 +19,6 @@ from dogpile.cache.api import (
     CacheBackend,
     CachedValue,
     CacheMutex,
-    CantDeserializeException,
 )
 
 from . import layout, listing, maintenance, rawfiles, records
@@ -273,15 +272,21 @@ _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 _new_cached_value = tuple.__new__
 
 
-def _unpickle(data: bytes) -> Any:
-    """``pickle.loads``, raising dogpile's CantDeserializeException for a value that
-    cannot be loaded any more (its class renamed or removed, a module gone), so
-    the region treats it as a miss and regenerates it."""
+def dogpile_bytes(value: CachedValue) -> bytes:
+    """``value`` as a region with dogpile's default serializer (pickle) hands it over:
+    ``metadata|value``, the bytes every other region and tier can read."""
+    return b"%b|%b" % (json.dumps(value.metadata).encode("ascii"), pickle.dumps(value.payload))
+
+
+def from_dogpile_bytes(data: bytes) -> CachedValue | NoValueType:
+    """The CachedValue in ``dogpile_bytes``; NO_VALUE for bytes that cannot be loaded (a
+    class renamed or removed, another serializer's bytes), so dogpile regenerates it."""
     try:
-        return pickle.loads(data)
+        metadata, _, payload = data.partition(b"|")
+        return CachedValue(pickle.loads(payload), json.loads(metadata))
     except Exception as exc:
         log.warning("a cached value could not be unpickled (%s); regenerating it", exc)
-        raise CantDeserializeException(str(exc)) from exc
+        return NO_VALUE
 
 
 class PickleFSBackend(_FSBackendBase, BytesBackend):
@@ -299,7 +304,8 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
 
     Region ``serializer=`` and ``deserializer=`` are honoured; without them,
     dogpile hands the ``CachedValue`` itself to :meth:`set`, which pickles the
-    value and its metadata in one go (no JSON step).  Every argument
+    value and its metadata in one go (no JSON step); a region with a
+    ``deserializer=`` alone gets dogpile's pickled bytes once it has read.  Every argument
     (``:param:`` below, from ``config.ARGUMENT_DOCS``) may also be an ini
     string (``configure_from_config``); a bad one raises :class:`ConfigError`,
     an unknown one is logged once.
@@ -310,6 +316,10 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
     # None: a region without its own serializer calls get/set with CachedValue objects.
     serializer = None
     deserializer = None
+    # Set once a region (or a tier) reads bytes with get_serialized: a region given a
+    # deserializer= but no serializer= still hands set() CachedValue objects, which must
+    # then be stored as the bytes its deserializer reads (dogpile's, pickled).
+    _read_serialized = False
 
     def get(self, key: str) -> CachedValue | NoValueType:
         """The ``CachedValue`` of ``key``, or NO_VALUE (also for a value that cannot be
@@ -319,17 +329,16 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         self._count(key, record is not None)
         if record is None:
             return NO_VALUE
-        try:
-            if record.form == records.FORM_VALUE:
-                value: CachedValue = _new_cached_value(CachedValue, pickle.loads(record.payload))
-                return value
+        if record.form != records.FORM_VALUE:
             # Bytes a region serialized (one with a serializer=, writing to the same
             # directory): dogpile's "metadata|value", pickled as dogpile's default.
-            metadata, _, payload = record.payload.partition(b"|")
-            return CachedValue(_unpickle(payload), json.loads(metadata))
+            return from_dogpile_bytes(record.payload)
+        try:
+            value: CachedValue = _new_cached_value(CachedValue, pickle.loads(record.payload))
         except Exception as exc:
             log.warning("a cached value could not be unpickled (%s); regenerating it", exc)
             return NO_VALUE
+        return value
 
     def get_multi(self, keys: Iterable[str]) -> list[CachedValue | NoValueType]:
         return [self.get(key) for key in keys]
@@ -340,6 +349,9 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         if isinstance(value, bytes):
             self.set_serialized(key, value)
             return
+        if self._read_serialized:  # a region with a deserializer= alone: it reads bytes
+            self._put(key, dogpile_bytes(value), records.FORM_SERIALIZED)
+            return
         data = pickle.dumps((value.payload, value.metadata), _PICKLE_PROTOCOL)
         self._put(key, data, records.FORM_VALUE)
 
@@ -348,6 +360,7 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
             self.set(key, value)
 
     def get_serialized(self, key: str) -> bytes | NoValueType:
+        self._read_serialized = True
         found = self.get_serialized_stamped(key)
         return found[0] if found is not NO_VALUE else NO_VALUE
 

@@ -345,7 +345,8 @@ class Store:
             if self.writable:  # stamp it, unless this process did so recently
                 stamps = self._stamps
                 last = stamps.get(digest)
-                if last is None or now - last >= min(
+                # A stamp "from the future" (the clock was set back since) is no reason.
+                if last is None or not 0.0 <= now - last < min(
                     STAMP_FRACTION * (now - created), STAMP_INTERVAL_MAX
                 ):
                     touch(fd, created, now)  # remembered even if refused: best effort there

@@ -85,6 +85,21 @@ def test_a_hit_stamps_once_its_last_stamp_is_older_than_the_granularity(
     assert store.STAMP_FRACTION == 1 / 16 and store.STAMP_INTERVAL_MAX == 60.0
 
 
+def test_a_stamp_remembered_from_before_the_clock_was_set_back_is_no_reason_to_skip(tmp_path):
+    """A clock stepped back (NTP, a VM restored) leaves this process's last stamps in the
+    future: they must not stop it stamping its hot entries until the clock catches up,
+    or eviction would take them for unused."""
+    region = _region(tmp_path / "cache")
+    region.set("key", "value")
+    created = _age(region, "key", 3600)
+    path = _path(region, "key")
+    region.backend.store._stamps[layout.digest_of("key")] = time.time() + 3600
+    marker = created + 1
+    os.utime(path, (created, marker))
+    assert region.get("key") == "value"
+    assert os.stat(path).st_mtime > time.time() - 60, "the hit was not stamped"
+
+
 def test_an_entry_rewritten_since_this_process_stamped_it_is_stamped_on_its_next_hit(tmp_path):
     base_dir = tmp_path / "cache"
     reader, writer = _region(base_dir), _region(base_dir)
