@@ -13,7 +13,7 @@ eviction scan learns both from one ``stat`` without reading any file.  Like
 ``relatime``, a hit skips the stamp when this process stamped the entry less
 than ``STAMP_FRACTION`` of its age ago (and less than ``STAMP_INTERVAL_MAX``):
 the recorded last use is never older than that, and an entry's first hit after
-a write is always stamped.
+a write is always stamped (so is a hit after the clock was set back).
 
 A hit reads the entry without an ``fstat``: one read of up to ``FIRST_READ``
 bytes, bounded by the header's lengths for anything longer.

@@ -561,3 +561,27 @@ def test_a_file_with_other_names_is_copied_not_taken(raw_region, tmp_path):
     (two_data,) = data_files(region.backend, "two")
     assert os.stat(one_data).st_ino != os.stat(two_data).st_ino
     assert innocent.exists()
+
+
+@pytest.mark.parametrize("through", ["symlink_to_the_file", "symlinked_directory"])
+def test_a_cache_file_reached_through_a_symlink_is_copied_not_taken(raw_region, tmp_path, through):
+    """No realpath walk judges a movable file: a symlink to another entry's data file, or
+    its own name reached through a symlinked directory, must still be copied."""
+    region = raw_region(file_movable=True)
+    region.set("one", io.BytesIO(b"payload"))
+    (one_data,) = data_files(region.backend, "one")
+    if through == "symlink_to_the_file":
+        name = tmp_path / "innocent.bin"
+        os.symlink(one_data, name)
+    else:
+        alias = tmp_path / "alias"
+        os.symlink(os.path.dirname(one_data), alias)
+        name = alias / os.path.basename(one_data)
+    with open(name, "rb") as source:
+        region.set("two", source)
+    assert os.path.exists(one_data)
+    for key in ("one", "two"):
+        with region.get(key) as cached:
+            assert cached.read() == b"payload"
+    (two_data,) = data_files(region.backend, "two")
+    assert os.stat(one_data).st_ino != os.stat(two_data).st_ino
