@@ -320,10 +320,17 @@ class Store:
             try:
                 data = os.read(fd, FIRST_READ)
                 if len(data) == FIRST_READ:
-                    data = _read_rest(fd, data)
+                    data = _read_rest(fd, data, self.settings.cache_size)
                 if key_bytes is None:
                     key_bytes = _key_of(data, digest)
                 record = records.decode(data, self.kind, key_bytes)
+            except records.OversizedRecord:
+                self.warn_once(
+                    path,
+                    f"entry is larger than cache_size ({self.settings.cache_size} bytes); "
+                    "treated as a miss and left alone",
+                )
+                return None
             except records.DamagedRecord:
                 info = os.fstat(fd)
                 if stat.S_ISREG(info.st_mode):  # a FIFO planted in an entry's place: a miss
@@ -641,7 +648,7 @@ class Store:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise records.DamagedRecord("not a regular file")
-            data = read_entry(fd, info.st_size)
+            data = read_entry(fd, info.st_size, self.settings.cache_size)
         finally:
             os.close(fd)
         return records.decode(data, self.kind, _key_of(data, digest))
@@ -717,17 +724,21 @@ def _write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
 
 
-def _read_rest(fd: int, head: bytes) -> bytes:
+def _read_rest(fd: int, head: bytes, limit: int) -> bytes:
     """The whole entry that begins with ``head`` (a full first read), bounded by its header.
 
     One byte more than declared is asked for, so an entry longer than its header
     says is damage (decode checks the length); a big one must have exactly the
     declared size before it is read, so an entry extended to gigabytes (even
-    sparsely) costs one ``fstat``, not the memory.
+    sparsely) costs one ``fstat``, not the memory.  One declared larger than
+    ``limit`` (the cache's size limit) is OversizedRecord before anything more is
+    read (see ``read_entry``).
     """
     declared = records.declared_size(head)
     if declared is None:
         raise records.DamagedRecord("not an entry of this format")
+    if declared > limit:
+        raise records.OversizedRecord("larger than the cache's size limit")
     if declared > _ONE_READ_MAX and os.fstat(fd).st_size != declared:
         raise records.DamagedRecord("length does not match the header")
     if declared < len(head):
@@ -743,13 +754,18 @@ def _key_of(data: bytes, digest: str) -> bytes:
     return key
 
 
-def read_entry(fd: int, size: int) -> bytes:
+def read_entry(fd: int, size: int, limit: int) -> bytes:
     """An entry's bytes, never more than its header declares (DamagedRecord otherwise).
 
     A small file is read in one call and its lengths checked by ``decode``; a
     bigger one has its header read first, so an entry extended to gigabytes
-    (even sparsely) costs one small read, not the memory.
+    (even sparsely) costs one small read, not the memory.  A file larger than
+    ``limit`` (the cache's size limit) is OversizedRecord, unread: no entry this
+    cache wrote is bigger, and a sparse file whose header agrees would otherwise
+    be read whole (one of a terabyte: a MemoryError).
     """
+    if size > limit:
+        raise records.OversizedRecord("larger than the cache's size limit")
     if size > _ONE_READ_MAX:
         declared = records.declared_size(os.pread(fd, records.HEADER_SIZE, 0))
         if declared != size:
