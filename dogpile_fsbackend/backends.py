@@ -326,18 +326,17 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         unpickled any more: its class renamed or removed, so dogpile regenerates it)."""
         key_bytes = checked_key(key)
         record = self.store.read_record(sha256(key_bytes).hexdigest(), key_bytes)
-        self._count(key, record is not None)
-        if record is None:
-            return NO_VALUE
-        if record.form != records.FORM_VALUE:
+        value: CachedValue | NoValueType = NO_VALUE
+        if record is not None and record.form == records.FORM_VALUE:
+            try:
+                value = _new_cached_value(CachedValue, pickle.loads(record.payload))
+            except Exception as exc:
+                log.warning("a cached value could not be unpickled (%s); regenerating it", exc)
+        elif record is not None:
             # Bytes a region serialized (one with a serializer=, writing to the same
             # directory): dogpile's "metadata|value", pickled as dogpile's default.
-            return from_dogpile_bytes(record.payload)
-        try:
-            value: CachedValue = _new_cached_value(CachedValue, pickle.loads(record.payload))
-        except Exception as exc:
-            log.warning("a cached value could not be unpickled (%s); regenerating it", exc)
-            return NO_VALUE
+            value = from_dogpile_bytes(record.payload)
+        self._count(key, value is not NO_VALUE)  # a value that cannot be loaded: a miss
         return value
 
     def get_multi(self, keys: Iterable[str]) -> list[CachedValue | NoValueType]:
