@@ -10,10 +10,11 @@ old entry or the new one, never a mix, and never a partial file.
 Recency for LRU lives in the entry's timestamps: a write, and a hit, set
 ``mtime`` to now ("last used") and ``atime`` to the creation time, so an
 eviction scan learns both from one ``stat`` without reading any file.  Like
-``relatime``, a hit skips the stamp when this process stamped the entry less
-than ``STAMP_FRACTION`` of its age ago (and less than ``STAMP_INTERVAL_MAX``):
-the recorded last use is never older than that, and an entry's first hit after
-a write is always stamped (so is a hit after the clock was set back).
+``relatime``, a hit skips the stamp when this process stamped that very write
+of the entry (the record's creation time tells) less than ``STAMP_FRACTION`` of
+its age ago (and less than ``STAMP_INTERVAL_MAX``): the recorded last use is
+never older than that, and an entry's first hit after a write is always
+stamped (so is a hit after the clock was set back).
 
 A hit reads the entry without an ``fstat``: one read of up to ``FIRST_READ``
 bytes, bounded by the header's lengths for anything longer.
@@ -118,7 +119,9 @@ class Store:
         # The oldest entries of the last scan, in LRU order (see maintenance.py).
         self.eviction_order: collections.deque[EntryInfo] = collections.deque()
         self._known_dirs: dict[str, tuple[int, int]] = {}  # checked directory -> (dev, inode)
-        self._stamps: dict[str, float] = {}  # digest -> when this process last stamped it
+        # digest -> (the stamped record's creation time, which tells one write of the entry
+        # from another at no cost, and when this process stamped it)
+        self._stamps: dict[str, tuple[float, float]] = {}
         self.hits = self.misses = self.writes = self.evictions = self.write_errors = 0
         self.last_total = 0  # total bytes as the last publish or discard left them
         self._warned: set[str] = set()  # paths already reported unreadable or foreign
@@ -341,7 +344,7 @@ class Store:
                     raise
                 return None
             now = time.time()
-            created = record.created
+            created = written = record.created
             if created > now + FUTURE_TOLERANCE:
                 created = creation_time(record, os.fstat(fd), now)
                 record = record._replace(created=created)
@@ -352,14 +355,20 @@ class Store:
             if self.writable:  # stamp it, unless this process did so recently
                 stamps = self._stamps
                 last = stamps.get(digest)
-                # A stamp "from the future" (the clock was set back since) is no reason.
-                if last is None or not 0.0 <= now - last < min(
-                    STAMP_FRACTION * (now - created), STAMP_INTERVAL_MAX
+                # Only a stamp of this very write counts (a writer that waited for the shard
+                # lock may publish a file older than it), and none "from the future" (the
+                # clock was set back since).
+                if (
+                    last is None
+                    or last[0] != written
+                    or not 0.0
+                    <= now - last[1]
+                    < min(STAMP_FRACTION * (now - created), STAMP_INTERVAL_MAX)
                 ):
                     touch(fd, created, now)  # remembered even if refused: best effort there
                     if len(stamps) >= _STAMPS_KEPT:
                         stamps.clear()
-                    stamps[digest] = now
+                    stamps[digest] = (written, now)
         finally:
             os.close(fd)
         return record
