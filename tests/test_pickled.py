@@ -384,6 +384,8 @@ def test_a_region_with_only_a_deserializer_hits_what_it_stored(cache_dir):
     region = make_region(deserializer=loads).configure(
         "dogpile_fsbackend.pickled", arguments={"base_dir": cache_dir}
     )
+    region.set("early", "stored before the region first read")
+    assert region.get("early") == "stored before the region first read"
     created = []
 
     def create():
