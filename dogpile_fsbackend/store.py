@@ -513,8 +513,7 @@ class Store:
         under a fresh name, then the record that names it replaces the old
         record, then the old data file goes: a reader holding the old record
         either still opens the old bytes or sees a miss, never the new bytes
-        with old metadata.  Every name is taken relative to the directory's
-        descriptor that the temp files were made in.
+        with old metadata.
         """
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
