@@ -19,7 +19,6 @@ from dogpile.cache.api import (
     CacheBackend,
     CachedValue,
     CacheMutex,
-    CantDeserializeException,
 )
 
 from . import eviction, layout, listing, maintenance, rawfiles, records
@@ -280,15 +279,31 @@ _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 _new_cached_value = tuple.__new__
 
 
-def _unpickle(data: bytes) -> Any:
-    """``pickle.loads``, raising dogpile's CantDeserializeException for a value that
-    cannot be loaded any more (its class renamed or removed, a module gone), so
-    the region treats it as a miss and regenerates it."""
+def dogpile_bytes(value: CachedValue) -> bytes:
+    """``value`` as a region with dogpile's default serializer (pickle) hands it over:
+    ``metadata|value``, the bytes every other region and tier can read."""
+    return b"%b|%b" % (json.dumps(value.metadata).encode("ascii"), pickle.dumps(value.payload))
+
+
+def from_dogpile_bytes(data: bytes) -> CachedValue | NoValueType:
+    """The CachedValue in ``dogpile_bytes``; NO_VALUE for bytes that cannot be loaded (a
+    class renamed or removed, another serializer's bytes), so dogpile regenerates it."""
     try:
-        return pickle.loads(data)
+        metadata, _, payload = data.partition(b"|")
+        return CachedValue(pickle.loads(payload), json.loads(metadata))
     except Exception as exc:
         log.warning("a cached value could not be unpickled (%s); regenerating it", exc)
-        raise CantDeserializeException(str(exc)) from exc
+        return NO_VALUE
+
+
+def _as_dogpile_bytes(payload: bytes) -> bytes | None:
+    """``dogpile_bytes`` of a stored CachedValue's payload; None if it cannot be loaded."""
+    try:
+        value, metadata = pickle.loads(payload)
+        return dogpile_bytes(CachedValue(value, metadata))
+    except Exception as exc:
+        log.warning("a cached value could not be unpickled (%s); regenerating it", exc)
+        return None
 
 
 class PickleFSBackend(_FSBackendBase, BytesBackend):
@@ -306,7 +321,8 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
 
     Region ``serializer=`` and ``deserializer=`` are honoured; without them,
     dogpile hands the ``CachedValue`` itself to :meth:`set`, which pickles the
-    value and its metadata in one go (no JSON step).  Every argument
+    value and its metadata in one go (no JSON step); a region with a
+    ``deserializer=`` alone gets dogpile's pickled bytes.  Every argument
     (``:param:`` below, from ``config.ARGUMENT_DOCS``) may also be an ini
     string (``configure_from_config``); a bad one raises :class:`ConfigError`,
     an unknown one is logged once.
@@ -317,26 +333,32 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
     # None: a region without its own serializer calls get/set with CachedValue objects.
     serializer = None
     deserializer = None
+    # A region given a deserializer= but no serializer= reads bytes (get_serialized) while
+    # it hands set() CachedValue objects.  Once this instance has seen both, its writes are
+    # stored as dogpile's pickled bytes, and what it finds stored as a CachedValue (its own
+    # writes before its first read, a region's without a serializer) is handed over as
+    # those bytes.  A region with a serializer= never hands over a CachedValue, so another
+    # region's pickle never reaches its deserializer.
+    _read_serialized = False
+    _handed_cached_values = False
 
     def get(self, key: str) -> CachedValue | NoValueType:
         """The ``CachedValue`` of ``key``, or NO_VALUE (also for a value that cannot be
         unpickled any more: its class renamed or removed, so dogpile regenerates it)."""
         key_bytes = checked_key(key)
         record = self.store.read_record(sha256(key_bytes).hexdigest(), key_bytes)
-        self._count(key, record is not None)
-        if record is None:
-            return NO_VALUE
-        try:
-            if record.form == records.FORM_VALUE:
-                value: CachedValue = _new_cached_value(CachedValue, pickle.loads(record.payload))
-                return value
+        value: CachedValue | NoValueType = NO_VALUE
+        if record is not None and record.form == records.FORM_VALUE:
+            try:
+                value = _new_cached_value(CachedValue, pickle.loads(record.payload))
+            except Exception as exc:
+                log.warning("a cached value could not be unpickled (%s); regenerating it", exc)
+        elif record is not None:
             # Bytes a region serialized (one with a serializer=, writing to the same
             # directory): dogpile's "metadata|value", pickled as dogpile's default.
-            metadata, _, payload = record.payload.partition(b"|")
-            return CachedValue(_unpickle(payload), json.loads(metadata))
-        except Exception as exc:
-            log.warning("a cached value could not be unpickled (%s); regenerating it", exc)
-            return NO_VALUE
+            value = from_dogpile_bytes(record.payload)
+        self._count(key, value is not NO_VALUE)  # a value that cannot be loaded: a miss
+        return value
 
     def get_multi(self, keys: Iterable[str]) -> list[CachedValue | NoValueType]:
         return [self.get(key) for key in keys]
@@ -347,6 +369,10 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
         if isinstance(value, bytes):
             self.set_serialized(key, value)
             return
+        self._handed_cached_values = True
+        if self._read_serialized:  # a region with a deserializer= alone: it reads bytes
+            self._put(key, dogpile_bytes(value), records.FORM_SERIALIZED)
+            return
         data = pickle.dumps((value.payload, value.metadata), _PICKLE_PROTOCOL)
         self._put(key, data, records.FORM_VALUE)
 
@@ -355,25 +381,31 @@ class PickleFSBackend(_FSBackendBase, BytesBackend):
             self.set(key, value)
 
     def get_serialized(self, key: str) -> bytes | NoValueType:
-        found = self.get_serialized_stamped(key)
+        self._read_serialized = True
+        found = self.get_serialized_stamped(key, as_bytes=self._handed_cached_values)
         return found[0] if found is not NO_VALUE else NO_VALUE
 
     def get_serialized_stamped(
-        self, key: str, count: bool = True
+        self, key: str, count: bool = True, as_bytes: bool = False
     ) -> tuple[bytes, float] | NoValueType:
         """Like :meth:`get_serialized`, plus when this cache stored the bytes.
 
         A tier above this cache (``dogpile_fsbackend.tiered``) judges whether
         it may still trust a local copy by that time; with ``count=False`` it
-        looks at a copy without that look counting as a hit or a miss.
+        looks at a copy without that look counting as a hit or a miss.  A value
+        stored as a CachedValue is a miss, unless ``as_bytes`` (see
+        ``_handed_cached_values``) asks for it as dogpile's pickled bytes.
         """
         key_bytes = checked_key(key)
         record = self.store.read_record(layout.key_digest(key_bytes), key_bytes)
-        if record is not None and record.form != records.FORM_SERIALIZED:
-            record = None  # a pickled CachedValue: not bytes of the region's serializer
+        payload = None
+        if record is not None and record.form == records.FORM_SERIALIZED:
+            payload = record.payload
+        elif record is not None and as_bytes:
+            payload = _as_dogpile_bytes(record.payload)
         if count:
-            self._count(key, record is not None)
-        return (record.payload, record.created) if record else NO_VALUE
+            self._count(key, payload is not None)
+        return (payload, record.created) if record and payload is not None else NO_VALUE
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[bytes | NoValueType]:
         return [self.get_serialized(key) for key in keys]

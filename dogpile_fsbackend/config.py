@@ -274,7 +274,8 @@ ARGUMENT_DOCS = {
     "file); ``False`` or ``None``: a mutex among this process's threads only, as dogpile's "
     "own fallback.  Defaults to ``True``.",
     "file_movable": "raw backend only: rename a caller's named file on the cache's "
-    "filesystem into the cache instead of copying it; the file then belongs to the cache "
+    "filesystem (one without other hard links) into the cache instead of copying it; the "
+    "file then belongs to the cache "
     "(writing to it afterwards changes what later hits read).  Defaults to ``False``.",
     "shard_depth": "levels of shard directories, 1 to 4; fixed when the directory is "
     "created.  Defaults to ``2``.",

@@ -194,12 +194,12 @@ def _judge(
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             return None
-        key, data = _matching_key(fd, info.st_size, digest, prefix)
+        key, data = _matching_key(fd, info.st_size, digest, prefix, store.settings.cache_size)
         if key is None or (text := paths.decode_key(key)) is None:
             return None  # not this entry's key, not asked for, or never a str's (not ours)
         try:
             if len(data) < info.st_size:
-                data = read_entry(fd, info.st_size)
+                data = read_entry(fd, info.st_size, store.settings.cache_size)
             record: records.Record | None = records.decode(data, store.kind, key)
         except records.DamagedRecord:
             record = None
@@ -218,14 +218,16 @@ def _judge(
     return Listed(text, digest, info.st_ino, info.st_size + data_size, header)
 
 
-def _matching_key(fd: int, size: int, digest: str, prefix: bytes) -> tuple[bytes | None, bytes]:
+def _matching_key(
+    fd: int, size: int, digest: str, prefix: bytes, limit: int
+) -> tuple[bytes | None, bytes]:
     """(the entry's key if it hashes to ``digest`` and starts with ``prefix``, the bytes
     read): usually one small read, as the key follows the header."""
     data = os.pread(fd, _HEAD, 0)
     key = _key_of(data, digest)
     if key is None and len(data) < size:  # a key longer than the first read
         with contextlib.suppress(records.DamagedRecord):
-            data = read_entry(fd, size)
+            data = read_entry(fd, size, limit)
             key = _key_of(data, digest)
     return (key if key is not None and key.startswith(prefix) else None), data
 

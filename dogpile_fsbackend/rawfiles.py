@@ -315,7 +315,8 @@ def _move_into(source: Source, temp_path: str, data_dev: int) -> bool:
     Never one of the cache's own files (a cache hit stored again, or any file
     named like an entry's data or a temp file): moving it would steal another
     entry's data from under its shard lock.  Judged by the name, with no path
-    walk: a user's file that happens to be named so is copied instead.
+    walk: a user's file that happens to be named so is copied instead; so is a
+    file with another hard link.
     """
     value, info, fd = source.value, source.info, source.fd
     name = getattr(value, "name", None)
@@ -328,6 +329,10 @@ def _move_into(source: Source, temp_path: str, data_dev: int) -> bool:
         return False
     if info.st_dev != data_dev:
         return False  # another filesystem: a rename cannot take it
+    if info.st_nlink != 1:
+        # Another name for it (the user's, or a link to another entry's data file): the
+        # bytes could change through it, or two entries would share one file.
+        return False
     try:
         named = os.lstat(name)
     except OSError:

@@ -44,6 +44,14 @@ class DamagedRecord(Exception):
     """The file is truncated, corrupted, foreign, or belongs to another key."""
 
 
+class OversizedRecord(DamagedRecord):
+    """The file is larger than the cache's size limit: it is not read at all.
+
+    Damage to a scan that repairs under this limit (``verify``); a hit leaves it
+    alone, as a process configured with a larger ``cache_size`` may own it.
+    """
+
+
 class Record(NamedTuple):
     kind: int
     created: float

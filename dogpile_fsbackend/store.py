@@ -10,10 +10,11 @@ old entry or the new one, never a mix, and never a partial file.
 Recency for LRU lives in the entry's timestamps: a write, and a hit, set
 ``mtime`` to now ("last used") and ``atime`` to the creation time, so an
 eviction scan learns both from one ``stat`` without reading any file.  Like
-``relatime``, a hit skips the stamp when this process stamped the entry less
-than ``STAMP_FRACTION`` of its age ago (and less than ``STAMP_INTERVAL_MAX``):
-the recorded last use is never older than that, and an entry's first hit after
-a write is always stamped.
+``relatime``, a hit skips the stamp when this process stamped that very write
+of the entry (the record's creation time tells) less than ``STAMP_FRACTION`` of
+its age ago (and less than ``STAMP_INTERVAL_MAX``): the recorded last use is
+never older than that, and an entry's first hit after a write is always
+stamped (so is a hit after the clock was set back).
 
 A hit reads the entry without an ``fstat``: one read of up to ``FIRST_READ``
 bytes, bounded by the header's lengths for anything longer.
@@ -112,7 +113,9 @@ class Store:
         self.kind = kind
         self.layout = paths.Layout(settings.base_dir, settings.shard_depth, settings.shard_width)
         self._known_dirs: dict[str, tuple[int, int]] = {}  # checked directory -> (dev, inode)
-        self._stamps: dict[str, float] = {}  # digest -> when this process last stamped it
+        # digest -> (the stamped record's creation time, which tells one write of the entry
+        # from another at no cost, and when this process stamped it)
+        self._stamps: dict[str, tuple[float, float]] = {}
         self.hits = self.misses = self.writes = self.evictions = self.write_errors = 0
         # Totals (bytes, entries) as the last publish or discard of this instance left them.
         self.last_total = self.last_entries = 0
@@ -319,10 +322,17 @@ class Store:
             try:
                 data = os.read(fd, FIRST_READ)
                 if len(data) == FIRST_READ:
-                    data = _read_rest(fd, data)
+                    data = _read_rest(fd, data, self.settings.cache_size)
                 if key_bytes is None:
                     key_bytes = _key_of(data, digest)
                 record = records.decode(data, self.kind, key_bytes)
+            except records.OversizedRecord:
+                self.warn_once(
+                    path,
+                    f"entry is larger than cache_size ({self.settings.cache_size} bytes); "
+                    "treated as a miss and left alone",
+                )
+                return None
             except records.DamagedRecord:
                 info = os.fstat(fd)
                 if stat.S_ISREG(info.st_mode):  # a FIFO planted in an entry's place: a miss
@@ -333,7 +343,7 @@ class Store:
                     raise
                 return None
             now = time.time()
-            created = record.created
+            created = written = record.created
             if created > now + FUTURE_TOLERANCE:
                 created = creation_time(record, os.fstat(fd), now)
                 record = record._replace(created=created)
@@ -344,13 +354,20 @@ class Store:
             if self.writable:  # stamp it, unless this process did so recently
                 stamps = self._stamps
                 last = stamps.get(digest)
-                if last is None or now - last >= min(
-                    STAMP_FRACTION * (now - created), STAMP_INTERVAL_MAX
+                # Only a stamp of this very write counts (a writer that waited for the shard
+                # lock may publish a file older than it), and none "from the future" (the
+                # clock was set back since).
+                if (
+                    last is None
+                    or last[0] != written
+                    or not 0.0
+                    <= now - last[1]
+                    < min(STAMP_FRACTION * (now - created), STAMP_INTERVAL_MAX)
                 ):
                     touch(fd, created, now)  # remembered even if refused: best effort there
                     if len(stamps) >= _STAMPS_KEPT:
                         stamps.clear()
-                    stamps[digest] = now
+                    stamps[digest] = (written, now)
         finally:
             os.close(fd)
         return record
@@ -494,8 +511,7 @@ class Store:
         under a fresh name, then the record that names it replaces the old
         record, then the old data file goes: a reader holding the old record
         either still opens the old bytes or sees a miss, never the new bytes
-        with old metadata.  Every name is taken relative to the directory's
-        descriptor that the temp files were made in.
+        with old metadata.
         """
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
@@ -640,7 +656,7 @@ class Store:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise records.DamagedRecord("not a regular file")
-            data = read_entry(fd, info.st_size)
+            data = read_entry(fd, info.st_size, self.settings.cache_size)
         finally:
             os.close(fd)
         return records.decode(data, self.kind, _key_of(data, digest))
@@ -716,17 +732,21 @@ def _write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
 
 
-def _read_rest(fd: int, head: bytes) -> bytes:
+def _read_rest(fd: int, head: bytes, limit: int) -> bytes:
     """The whole entry that begins with ``head`` (a full first read), bounded by its header.
 
     One byte more than declared is asked for, so an entry longer than its header
     says is damage (decode checks the length); a big one must have exactly the
     declared size before it is read, so an entry extended to gigabytes (even
-    sparsely) costs one ``fstat``, not the memory.
+    sparsely) costs one ``fstat``, not the memory.  One declared larger than
+    ``limit`` (the cache's size limit) is OversizedRecord before anything more is
+    read (see ``read_entry``).
     """
     declared = records.declared_size(head)
     if declared is None:
         raise records.DamagedRecord("not an entry of this format")
+    if declared > limit:
+        raise records.OversizedRecord("larger than the cache's size limit")
     if declared > _ONE_READ_MAX and os.fstat(fd).st_size != declared:
         raise records.DamagedRecord("length does not match the header")
     if declared < len(head):
@@ -742,13 +762,18 @@ def _key_of(data: bytes, digest: str) -> bytes:
     return key
 
 
-def read_entry(fd: int, size: int) -> bytes:
+def read_entry(fd: int, size: int, limit: int) -> bytes:
     """An entry's bytes, never more than its header declares (DamagedRecord otherwise).
 
     A small file is read in one call and its lengths checked by ``decode``; a
     bigger one has its header read first, so an entry extended to gigabytes
-    (even sparsely) costs one small read, not the memory.
+    (even sparsely) costs one small read, not the memory.  A file larger than
+    ``limit`` (the cache's size limit) is OversizedRecord, unread: no entry this
+    cache wrote is bigger, and a sparse file whose header agrees would otherwise
+    be read whole (one of a terabyte: a MemoryError).
     """
+    if size > limit:
+        raise records.OversizedRecord("larger than the cache's size limit")
     if size > _ONE_READ_MAX:
         declared = records.declared_size(os.pread(fd, records.HEADER_SIZE, 0))
         if declared != size:

@@ -20,11 +20,11 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CacheMutex
+from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CachedValue, CacheMutex
 from dogpile.cache.proxy import ProxyBackend
 
 from . import layout, records, redisremote
-from .backends import PickleFSBackend
+from .backends import PickleFSBackend, dogpile_bytes, from_dogpile_bytes
 from .config import parse_seconds
 from .exceptions import ConfigError, RemoteConfigWarning, RemoteError
 from .pubsub import RECENT_KEYS, Listener, default_channel, encode, value_digest
@@ -531,7 +531,8 @@ class TieredProxy(_TieredOperations, ProxyBackend):
     Takes the arguments of :class:`TieredBackend` except ``remote_backend`` and
     ``remote``: the wrapped backend is the remote tier, used with its own
     connection settings.  The region must serialize (a ``BytesBackend`` such as
-    Redis, or a region ``serializer``).
+    Redis, or a region ``serializer``), or wrap ``dogpile_fsbackend.pickled``, whose
+    values the proxy pickles as dogpile's default serializer would.
     """
 
     def __init__(self, arguments: Mapping[str, Any] | None = None, **keywords: Any) -> None:
@@ -547,27 +548,41 @@ class TieredProxy(_TieredOperations, ProxyBackend):
 
     def wrap(self, backend: CacheBackend) -> TieredProxy:
         super().wrap(backend)
+        # dogpile_fsbackend.pickled pickles values itself, so its region has no serializer:
+        # the proxy makes the bytes that dogpile's default serializer would have made.
+        self._pickles = isinstance(redisremote.innermost(backend), PickleFSBackend)
         self._setup(self._settings, self._local, backend, _name_of(backend))
         return self
 
-    def get(self, key: str) -> NoReturn:
-        raise _unserialized()
+    def get(self, key: str) -> CachedValue | NoValueType:
+        return self.get_multi([key])[0]
 
-    def get_multi(self, keys: Iterable[str]) -> NoReturn:
-        raise _unserialized()
+    def get_multi(self, keys: Iterable[str]) -> list[CachedValue | NoValueType]:
+        self._check_pickles()
+        return [
+            NO_VALUE if found is NO_VALUE else from_dogpile_bytes(found)
+            for found in self.get_serialized_multi(keys)
+        ]
 
-    def set(self, key: str, value: Any) -> NoReturn:
-        raise _unserialized()
+    def set(self, key: str, value: CachedValue | bytes) -> None:
+        self.set_multi({key: value})
 
-    def set_multi(self, mapping: Mapping[str, Any]) -> NoReturn:
-        raise _unserialized()
+    def set_multi(self, mapping: Mapping[str, CachedValue | bytes]) -> None:
+        self._check_pickles()
+        self.set_serialized_multi(
+            {
+                key: value if isinstance(value, bytes) else dogpile_bytes(value)
+                for key, value in mapping.items()
+            }
+        )
 
-
-def _unserialized() -> TypeError:
-    return TypeError(
-        "TieredProxy stores serialized bytes: wrap a backend that serializes (a "
-        "BytesBackend such as dogpile.cache.redis), or give the region a serializer"
-    )
+    def _check_pickles(self) -> None:
+        if not self._pickles:
+            raise TypeError(
+                "TieredProxy stores serialized bytes: wrap a backend that serializes (a "
+                "BytesBackend such as dogpile.cache.redis, or dogpile_fsbackend.pickled), "
+                "or give the region a serializer"
+            )
 
 
 def _parse(

@@ -1320,6 +1320,24 @@ def test_a_value_that_cannot_be_unpickled_is_regenerated(tmp_path, monkeypatch):
     assert region.get_or_create("other", lambda: 5) == 5
 
 
+def test_a_value_that_cannot_be_unpickled_counts_as_a_miss(tmp_path, monkeypatch):
+    """stats() counts what a lookup returned: an entry whose value cannot be loaded any
+    more is a miss (dogpile regenerates it), never a hit."""
+    region = pickled(tmp_path / "cache")
+    region.set("key", Renamed(1))
+    region.backend.set_serialized("bytes", b'{"ct": 1, "v": 1}|not a pickle')
+    monkeypatch.delattr(sys.modules[__name__], "Renamed")
+    assert region.get("key") is NO_VALUE
+    assert region.get("bytes") is NO_VALUE
+    stats = region.backend.stats()
+    assert (stats["hits"], stats["misses"]) == (0, 2)
+    assert region.get_or_create("key", lambda: "regenerated") == "regenerated"
+    stats = region.backend.stats()
+    assert (stats["hits"], stats["misses"]) == (0, 3)  # one lookup, dogpile's re-check too
+    assert region.get("key") == "regenerated"
+    assert region.backend.stats()["hits"] == 1
+
+
 def test_a_foreign_directory_in_data_is_reported_once_never_counted_as_removed(tmp_path, caplog):
     """Item 17: a foreign directory inside data/ was counted as removed on every scan."""
     region = pickled(tmp_path / "cache")

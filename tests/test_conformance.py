@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import pickle
 import shutil
 import tempfile
 
@@ -41,3 +42,12 @@ class PickledNoDistributedLockTest(_GenericBackendTestSuite):
 
     backend = "dogpile_fsbackend.pickled"
     config_args = {"arguments": {**_arguments("nolock")["arguments"], "distributed_lock": False}}
+
+
+class PickledDeserializerOnlyTest(_GenericBackendTestSuite):
+    """A region given a deserializer= alone (dogpile documents it): it reads bytes, while
+    its writes reach the backend as CachedValue objects."""
+
+    backend = "dogpile_fsbackend.pickled"
+    config_args = _arguments("deserializer-only")
+    region_args = {"deserializer": pickle.loads}

@@ -962,3 +962,38 @@ def test_movable_file_just_under_the_room_but_over_it_with_its_record_stays_put(
         region.set("key", handle)
     assert source.read_bytes() == b"z" * 9_000
     assert region.get("key") is NO_VALUE
+
+
+@pytest.mark.parametrize("kind", ["pickled", "raw"])
+def test_a_sparse_entry_whose_header_claims_a_terabyte_is_a_miss_not_a_memory_error(
+    tmp_path, kind
+):
+    """A sparse file of 1 TiB whose header declares exactly that length (so the length
+    checks agree) is never read into memory, by a hit, a listing or a scan: no entry of
+    this cache can be larger than cache_size.  A hit leaves it alone (a process with a
+    larger cache_size may own such an entry); verify, repairing under this limit,
+    removes it."""
+    base_dir = tmp_path / "cache"
+    region = (pickled if kind == "pickled" else raw)(base_dir)
+    region.set("bystander", "b" if kind == "pickled" else io.BytesIO(b"b"))
+
+    def plant() -> str:
+        region.set("victim", "v" if kind == "pickled" else io.BytesIO(b"v"))
+        path = faultkit.entry_path(region.backend, "victim")
+        size = 1 << 40
+        with open(path, "rb") as handle:
+            header = bytearray(handle.read(records.HEADER_SIZE))
+        key_len = int.from_bytes(header[16:20], "little")
+        header[20:28] = (size - records.HEADER_SIZE - key_len).to_bytes(8, "little")
+        with open(path, "r+b") as handle:
+            handle.write(header)
+            handle.truncate(size)  # sparse: no blocks
+        return path
+
+    path = plant()
+    assert list(region.backend.keys()) == ["bystander"]
+    assert region.get("victim") is NO_VALUE
+    assert os.path.getsize(path) == 1 << 40
+    region.backend.verify()
+    assert not os.path.exists(path)
+    assert_consistent(region, base_dir)

@@ -77,12 +77,27 @@ def test_a_hit_stamps_once_its_last_stamp_is_older_than_the_granularity(
     created = _age(region, "key", age)
     path = _path(region, "key")
     # This process's memory of its last stamp, set as if it had stamped then.
-    region.backend.store._stamps[layout.digest_of("key")] = time.time() - stamped_ago
+    region.backend.store._stamps[layout.digest_of("key")] = (created, time.time() - stamped_ago)
     marker = created + 1
     os.utime(path, (created, marker))
     assert region.get("key") == "value"
     assert (os.stat(path).st_mtime != marker) is stamps
     assert store.STAMP_FRACTION == 1 / 16 and store.STAMP_INTERVAL_MAX == 60.0
+
+
+def test_a_stamp_remembered_from_before_the_clock_was_set_back_is_no_reason_to_skip(tmp_path):
+    """A clock stepped back (NTP, a VM restored) leaves this process's last stamps in the
+    future: they must not stop it stamping its hot entries until the clock catches up,
+    or eviction would take them for unused."""
+    region = _region(tmp_path / "cache")
+    region.set("key", "value")
+    created = _age(region, "key", 3600)
+    path = _path(region, "key")
+    region.backend.store._stamps[layout.digest_of("key")] = (created, time.time() + 3600)
+    marker = created + 1
+    os.utime(path, (created, marker))
+    assert region.get("key") == "value"
+    assert os.stat(path).st_mtime > time.time() - 60, "the hit was not stamped"
 
 
 def test_an_entry_rewritten_since_this_process_stamped_it_is_stamped_on_its_next_hit(tmp_path):
@@ -97,6 +112,21 @@ def test_an_entry_rewritten_since_this_process_stamped_it_is_stamped_on_its_next
     os.utime(path, ns=(info.st_atime_ns, info.st_atime_ns - 10**9))
     assert reader.get("key") == "new"
     assert os.stat(path).st_mtime_ns > info.st_atime_ns - 10**9
+
+
+def test_a_new_file_older_than_this_processs_last_stamp_is_still_stamped(tmp_path):
+    """A writer that waited for the shard lock publishes a file it wrote (and dated)
+    before this process last stamped the entry: that stamp belongs to the old file and
+    must not stand in for the new one's, whatever the two files' times."""
+    region = _region(tmp_path / "cache")
+    region.set("key", "old")
+    _age(region, "key", 3600)
+    assert region.get("key") == "old"  # stamped now, and remembered
+    path = _path(region, "key")
+    _age(region, "key", 1800)  # another file, created and last used before that stamp
+    used_before = os.stat(path).st_mtime
+    assert region.get("key") == "old"
+    assert os.stat(path).st_mtime > used_before + 60, "the new file's hit was not stamped"
 
 
 # -- hits without fstat ----------------------------------------------------------------------

@@ -369,3 +369,36 @@ def _text(value) -> str:
     with value:
         value.seek(0)
         return value.read().decode()
+
+
+def test_a_region_with_only_a_deserializer_hits_what_it_stored(cache_dir):
+    """dogpile documents a ``deserializer=`` alone (one that raises CantDeserializeException
+    for a value it cannot load, say): such a region reads serialized bytes while its
+    writes arrive as CachedValue objects; what it stores must still be a hit for it."""
+    loaded = []
+
+    def loads(data):
+        loaded.append(data)
+        return pickle.loads(data)
+
+    region = make_region(deserializer=loads).configure(
+        "dogpile_fsbackend.pickled", arguments={"base_dir": cache_dir}
+    )
+    region.set("early", "stored before the region first read")
+    assert region.get("early") == "stored before the region first read"
+    created = []
+
+    def create():
+        created.append(1)
+        return {"n": frozenset({1})}
+
+    for _ in range(3):
+        assert region.get_or_create("key", create) == {"n": frozenset({1})}
+    assert created == [1]
+    assert loaded, "the region's own deserializer read the value"
+    region.set("other", [1, 2])
+    assert region.get("other") == [1, 2]
+    # The bytes are dogpile's own: a region without a serializer reads them too.
+    assert make_region().configure(
+        "dogpile_fsbackend.pickled", arguments={"base_dir": cache_dir}
+    ).get("other") == [1, 2]

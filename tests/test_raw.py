@@ -536,3 +536,52 @@ def test_a_cache_hit_stored_again_with_file_movable_is_copied_not_taken(raw_regi
     report = region.backend.verify()
     assert report.accounting_drift == 0
     assert region.backend.stats()["entries"] == 2
+
+
+def test_a_file_with_other_names_is_copied_not_taken(raw_region, tmp_path):
+    """A file with another hard link is copied even with file_movable: writing through that
+    other name would change the cached bytes behind the record's back, and a link to
+    another entry's data file (under a name of the user's) would make two entries share it."""
+    region = raw_region(file_movable=True)
+    path, other_name = tmp_path / "source", tmp_path / "other-name"
+    path.write_bytes(b"original")
+    os.link(path, other_name)
+    with open(path, "rb") as source:
+        region.set("key", source)
+    with open(other_name, "r+b") as handle:  # the user's file, under its other name
+        handle.write(b"CHANGED!")
+    with region.get("key") as cached:
+        assert cached.read() == b"original"
+    region.set("one", io.BytesIO(b"payload"))
+    (one_data,) = data_files(region.backend, "one")
+    innocent = tmp_path / "innocent.bin"
+    os.link(one_data, innocent)
+    with open(innocent, "rb") as source:
+        region.set("two", source)
+    (two_data,) = data_files(region.backend, "two")
+    assert os.stat(one_data).st_ino != os.stat(two_data).st_ino
+    assert innocent.exists()
+
+
+@pytest.mark.parametrize("through", ["symlink_to_the_file", "symlinked_directory"])
+def test_a_cache_file_reached_through_a_symlink_is_copied_not_taken(raw_region, tmp_path, through):
+    """No realpath walk judges a movable file: a symlink to another entry's data file, or
+    its own name reached through a symlinked directory, must still be copied."""
+    region = raw_region(file_movable=True)
+    region.set("one", io.BytesIO(b"payload"))
+    (one_data,) = data_files(region.backend, "one")
+    if through == "symlink_to_the_file":
+        name = tmp_path / "innocent.bin"
+        os.symlink(one_data, name)
+    else:
+        alias = tmp_path / "alias"
+        os.symlink(os.path.dirname(one_data), alias)
+        name = alias / os.path.basename(one_data)
+    with open(name, "rb") as source:
+        region.set("two", source)
+    assert os.path.exists(one_data)
+    for key in ("one", "two"):
+        with region.get(key) as cached:
+            assert cached.read() == b"payload"
+    (two_data,) = data_files(region.backend, "two")
+    assert os.stat(one_data).st_ino != os.stat(two_data).st_ino

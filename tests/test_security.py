@@ -529,3 +529,30 @@ def test_symlink_loop_planted_as_a_shard_directory_is_a_miss_and_repaired(tmp_pa
     put(region, kind, "key")  # the write replaces the loop with a real directory
     assert not os.path.islink(shard)
     assert writer_of(region, kind, "key") == 0
+
+
+def _hits_as_another_user(base_dir: str, arguments: dict) -> tuple:
+    pickled_region = faultkit.pickled(os.path.join(base_dir, "pickled"), **arguments)
+    raw_region = faultkit.raw(os.path.join(base_dir, "raw"), **arguments)
+    with raw_region.get("key") as cached:
+        raw_bytes = cached.read()
+    return pickled_region.get("key"), raw_bytes, pickled_region.backend.stats()["hits"]
+
+
+def test_another_users_hit_is_a_hit_though_the_kernel_refuses_it_o_noatime():
+    """Hits open with O_NOATIME, which Linux grants the file's owner only (EPERM for
+    anyone else): in a cache shared by group permissions another user's hit opens without
+    it and is still a hit."""
+    if not hasattr(os, "O_NOATIME") or os.geteuid() != 0:
+        pytest.skip("needs Linux's O_NOATIME and root (to act as another user)")
+    arguments = {"dir_mode": "0o777", "file_mode": "0o666"}
+    with faultkit.nobody_dir("noatime") as top:
+        base_dir = os.path.join(top, "cache")
+        faultkit.pickled(os.path.join(base_dir, "pickled"), **arguments).set("key", "value")
+        faultkit.raw(os.path.join(base_dir, "raw"), **arguments).set("key", io.BytesIO(b"bytes"))
+        os.chmod(top, 0o777)
+        assert faultkit.in_child_as_nobody(_hits_as_another_user, base_dir, arguments) == (
+            "value",
+            b"bytes",
+            1,
+        )

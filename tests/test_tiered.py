@@ -635,3 +635,39 @@ def test_keys_and_delete_matching_are_refused_with_what_to_do_instead(tmp_path):
     make_region().configure("dogpile.cache.memory", wrap=[proxy])
     with pytest.raises(NotImplementedError, match=r"region\.delete_multi"):
         proxy.delete_matching("user:")
+
+
+def test_a_proxy_around_the_pickled_backend_serializes_for_it(tmp_path):
+    """``dogpile_fsbackend.pickled`` pickles values itself, so its region has no serializer:
+    a TieredProxy around it (a shared directory as the remote) pickles as dogpile's default
+    serializer would, instead of refusing every call."""
+
+    def host(name: str):
+        return make_region().configure(
+            "dogpile_fsbackend.pickled",
+            arguments={"base_dir": str(tmp_path / "shared")},
+            wrap=[
+                TieredProxy(
+                    local={"base_dir": str(tmp_path / name)},
+                    lock="local",
+                    local_expiration_time=60,
+                )
+            ],
+        )
+
+    a, b = host("a"), host("b")
+    a.set("k", {"v": frozenset({1})})
+    assert b.get("k") == {"v": frozenset({1})}
+    assert b.backend.local.get_serialized("k") is not NO_VALUE  # copied into b's tier
+    assert b.get_or_create("n", lambda: 5) == 5
+    assert a.get("n") == 5
+    a.set_multi({"x": 1, "y": 2})
+    assert b.get_multi(["x", "y", "z"]) == [1, 2, NO_VALUE]
+    assert b.get_or_create_multi(["x", "w"], lambda *keys: [f"made {k}" for k in keys]) == [
+        1,
+        "made w",
+    ]
+    plain = make_region().configure(
+        "dogpile_fsbackend.pickled", arguments={"base_dir": str(tmp_path / "shared")}
+    )
+    assert plain.get("k") == {"v": frozenset({1})}  # the remote holds dogpile's own bytes

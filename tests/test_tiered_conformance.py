@@ -104,3 +104,22 @@ class TieredProxyTest(_GenericBackendTestSuite):
         "arguments": _remote(8, thread_local_lock=False, socket_timeout=1),
         "wrap": [_SuiteProxy],
     }
+
+
+class _PickledSuiteProxy(TieredProxy):
+    def __init__(self) -> None:
+        super().__init__(
+            local={"base_dir": f"{_ROOT}/proxy-local", "cache_size": 64 * 1024**2},
+            local_expiration_time=60,
+        )
+
+
+class TieredProxyAroundPickledTest(_GenericBackendTestSuite, _GenericMutexTestSuite):
+    """A TieredProxy around ``dogpile_fsbackend.pickled`` (a shared directory as the
+    remote), whose region has no serializer: the proxy pickles as dogpile's default would."""
+
+    backend = "dogpile_fsbackend.pickled"
+    config_args = {
+        "arguments": {"base_dir": f"{_ROOT}/proxy-shared"},
+        "wrap": [_PickledSuiteProxy],
+    }
