@@ -98,12 +98,7 @@ def test_limit_holds_under_concurrent_writers(cache_dir):
         SPAWN.Process(target=_limit_writer, args=(cache_dir, limit, w, 150, barrier, results))
         for w in range(WRITERS)
     ]
-    for proc in procs:
-        proc.start()
-    outcomes = [results.get(timeout=WAIT) for _ in procs]
-    for proc in procs:
-        proc.join(WAIT)
-        assert proc.exitcode == 0
+    outcomes = faultkit.run_processes(procs, results)
     largest = max(o[1] for o in outcomes)
     # Right after a set returns, each other writer may have one entry in flight.
     assert max(o[0] for o in outcomes) <= limit + WRITERS * largest

@@ -229,11 +229,7 @@ def test_gets_in_several_processes_change_nothing(tmp_path, where, kind):
             )
             for _ in range(READERS)
         ]
-        for reader in readers:
-            reader.start()
-        outcomes = [results.get(timeout=WAIT) for _ in readers]
-        for reader in readers:
-            reader.join(WAIT)
+        outcomes = faultkit.run_processes(readers, results)
         run_cli = _cli_as_nobody if as_nobody else _cli_subprocess
         listed = run_cli("keys", "--json", "--expiration-time", str(EXPIRATION), base_dir)
         dry_run = run_cli("delete", base_dir, "--prefix", "key 1", "--dry-run", "--json")

@@ -37,16 +37,8 @@ CREATOR_SECONDS = 0.05
 @pytest.fixture
 def hosts(redis_url, tmp_path):
     """``hosts(name, **arguments)`` starts a simulated host; all are stopped afterwards."""
-    started: list[tieredkit.Host] = []
-
-    def start(name: str, **top) -> tieredkit.Host:
-        host = tieredkit.Host(redis_url, str(tmp_path / name), **top)
-        started.append(host)
-        return host
-
-    yield start
-    for host in started:
-        host.close()
+    with tieredkit.host_pool() as start:
+        yield lambda name, **top: start(redis_url, str(tmp_path / name), **top)
 
 
 # -- one creator across hosts ---------------------------------------------------------

@@ -19,19 +19,17 @@ def channel(tmp_path):
 
 @pytest.fixture
 def hosts(tmp_path, channel):
-    started: list[tieredkit.Host] = []
+    """``hosts(url, name, **arguments)``: a simulated host whose region has a
+    SharedInvalidation on its base_dir, on the test's channel."""
+    with tieredkit.host_pool() as start:
 
-    def start(url: str, name: str, **top) -> tieredkit.Host:
-        top.setdefault("shared_invalidation", True)
-        top.setdefault("expiration_time", 3600)  # soft invalidation needs one
-        top.setdefault("channel", channel)
-        host = tieredkit.Host(url, str(tmp_path / name), **top)
-        started.append(host)
-        return host
+        def start_host(url: str, name: str, **top) -> tieredkit.Host:
+            top.setdefault("shared_invalidation", True)
+            top.setdefault("expiration_time", 3600)  # soft invalidation needs one
+            top.setdefault("channel", channel)
+            return start(url, str(tmp_path / name), **top)
 
-    yield start
-    for host in started:
-        host.close()
+        yield start_host
 
 
 @pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])

@@ -181,6 +181,23 @@ class Host(hostkit.ProcessHost):
         super().__init__(_host_main, url, base_dir, top)
 
 
+@contextlib.contextmanager
+def host_pool() -> Iterator[Callable[..., Host]]:
+    """``start(url, base_dir, **top)`` starts a simulated host; all are stopped at the end."""
+    started: list[Host] = []
+
+    def start(url: str, base_dir: str, **top: Any) -> Host:
+        host = Host(url, base_dir, **top)
+        started.append(host)
+        return host
+
+    try:
+        yield start
+    finally:
+        for host in started:
+            host.close()
+
+
 def redis_client(url: str) -> Any:
     """A plain redis-py client, for looking at (or writing to) Redis behind the tiers."""
     import redis
