@@ -14,6 +14,8 @@ from typing import Any
 
 from conftest import SPAWN, WAIT
 
+STOP_WAIT = 5  # seconds for an idle host to stop by itself before it is killed
+
 
 def serve(handle: Callable[[str, list[Any]], Any], inbox: Any, outbox: Any) -> None:
     """Answer each command from ``inbox`` with ``handle(command, args)``, until "stop".
@@ -67,6 +69,11 @@ class ProcessHost:
         return answer
 
     def close(self) -> None:
+        """Stop the host: by its "stop" command if it is idle (so that it exits as a
+        process does, and coverage keeps what it ran), else by SIGKILL."""
+        if self.process.is_alive():
+            self.send("stop")
+            self.process.join(STOP_WAIT)
         if self.process.is_alive():
             self.process.kill()
         self.process.join(WAIT)

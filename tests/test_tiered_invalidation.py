@@ -6,9 +6,14 @@ Simulated hosts are separate processes with separate base_dirs on one real Redis
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import tieredkit
+from dogpile.cache.api import NO_VALUE
 from tieredkit import MISS
+
+from dogpile_fsbackend import SharedInvalidation
 
 
 @pytest.fixture
@@ -116,3 +121,28 @@ def test_garbage_in_the_shared_hash_is_logged_and_replaced(redis_url, hosts, cha
     a("invalidate", True)
     b("poll", "k", MISS)
     assert int(client.hget(key, "hard")) > 0
+
+
+def test_what_another_host_announces_reaches_this_hosts_file(redis_url, tmp_path, channel):
+    """In one process, the two ways in: a message the listener hands on, and the hash
+    read when a subscription is confirmed. Both land in the host's file, which every
+    process of the host reads."""
+    base_dir = str(tmp_path / "host")
+    region = tieredkit.region(
+        redis_url, base_dir, expiration_time=3600, shared_invalidation=True, channel=channel
+    )
+    link = region.backend.region_invalidation
+    region.set("k", "v")
+    assert region.get("k") == "v"
+    hard = time.time_ns()
+    link.received(0, hard)  # as the listener hands on another host's hard invalidation
+    assert region.get("k") is NO_VALUE
+    assert SharedInvalidation(base_dir).times().hard_ns == hard  # in the file: every process
+    region.set("k", "v2")
+    soft = time.time_ns()
+    client = tieredkit.redis_client(redis_url)
+    client.hset(f"{channel}:region-invalidation", "soft", str(soft))  # while we were away
+    link.catch_up()
+    assert SharedInvalidation(base_dir).times().soft_ns == soft
+    assert region.get("k") is NO_VALUE  # soft: a get treats it as expired
+    assert int(client.hget(f"{channel}:region-invalidation", "hard")) == hard  # ours went up
