@@ -13,7 +13,8 @@ import tieredkit
 from dogpile.cache.api import NO_VALUE
 from tieredkit import MISS
 
-from dogpile_fsbackend import SharedInvalidation
+from dogpile_fsbackend import SharedInvalidation, pubsub
+from dogpile_fsbackend.invalidation import InvalidationTimes
 
 
 @pytest.fixture
@@ -146,3 +147,35 @@ def test_what_another_host_announces_reaches_this_hosts_file(redis_url, tmp_path
     assert SharedInvalidation(base_dir).times().soft_ns == soft
     assert region.get("k") is NO_VALUE  # soft: a get treats it as expired
     assert int(client.hget(f"{channel}:region-invalidation", "hard")) == hard  # ours went up
+
+
+JUNK = [
+    b"not json",
+    b"[]",
+    b'{"o": 1, "p": "x", "k": []}',
+    b'{"o": "a", "p": "x", "k": [[1, 2]]}',
+    b'{"o": "a", "p": "x", "k": [[1, 2, 3]]}',
+    b'{"p": "x", "i": [-1, 0]}',
+    b'{"p": "x", "i": [true, 0]}',
+    b'{"p": "x", "i": [0, 99999999999999999999]}',
+    b'{"p": "x", "i": "ab"}',
+    b'{"p": "x"}',
+]
+
+
+def test_foreign_messages_on_the_channel_are_ignored(redis_url, tmp_path, channel):
+    """Anyone may publish on a Redis channel: what is not one of our messages changes
+    nothing, and the listener goes on hearing the real ones."""
+    base_dir = str(tmp_path / "host")
+    region = tieredkit.region(
+        redis_url, base_dir, expiration_time=3600, shared_invalidation=True, channel=channel
+    )
+    region.set("k", "v")
+    client = tieredkit.redis_client(redis_url)
+    for junk in JUNK:
+        client.publish(channel, junk)
+    client.publish(channel, pubsub.encode("another host", {"k": None}))  # heard after them
+    local = region.backend.local
+    tieredkit.wait_until(lambda: local.get_serialized("k") is NO_VALUE, "the real message")
+    assert region.backend.listener.connected
+    assert SharedInvalidation(base_dir).times() == InvalidationTimes()  # no junk merged
