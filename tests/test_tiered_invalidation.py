@@ -147,6 +147,9 @@ def test_what_another_host_announces_reaches_this_hosts_file(redis_url, tmp_path
     assert SharedInvalidation(base_dir).times().soft_ns == soft
     assert region.get("k") is NO_VALUE  # soft: a get treats it as expired
     assert int(client.hget(f"{channel}:region-invalidation", "hard")) == hard  # ours went up
+    region.invalidate(hard=True)  # this process's own: into the hash, and announced
+    assert int(client.hget(f"{channel}:region-invalidation", "hard")) > hard
+    assert not link.pending
 
 
 JUNK = [
