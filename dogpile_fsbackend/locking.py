@@ -121,6 +121,7 @@ class LockFile:
         self.fd = fd
         self.mode = mode
         self._old_fds: list[int] = []  # of replaced lock files: closing one drops its locks
+        self.moves = 0  # to a replaced lock file: each broke exclusion for a moment
         self._watch = files.Watch(path, fd)
         self._counter = itertools.count()
         self._reset()
@@ -221,6 +222,7 @@ class LockFile:
             self._old_fds.append(self.fd)
             self.fd = fd
             self._watch.moved_to(fd)
+            self.moves += 1
             # The writer byte comes along without a gap: temp files being written are
             # named after it.  (Taken there already: a 2**-48 chance; pick another.)
             slot = self._writer_slot

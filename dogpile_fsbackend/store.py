@@ -129,6 +129,7 @@ class Store:
             else None
         )
         self.accounting = self._open_or_create()
+        self._lock_moves_seen = self._lock_file.moves if self._lock_file is not None else 0
         self._next_check = time.monotonic() + files.CHECK_INTERVAL
         self._next_touch = time.monotonic()
 
@@ -244,6 +245,11 @@ class Store:
                 )
         self.lock_file.check_identity()
         self.accounting.check_identity()
+        if self.lock_file.moves != self._lock_moves_seen:
+            # Until every process had moved to the new lock file, two writers of a shard
+            # could update its counters at once: mark a recount (spread over the writes).
+            self._lock_moves_seen = self.lock_file.moves
+            self.accounting.last_reconcile = 0
         if now >= self._next_touch:
             self._next_touch = now + files.TOUCH_INTERVAL
             for name in (paths.MARKER_NAME, paths.MAINTENANCE_LOCK_NAME):

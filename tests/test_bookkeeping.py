@@ -179,6 +179,15 @@ def test_damaging_a_bookkeeping_file_under_running_writers_never_kills_one(tmp_p
                 ),
                 f"the writers to go on after {how}",
             )
+        # A replaced lock file broke exclusion until every writer had moved: the movers
+        # marked a recount, which the writers' sets carry out; then 20 more sets each.
+        watcher = pickled(base_dir, cache_size=LIMIT).backend.store
+        wait_for(lambda: not watcher.reconcile_due(), "the writers to recount")
+        before = list(progress)
+        wait_for(
+            lambda: all(now > then + 20 for now, then in zip(progress, before, strict=True)),
+            "the writers to go on after the recount",
+        )
     finally:
         stop.set()
         outcomes = [report.get(timeout=WAIT) for _ in procs]
