@@ -181,8 +181,8 @@ def test_damaging_a_bookkeeping_file_under_running_writers_never_kills_one(tmp_p
             )
         # A replaced lock file broke exclusion until every writer had moved: the movers
         # marked a recount, which the writers' sets carry out; then 20 more sets each.
-        watcher = pickled(base_dir, cache_size=LIMIT).backend.store
-        wait_for(lambda: not watcher.reconcile_due(), "the writers to recount")
+        checker = pickled(base_dir, cache_size=LIMIT)
+        wait_for(lambda: not checker.backend.store.reconcile_due(), "the writers to recount")
         before = list(progress)
         wait_for(
             lambda: all(now > then + 20 for now, then in zip(progress, before, strict=True)),
@@ -199,7 +199,6 @@ def test_damaging_a_bookkeeping_file_under_running_writers_never_kills_one(tmp_p
         assert on_current == {"accounting": True, "lock": True}, (worker, on_current)
     for required in BOOKKEEPING:
         assert os.path.isfile(os.path.join(base_dir, required)), required
-    checker = pickled(base_dir, cache_size=LIMIT)
     slack = WRITERS * (ENTRY + 200)  # one unchecked entry per concurrent writer
     assert faultkit.disk_usage(base_dir)[0] <= LIMIT + slack
     checker.backend.verify()
@@ -824,6 +823,7 @@ def test_a_cache_on_a_read_only_filesystem_serves_hits(tmp_path):
 
 
 def _open_read_only(base_dir: str) -> str:
+    """What opening the cache says: its ConfigError's message, or "opened"."""
     try:
         pickled(base_dir)
     except ConfigError as exc:
@@ -1282,11 +1282,7 @@ def test_keys_must_be_str(tmp_path, kind, key):
 
 def _open_as_nobody(base_dir: str) -> str:
     _as_nobody()
-    try:
-        pickled(base_dir)
-    except ConfigError as exc:
-        return str(exc)
-    return "opened"
+    return _open_read_only(base_dir)
 
 
 @needs_root
