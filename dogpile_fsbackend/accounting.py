@@ -63,6 +63,7 @@ _RECONCILED_OFFSET = 16
 _SHARD = struct.Struct("<qq")
 _CHUNK = 16 * _SHARD.size  # counters compared at once by _Sums.update
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_SNAPSHOT_READS = 8  # further reads of the table to find two in a row alike
 _OPEN_ATTEMPTS = 8  # to find a well-formed file at the path (about 60 ms of waiting at most)
 
 
@@ -124,9 +125,21 @@ class AccountingFile:
         self._dirty = True
 
     def totals(self) -> tuple[int, int]:
-        """(bytes, entries) over all shards, never negative."""
+        """(bytes, entries) over all shards at one moment, never negative.
+
+        Writers of different shards change the table independently, and one
+        ``pread`` copying it may be interrupted between two of them, counting an
+        evicted entry beside the write that followed its eviction: the table is
+        read until two reads in a row agree (two reads in a quiet cache).
+        """
+        table = self._read_table()
+        for _ in range(_SNAPSHOT_READS):
+            again = self._read_table()
+            if again == table:
+                break
+            table = again
         sums = self._sums
-        sums.update(self._read_table())
+        sums.update(table)
         return max(0, sums.bytes), max(0, sums.entries)
 
     @property

@@ -68,6 +68,7 @@ STEP_VICTIMS = 2  # entries a draining write evicts beyond what takes it under t
 REMEMBERED = 32_768  # least recently used entries a pass remembers (a few MB)
 SCAN_MIN, SCAN_MAX = 16, 256  # entries an evicting write walks over in a bigger cache
 PARTIAL_SHARE = 0.02  # of the entries a pass has seen, the oldest that may go before it ends
+RECHECK_SHARE = 0.01  # of a limit: a write this close under it confirms it by a snapshot
 HARD_SCAN = 4096  # entries a write may walk over to find victims when over the limit
 ROOM_VICTIMS = 64  # entries a write that found the disk full evicts before its retry
 RECOUNT_BUDGET = 4096  # files a write recounts when a recount is due (one shard at least)
@@ -137,6 +138,11 @@ class Evictor:
             (size, max_entries), low = self._limits
             if store.last_total > size or store.last_entries > max_entries:
                 self._draining = True
+            elif not self._draining and self._just_under():
+                # The publish read the table once; another writer's publish and eviction
+                # that read straddled may have hidden one entry: a snapshot decides.
+                store.last_total, store.last_entries = store.totals()
+                self._draining = store.last_total > size or store.last_entries > max_entries
             if self._draining:
                 self._evict(low, STEP_VICTIMS)
                 self._draining = not self._under(low)
@@ -160,6 +166,14 @@ class Evictor:
                 int(min(store.last_entries, max_entries) * ratio),
             )
             return self._evict(target, ROOM_VICTIMS, must=True)
+
+    def _just_under(self) -> bool:
+        """Within ``RECHECK_SHARE`` of a limit (one entry, for a small entry limit)."""
+        (size, max_entries), _ = self._limits
+        store = self.store
+        return store.last_total >= size * (1 - RECHECK_SHARE) or (
+            store.last_entries >= max_entries - max(1.0, max_entries * RECHECK_SHARE)
+        )
 
     def _under(self, target: tuple[int, float]) -> bool:
         return self.store.last_total <= target[0] and self.store.last_entries <= target[1]
