@@ -107,6 +107,7 @@ _UNREADABLE_ERRNOS = frozenset(
 # the second answer comes from the first one's check if it follows within this time.
 _PAIR_NS = 10_000_000
 _RETRY_FIRST, _RETRY_MAX = 0.001, 0.05  # seconds between tries of a taken lock
+LOCK_WAIT = 10.0  # seconds an invalidation waits for another writer (who needs a few ms)
 _MISSING: tuple[Any, ...] = ("missing",)
 _NOT_LOOKED: tuple[Any, ...] = ("not looked yet",)
 
@@ -523,8 +524,11 @@ class SharedInvalidation(RegionInvalidationStrategy):
         ``fork()`` waits for it: a child forked meanwhile would inherit the locked
         descriptor and keep it locked.  The ``flock`` itself never blocks, so a
         fork waits for this process's own write, never for another process.
+        A lock held past ``LOCK_WAIT`` (its holder stopped or hung) raises
+        FSBackendError naming the lock file.
         """
         delay = _RETRY_FIRST
+        deadline = time.monotonic() + LOCK_WAIT
         while _WRITING.acquire(blocking=wait):
             try:
                 fd = self._open_lock_file()
@@ -542,12 +546,22 @@ class SharedInvalidation(RegionInvalidationStrategy):
                 _WRITING.release()
             if not wait:
                 break
+            if time.monotonic() >= deadline:
+                raise FSBackendError(
+                    f"{self._lock_path} has been held by another process for over "
+                    f"{LOCK_WAIT:g} s (a stopped or hung process?): the invalidation was not "
+                    "recorded; retry, or end the process that holds it (fuser shows it)"
+                )
             time.sleep(delay)  # another process is writing: a few ms at most
             delay = min(2 * delay, _RETRY_MAX)
         yield False
 
+    @property
+    def _lock_path(self) -> str:
+        return os.path.join(self.directory, layout.INVALIDATION_LOCK_NAME)
+
     def _open_lock_file(self) -> int:
-        path = os.path.join(self.directory, layout.INVALIDATION_LOCK_NAME)
+        path = self._lock_path
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         mode = self._new_file_mode()
         try:

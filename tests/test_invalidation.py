@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -812,6 +813,53 @@ def test_a_deleted_file_never_makes_a_reader_wait_for_the_lock(tmp_path):
         assert not os.path.exists(file_of(base_dir))  # left for the writer
     finally:
         os.close(lock_fd)
+
+
+_HOLD_THE_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_writer_stopped_holding_the_lock_costs_a_bounded_wait_and_a_clear_error(
+    tmp_path, monkeypatch
+):
+    """Another process takes invalidation.lock and is stopped (SIGSTOP): an invalidation
+    waits ``LOCK_WAIT``, then raises naming the lock file (this process honours it, the
+    others never saw it); once the holder is gone the next one reaches every process."""
+    base_dir = tmp_path / "cache"
+    region = region_on(base_dir, SharedInvalidation(base_dir))
+    region.set("k", "v")
+    region.invalidate()  # creates the lock file
+    region.set("k", "v2")
+    lock_path = os.path.join(base_dir, layout.INVALIDATION_LOCK_NAME)
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLD_THE_LOCK, lock_path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        try:
+            assert holder.stdout.readline() == "held\n"
+            os.kill(holder.pid, signal.SIGSTOP)
+            monkeypatch.setattr(invalidation, "LOCK_WAIT", 0.5)
+            started = time.monotonic()
+            with pytest.raises(FSBackendError, match=re.escape(lock_path)):
+                region.invalidate(hard=False)
+            assert time.monotonic() - started < WAIT  # bounded, not a hang
+            assert region.get("k") is NO_VALUE  # this process honours it all the same
+            other = region_on(base_dir, SharedInvalidation(base_dir))
+            assert other.get("k") == "v2"  # the others never heard of it
+            assert not other.region_invalidator.was_soft_invalidated()
+        finally:
+            holder.kill()
+            holder.wait(WAIT)
+    region.invalidate(hard=False)
+    assert other.get("k") is NO_VALUE
+    assert SharedInvalidation(base_dir).was_soft_invalidated()
 
 
 def test_a_time_from_the_future_counts_as_now(tmp_path, caplog):
