@@ -36,7 +36,7 @@ from . import files, marker, records
 from . import layout as paths
 from .accounting import AccountingFile
 from .config import Settings
-from .exceptions import ConfigError, ReadOnlyError
+from .exceptions import BookkeepingError, ConfigError, ReadOnlyError
 from .files import make_dir, open_quietly, open_shared
 from .locking import SHARD_BASE_OFFSET, ExclusiveByte, FileMutex, LockFile
 
@@ -62,6 +62,7 @@ STAMP_INTERVAL_MAX = 60.0
 _STAMPS_KEPT = 4096  # entries whose last stamp a process remembers (forgotten all at once)
 # Seconds a timestamp may lie ahead of the clock before it is taken for "now".
 FUTURE_TOLERANCE = 5.0
+SETUP_WAIT = 30.0  # seconds a first set-up waits for another process's (milliseconds)
 # What keeps a reader from removing an unusable entry: a read-only filesystem, or a
 # directory another user made (root ran the application once).
 _CANNOT_REMOVE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -72,7 +73,9 @@ def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
     """Whole-file lock serialising the first set-up of a directory across processes.
 
     It lives in its own file: opening and closing the byte-range lock file
-    would drop this process's ``lockf`` locks.
+    would drop this process's ``lockf`` locks.  A set-up takes milliseconds;
+    a lock held past ``SETUP_WAIT`` (its holder stopped or hung) raises
+    BookkeepingError naming the file rather than keep start-up waiting.
     """
     # Imported here: portalocker imports redis (for its RedisLock) whenever redis is
     # installed, and most processes never set a cache up or run maintenance.
@@ -81,7 +84,24 @@ def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
     path = os.path.join(base_dir, paths.MAINTENANCE_LOCK_NAME)
     fd = open_shared(path, mode)
     with os.fdopen(fd, "r+b") as handle:
-        portalocker.lock(handle, portalocker.LockFlags.EXCLUSIVE)
+        deadline, delay = time.monotonic() + SETUP_WAIT, 0.001
+        while True:
+            try:
+                portalocker.lock(
+                    handle, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+                )
+                break
+            except portalocker.LockException:  # 2.x raises this, later versions a subclass
+                if time.monotonic() >= deadline:
+                    raise BookkeepingError(
+                        errno.EWOULDBLOCK,
+                        f"{path} has been held by another process for over {SETUP_WAIT:g} s "
+                        "(a stopped or hung process setting the directory up?); end it "
+                        "(fuser shows it), then start again",
+                        path,
+                    ) from None
+                time.sleep(delay)
+                delay = min(2 * delay, 0.05)
         try:
             yield
         finally:
