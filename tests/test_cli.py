@@ -552,6 +552,8 @@ sys.exit(cli.main(sys.argv[1:]))
 _INTERRUPTED_AT_THE_THIRD_KEY = """
 import os, signal, sys
 from dogpile_fsbackend import cli, listing
+# As on a terminal: a test run started in the background of a script ignores SIGINT.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real_entries = listing.entries
 def entries(*args):
     for number, entry in enumerate(real_entries(*args), 1):
