@@ -356,23 +356,32 @@ def test_raw_write_fault_raises_and_keeps_the_old_value(tmp_path, point, error):
     assert_verified_clean(region, base_dir)
 
 
+# A move writes one temp file, the record, and renames the caller's file in (no temp name)
+# just before the record: (call, when, after, whether the caller's file was taken first).
+MOVE_POINTS = {
+    "open-record-temp": ("open", lambda path, *a: _is_temp(path), 0, False),
+    "rename-record-after-data": ("replace", lambda src, dst: _is_temp(src), 0, True),
+}
+
+
 @pytest.mark.parametrize("autodelete", [False, True], ids=["named-file", "self-deleting-temp"])
-@pytest.mark.parametrize("point", ["open-record-temp", "rename-record-after-data"])
+@pytest.mark.parametrize("point", sorted(MOVE_POINTS))
 def test_raw_move_write_fault_raises_and_the_callers_handle_still_reads(
     tmp_path, point, autodelete
 ):
-    """file_movable: the caller's file was already renamed (or linked) in when the fault hits.
+    """file_movable: a fault before the caller's file is moved in, or just after.
 
     Documented behaviour: the error reaches the caller, nothing is left in the
-    cache, the old value stays -- and a renamed file is gone from its old name
-    (the cache had taken it), but the caller's open handle still reads it whole.
+    cache, the old value stays -- and a file already renamed in is gone from its
+    old name (the cache had taken it), but the caller's open handle still reads
+    it whole; one not yet moved stays where it was.
     """
     base_dir = tmp_path / "cache"
     region = raw(base_dir, file_movable=True)
     old = faultkit.make_blob("key", 0, 0, 3000)
     region.set("key", io.BytesIO(old))
     new = faultkit.make_blob("key", 1, 0, 3000)
-    call, when, after = RAW_POINTS[point]
+    call, when, after, taken = MOVE_POINTS[point]
     with tempfile.NamedTemporaryFile(dir=tmp_path, delete=autodelete) as value:
         value.write(new)
         value.flush()
@@ -382,7 +391,7 @@ def test_raw_move_write_fault_raises_and_the_callers_handle_still_reads(
         assert info.value.errno == errno.ENOSPC
         assert_old_or_evicted(raw_blob(region, "key"), old, errno.ENOSPC)
         assert_consistent(region, base_dir)
-        assert os.path.exists(value.name) == autodelete
+        assert os.path.exists(value.name) == (autodelete or not taken)
         value.seek(0)
         assert value.read() == new
 
