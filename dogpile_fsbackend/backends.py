@@ -44,6 +44,7 @@ class _FSBackendBase(CacheBackend):
         self.settings = parse_arguments(arguments, self._accepted_arguments)
         self.store = Store(self.settings, self._kind)
         self.evictor = eviction.Evictor(self.store)
+        self._room = int(self.settings.cache_size * self.settings.eviction_low_water)
         self._lookups = LookupTracker()
         self._thread_mutexes = ThreadMutexes()  # for distributed_lock=False
 
@@ -218,7 +219,7 @@ class _FSBackendBase(CacheBackend):
         Eviction frees down to ``eviction_low_water * cache_size``; a bigger
         value would push out every other entry and then itself.
         """
-        room = self.room()
+        room = self._room
         if size <= room:
             return True
         message = (
@@ -239,7 +240,7 @@ class _FSBackendBase(CacheBackend):
 
     def room(self) -> int:
         """The largest entry that can stay after an eviction (low-water share of the limit)."""
-        return int(self.settings.cache_size * self.settings.eviction_low_water)
+        return self._room
 
     def _count(self, key: str | None, found: bool) -> None:
         if self._lookups.is_recheck(key, found):  # the first look counted a miss

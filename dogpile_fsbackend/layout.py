@@ -139,27 +139,37 @@ class Layout:
     def _level_slices(self) -> tuple[slice, ...]:
         return tuple(slice(i * self.width, (i + 1) * self.width) for i in range(self.depth))
 
-    @property
+    @functools.cached_property
     def shard_levels(self) -> int:
         """Directory levels that make up an accounting shard: enough for 256+ shards."""
         return min(self.depth, -(-2 // self.width))
 
-    @property
+    @functools.cached_property
     def shard_count(self) -> int:
         """Number of shards; each has its own counters and byte lock."""
         return 1 << (4 * self.shard_levels * self.width)  # 16 ** hex digits
 
+    @functools.cached_property
+    def _shard_digits(self) -> int:
+        """Hex digits of a digest that name its shard."""
+        return self.shard_levels * self.width
+
+    @functools.cached_property
+    def _default_shape(self) -> bool:
+        """The default layout (two levels of one hex digit), spelled out on the hot path."""
+        return self.width == 1 and self.depth == 2
+
     def shard_index(self, digest: str) -> int:
-        return int(digest[: self.shard_levels * self.width], 16)
+        return int(digest[: self._shard_digits], 16)
 
     def shard_dir(self, index: int) -> str:
-        hex_index = format(index, f"0{self.shard_levels * self.width}x")
+        hex_index = format(index, f"0{self._shard_digits}x")
         return os.path.join(self.data_dir, *self._parts(hex_index, self.shard_levels))
 
     def entry_dir(self, digest: str) -> str:
         # On the hot path (POSIX paths only): the default layout spelled out, else plain
         # joins of precomputed slices.
-        if self.width == 1 and self.depth == 2:
+        if self._default_shape:
             return f"{self.data_dir}/{digest[0]}/{digest[1]}"
         return "/".join([self.data_dir, *[digest[cut] for cut in self._level_slices]])
 
@@ -167,6 +177,8 @@ class Layout:
         return [hex_text[i * self.width : (i + 1) * self.width] for i in range(levels)]
 
     def entry_path(self, digest: str) -> str:
+        if self._default_shape:  # entry_dir's, inlined: every get and set asks for it
+            return f"{self.data_dir}/{digest[0]}/{digest[1]}/{digest}"
         return f"{self.entry_dir(digest)}/{digest}"
 
     def data_path(self, digest: str, token: str) -> str:

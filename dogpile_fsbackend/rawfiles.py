@@ -340,11 +340,14 @@ def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
         return None
     if (named.st_ino, named.st_dev) != (info.st_ino, info.st_dev):
         return None  # the name no longer refers to this file
-    if stat.S_IMODE(info.st_mode) != file_mode:
-        try:  # by descriptor, before it is ours: a file we may not chmod is copied
+    try:  # by descriptor, before it is ours: a file we may not change is copied
+        if stat.S_IMODE(info.st_mode) != file_mode:
             os.fchmod(fd, file_mode)
-        except OSError:
-            return None
+        # A data file's mtime says when this cache stored it (a raw_tiered local copy's
+        # age), as for a copy.
+        os.utime(fd)
+    except OSError:
+        return None
     deletes_itself = isinstance(value, tempfile._TemporaryFileWrapper) and (
         getattr(value, "delete", False)
         or getattr(getattr(value, "_closer", None), "delete", False)

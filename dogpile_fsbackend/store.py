@@ -635,8 +635,11 @@ class Store:
     ) -> tuple[int, int, list[str]]:
         """(total bytes, 1 if the record exists else 0, data file paths) of an entry."""
         size = existed = 0
-        with contextlib.suppress(FileNotFoundError):
+        try:  # not contextlib.suppress: a new key's set takes this path
             info = os.lstat(entry_path or self.layout.entry_path(digest))
+        except FileNotFoundError:
+            pass
+        else:
             if stat.S_ISREG(info.st_mode):  # a planted symlink was never counted
                 size, existed = info.st_size, 1
         data = []
