@@ -243,7 +243,11 @@ class _FSBackendBase(CacheBackend):
         return self._room
 
     def _count(self, key: str | None, found: bool) -> None:
-        if self._lookups.is_recheck(key, found):  # the first look counted a miss
+        lookups = self._lookups
+        if found and lookups.recheck is None and lookups.missed is None:
+            self.store.hits += 1  # the common hit: nothing pending, nothing to record
+            return
+        if lookups.is_recheck(key, found):  # the first look counted a miss
             if found:
                 self.store.misses -= 1
                 self.store.hits += 1

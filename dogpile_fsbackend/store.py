@@ -724,7 +724,7 @@ def creation_time(record: records.Record, info: os.stat_result, now: float) -> f
 def touch(fd: int, created: float, now: float) -> None:
     """Mark an entry used ``now``; keep its creation time in atime for scans."""
     try:
-        os.utime(fd, (min(created, now), now))
+        os.utime(fd, (created if created < now else now, now))  # not min(): every hit
     except OSError as exc:  # not the owner, or a read-only mount: recency is best effort
         if exc.errno not in (errno.EPERM, errno.EACCES, errno.EROFS):
             raise
