@@ -1006,3 +1006,41 @@ def test_a_sparse_entry_whose_header_claims_a_terabyte_is_a_miss_not_a_memory_er
     region.backend.verify()
     assert not os.path.exists(path)
     assert_consistent(region, base_dir)
+
+
+@pytest.mark.parametrize("autodelete", [False, True], ids=["named-file", "self-deleting-temp"])
+def test_a_move_the_filesystem_refuses_is_copied_and_the_file_stays(tmp_path, autodelete):
+    """file_movable: the caller's file goes in under the shard lock, straight to its data
+    file's name (never a temp name); when that rename or link fails (EXDEV: a bind
+    mount of the same device), nothing is published and the file is copied instead."""
+    base_dir = tmp_path / "cache"
+    region = raw(base_dir, file_movable=True)
+    region.set("key", io.BytesIO(b"old"))
+    new = faultkit.make_blob("key", 1, 0, 3000)
+    call = "link" if autodelete else "replace"
+    with tempfile.NamedTemporaryFile(dir=tmp_path, delete=autodelete) as value:
+        value.write(new)
+        value.flush()
+        value.seek(0)
+        with inject(call, errno.EXDEV, lambda src, dst: not _is_temp(src)):
+            region.set("key", value)
+        assert os.path.exists(value.name)  # not taken
+        value.seek(0)
+        assert value.read() == new
+        assert raw_blob(region, "key") == new
+        assert_consistent(region, base_dir)
+        assert_verified_clean(region, base_dir)
+        moved_to = []
+        real = getattr(os, call)
+
+        def watched(src, dst, *args, **kwargs):
+            if not _is_temp(src):
+                moved_to.append(os.path.basename(dst))
+            return real(src, dst, *args, **kwargs)
+
+        with mock.patch.object(os, call, watched):
+            region.set("key", value)
+    (name,) = moved_to
+    assert layout.split_entry_name(name) == (layout.digest_of("key"), mock.ANY)
+    assert raw_blob(region, "key") == new
+    assert_verified_clean(region, base_dir)
