@@ -299,9 +299,18 @@ class Move(NamedTuple):
 
     name: str
     link: bool
+    identity: tuple[int, int]  # (inode, device) of the open file
 
     def to(self, path: str) -> None:
-        """Put the file at ``path`` (a fresh name: the link cannot meet an existing file)."""
+        """Put the file at ``path`` (a fresh name: the link cannot meet an existing file).
+
+        OSError if it cannot, or if ``name`` no longer refers to the open file:
+        checked right before the rename, so that another file given the name
+        meanwhile is never taken for it.
+        """
+        named = os.lstat(self.name)
+        if (named.st_ino, named.st_dev) != self.identity:
+            raise FileNotFoundError(errno.ENOENT, "no longer the file to move", self.name)
         if self.link:
             os.link(self.name, path)
         else:
@@ -309,15 +318,16 @@ class Move(NamedTuple):
 
 
 def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
-    """How the caller's file can be moved into the cache (then given ``file_mode``), or
-    None if it must be copied.
+    """How the caller's file can be moved into the cache, or None if it must be copied.
 
     Only a named regular file on the cache's filesystem (device ``data_dev``),
-    with no other name, that still bears its name, and never one of the cache's
-    own files (a cache hit stored again, or any file named like an entry's data
-    or a temp file): moving it would steal another entry's data from under its
-    shard lock.  Judged by the name, with no path walk: a user's file that
-    happens to be named so is copied instead.
+    with no other name (its name is checked again by :meth:`Move.to`), and never
+    one of the cache's own files (a cache hit stored again, or any file named
+    like an entry's data or a temp file): moving it would steal another entry's
+    data from under its shard lock.  Judged by the name, with no path walk: a
+    user's file that happens to be named so is copied instead.  The file gets
+    ``file_mode`` and is stamped now here (even if a failed rename then has it
+    copied).
     """
     value, info, fd = source.value, source.info, source.fd
     name = getattr(value, "name", None)
@@ -334,12 +344,6 @@ def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
         # Another name for it (the user's, or a link to another entry's data file): the
         # bytes could change through it, or two entries would share one file.
         return None
-    try:
-        named = os.lstat(name)
-    except OSError:
-        return None
-    if (named.st_ino, named.st_dev) != (info.st_ino, info.st_dev):
-        return None  # the name no longer refers to this file
     try:  # by descriptor, before it is ours: a file we may not change is copied
         if stat.S_IMODE(info.st_mode) != file_mode:
             os.fchmod(fd, file_mode)
@@ -352,7 +356,7 @@ def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
         getattr(value, "delete", False)
         or getattr(getattr(value, "_closer", None), "delete", False)
     )
-    return Move(name, bool(deletes_itself))
+    return Move(name, bool(deletes_itself), (info.st_ino, info.st_dev))
 
 
 def _kernel_copy(source_fd: int, target_fd: int, size: int) -> int:
