@@ -32,7 +32,7 @@ import hashlib
 import itertools
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MARKER_NAME = "fsbackend.json"
 LOCK_NAME = "lock"
@@ -130,34 +130,28 @@ class Layout:
     base_dir: str
     depth: int
     width: int
+    # Derived once, as plain attributes (every get and set reads them; a property or
+    # cached_property costs a descriptor lookup each time).
+    data_dir: str = field(init=False, repr=False, compare=False)
+    shard_levels: int = field(init=False, repr=False, compare=False)
+    shard_count: int = field(init=False, repr=False, compare=False)
+    _shard_digits: int = field(init=False, repr=False, compare=False)
+    _default_shape: bool = field(init=False, repr=False, compare=False)
+    _level_slices: tuple[slice, ...] = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property
-    def data_dir(self) -> str:
-        return os.path.join(self.base_dir, DATA_DIR)
-
-    @functools.cached_property
-    def _level_slices(self) -> tuple[slice, ...]:
-        return tuple(slice(i * self.width, (i + 1) * self.width) for i in range(self.depth))
-
-    @functools.cached_property
-    def shard_levels(self) -> int:
-        """Directory levels that make up an accounting shard: enough for 256+ shards."""
-        return min(self.depth, -(-2 // self.width))
-
-    @functools.cached_property
-    def shard_count(self) -> int:
-        """Number of shards; each has its own counters and byte lock."""
-        return 1 << (4 * self.shard_levels * self.width)  # 16 ** hex digits
-
-    @functools.cached_property
-    def _shard_digits(self) -> int:
-        """Hex digits of a digest that name its shard."""
-        return self.shard_levels * self.width
-
-    @functools.cached_property
-    def _default_shape(self) -> bool:
-        """The default layout (two levels of one hex digit), spelled out on the hot path."""
-        return self.width == 1 and self.depth == 2
+    def __post_init__(self) -> None:
+        derive = functools.partial(object.__setattr__, self)  # frozen: set once, here
+        width, depth = self.width, self.depth
+        derive("data_dir", os.path.join(self.base_dir, DATA_DIR))
+        # Directory levels that make up an accounting shard: enough for 256+ shards,
+        # each with its own counters and byte lock.
+        levels = min(depth, -(-2 // width))
+        derive("shard_levels", levels)
+        derive("_shard_digits", levels * width)  # hex digits of a digest naming its shard
+        derive("shard_count", 1 << (4 * levels * width))  # 16 ** those digits
+        # The default layout (two levels of one hex digit), spelled out on the hot path.
+        derive("_default_shape", width == 1 and depth == 2)
+        derive("_level_slices", tuple(slice(i * width, (i + 1) * width) for i in range(depth)))
 
     def shard_index(self, digest: str) -> int:
         return int(digest[: self._shard_digits], 16)
