@@ -209,9 +209,7 @@ def counts(params: Params, workdir: str) -> WorkloadResult:
         f"raw get (hit) + close: region.get returns an open file, closed at once without "
         f"reading; raw set (copy) hands over an open {size_label(params.counts_raw_size)} file "
         "(file_movable=False), raw set (move) a named file on the cache's filesystem "
-        "(file_movable=True). diskcache has no move. Where a count includes os.path.realpath "
-        "(our move set), it grows with the depth of the paths (here under "
-        f"{os.path.dirname(os.path.dirname(workdir)) or '/'}).",
+        "(file_movable=True). diskcache has no move.",
         "os floor: open + one read of the known size + close; a failed open; create (O_EXCL) + "
         "write + close + rename; open + close of a file; create + copy_file_range + close + "
         "rename; one rename.",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import sys
@@ -243,8 +244,9 @@ class OursRawSubject(_FileSubject):
         count = WARM + n
         hit, new, moved = _keys("hit", count), _keys("new", count), _keys("moved", count)
         source, staged = self.source(directory), self.staged(directory, count)
-        for region in (copying, self._region(directory, "move", movable=False)):
-            _write_shards(functools.partial(_set_from, region, path=source))
+        _write_shards(functools.partial(_set_from, copying, path=source))
+        # The counted instance itself (a stream is copied, never moved): its shard checks.
+        _write_shards(lambda key: moving.set(key, io.BytesIO(payload(self.size))))
 
         def copy(i: int) -> None:
             with open(source, "rb") as handle:

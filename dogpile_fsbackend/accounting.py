@@ -116,7 +116,8 @@ class AccountingFile:
         packed = sums.add(shard, size_delta, entries_delta)
         os.pwrite(self._fd, packed, HEADER_SIZE + _SHARD.size * shard)
         self._dirty = True
-        return max(0, sums.bytes), max(0, sums.entries)
+        total, entries = sums.bytes, sums.entries  # never negative (not max(): every set)
+        return total if total > 0 else 0, entries if entries > 0 else 0
 
     def set(self, shard: int, size: int, entries: int) -> None:
         """Overwrite shard ``shard`` with counted values."""

@@ -44,6 +44,7 @@ class _FSBackendBase(CacheBackend):
         self.settings = parse_arguments(arguments, self._accepted_arguments)
         self.store = Store(self.settings, self._kind)
         self.evictor = eviction.Evictor(self.store)
+        self._room = int(self.settings.cache_size * self.settings.eviction_low_water)
         self._lookups = LookupTracker()
         self._thread_mutexes = ThreadMutexes()  # for distributed_lock=False
 
@@ -218,7 +219,7 @@ class _FSBackendBase(CacheBackend):
         Eviction frees down to ``eviction_low_water * cache_size``; a bigger
         value would push out every other entry and then itself.
         """
-        room = self.room()
+        room = self._room
         if size <= room:
             return True
         message = (
@@ -239,10 +240,14 @@ class _FSBackendBase(CacheBackend):
 
     def room(self) -> int:
         """The largest entry that can stay after an eviction (low-water share of the limit)."""
-        return int(self.settings.cache_size * self.settings.eviction_low_water)
+        return self._room
 
     def _count(self, key: str | None, found: bool) -> None:
-        if self._lookups.is_recheck(key, found):  # the first look counted a miss
+        lookups = self._lookups
+        if found and lookups.recheck is None and lookups.missed is None:
+            self.store.hits += 1  # the common hit: nothing pending, nothing to record
+            return
+        if lookups.is_recheck(key, found):  # the first look counted a miss
             if found:
                 self.store.misses -= 1
                 self.store.hits += 1
@@ -523,21 +528,17 @@ class RawFSBackend(_FSBackendBase):
             return
 
         def attempt() -> None:
+            if self.settings.file_movable and self._moved_in(digest, source, encode_record):
+                return
             data_fd, data_temp = self.store.open_temp(digest)
             try:
                 try:
                     size, position = rawfiles.stage(
-                        source,
-                        data_temp,
-                        data_fd,
-                        movable=self.settings.file_movable,
-                        data_dev=self.store.data_dev,
-                        file_mode=self.settings.file_mode,
-                        limit=max(0, self.room() - largest_record),
+                        source, data_fd, limit=max(0, self.room() - largest_record)
                     )
+                    self.store.sync_if_asked(data_fd)
                 finally:
                     os.close(data_fd)
-                self.store.sync_path_if_asked(data_temp)  # by path: it may be the caller's file
             except rawfiles.TooLarge as exc:  # a stream: stopped as soon as it could not fit
                 remove_quietly(data_temp)
                 self._fits(key, exc.size + largest_record, at_least=True)
@@ -554,6 +555,23 @@ class RawFSBackend(_FSBackendBase):
 
         # A stream read part-way cannot be read again: retry only what can be re-read.
         self._write(key, attempt, retry=source.can_reread)
+
+    def _moved_in(
+        self, digest: str, source: rawfiles.Source, encode_record: Callable[[str, int, int], bytes]
+    ) -> bool:
+        """Publish the caller's file itself (``file_movable``); False if it must be copied.
+
+        Its size was known, and checked against the limit, before: a moved file
+        is not read, so what it holds is what its ``fstat`` said.
+        """
+        move = rawfiles.movable(source, self.store.data_dev, self.settings.file_mode)
+        if move is None or source.size is None or source.fd is None:
+            return False
+        size = source.size
+        self.store.sync_if_asked(source.fd)
+        data = DataFile(move.name, layout.new_token(), move)
+        record = encode_record(data.token, size, min(source.position or 0, size))
+        return self.store.publish_raw(digest, data, size, record)
 
     def set_multi(self, mapping: Mapping[str, Any]) -> None:
         for key, value in mapping.items():

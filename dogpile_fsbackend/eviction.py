@@ -98,6 +98,12 @@ class Evictor:
         self.store = store
         self._lock = threading.Lock()
         self._limits = maintenance.limits(store)
+        (size, max_entries), _ = self._limits
+        # Totals from here up to a limit are confirmed by a snapshot (see _just_under).
+        self._recheck_from = (
+            size * (1 - RECHECK_SHARE),
+            max_entries - max(1.0, max_entries * RECHECK_SHARE),
+        )
         self._draining = False
         self._order: list[Remembered] = []  # youngest first: pop() gives the oldest
         self._order_whole = False  # it comes from a whole pass (not from part of one)
@@ -169,11 +175,9 @@ class Evictor:
 
     def _just_under(self) -> bool:
         """Within ``RECHECK_SHARE`` of a limit (one entry, for a small entry limit)."""
-        (size, max_entries), _ = self._limits
+        size_from, entries_from = self._recheck_from
         store = self.store
-        return store.last_total >= size * (1 - RECHECK_SHARE) or (
-            store.last_entries >= max_entries - max(1.0, max_entries * RECHECK_SHARE)
-        )
+        return store.last_total >= size_from or store.last_entries >= entries_from
 
     def _under(self, target: tuple[int, float]) -> bool:
         return self.store.last_total <= target[0] and self.store.last_entries <= target[1]

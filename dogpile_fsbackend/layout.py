@@ -32,7 +32,7 @@ import hashlib
 import itertools
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MARKER_NAME = "fsbackend.json"
 LOCK_NAME = "lock"
@@ -130,36 +130,40 @@ class Layout:
     base_dir: str
     depth: int
     width: int
+    # Derived once, as plain attributes (every get and set reads them; a property or
+    # cached_property costs a descriptor lookup each time).
+    data_dir: str = field(init=False, repr=False, compare=False)
+    shard_levels: int = field(init=False, repr=False, compare=False)
+    shard_count: int = field(init=False, repr=False, compare=False)
+    _shard_digits: int = field(init=False, repr=False, compare=False)
+    _default_shape: bool = field(init=False, repr=False, compare=False)
+    _level_slices: tuple[slice, ...] = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property
-    def data_dir(self) -> str:
-        return os.path.join(self.base_dir, DATA_DIR)
-
-    @functools.cached_property
-    def _level_slices(self) -> tuple[slice, ...]:
-        return tuple(slice(i * self.width, (i + 1) * self.width) for i in range(self.depth))
-
-    @property
-    def shard_levels(self) -> int:
-        """Directory levels that make up an accounting shard: enough for 256+ shards."""
-        return min(self.depth, -(-2 // self.width))
-
-    @property
-    def shard_count(self) -> int:
-        """Number of shards; each has its own counters and byte lock."""
-        return 1 << (4 * self.shard_levels * self.width)  # 16 ** hex digits
+    def __post_init__(self) -> None:
+        derive = functools.partial(object.__setattr__, self)  # frozen: set once, here
+        width, depth = self.width, self.depth
+        derive("data_dir", os.path.join(self.base_dir, DATA_DIR))
+        # Directory levels that make up an accounting shard: enough for 256+ shards,
+        # each with its own counters and byte lock.
+        levels = min(depth, -(-2 // width))
+        derive("shard_levels", levels)
+        derive("_shard_digits", levels * width)  # hex digits of a digest naming its shard
+        derive("shard_count", 1 << (4 * levels * width))  # 16 ** those digits
+        # The default layout (two levels of one hex digit), spelled out on the hot path.
+        derive("_default_shape", width == 1 and depth == 2)
+        derive("_level_slices", tuple(slice(i * width, (i + 1) * width) for i in range(depth)))
 
     def shard_index(self, digest: str) -> int:
-        return int(digest[: self.shard_levels * self.width], 16)
+        return int(digest[: self._shard_digits], 16)
 
     def shard_dir(self, index: int) -> str:
-        hex_index = format(index, f"0{self.shard_levels * self.width}x")
+        hex_index = format(index, f"0{self._shard_digits}x")
         return os.path.join(self.data_dir, *self._parts(hex_index, self.shard_levels))
 
     def entry_dir(self, digest: str) -> str:
         # On the hot path (POSIX paths only): the default layout spelled out, else plain
         # joins of precomputed slices.
-        if self.width == 1 and self.depth == 2:
+        if self._default_shape:
             return f"{self.data_dir}/{digest[0]}/{digest[1]}"
         return "/".join([self.data_dir, *[digest[cut] for cut in self._level_slices]])
 
@@ -167,6 +171,8 @@ class Layout:
         return [hex_text[i * self.width : (i + 1) * self.width] for i in range(levels)]
 
     def entry_path(self, digest: str) -> str:
+        if self._default_shape:  # entry_dir's, inlined: every get and set asks for it
+            return f"{self.data_dir}/{digest[0]}/{digest[1]}/{digest}"
         return f"{self.entry_dir(digest)}/{digest}"
 
     def data_path(self, digest: str, token: str) -> str:

@@ -136,6 +136,7 @@ class LockFile:
         self._names: dict[Hashable, _NameLock] = {}
         self._bytes: dict[int, _ByteLock] = {}
         self._writer_slot: int | None = None
+        self._writer_hex = ""  # _writer_slot as a token, once there is one
         self._exclusive: dict[int, threading.Lock] = {}  # see exclusive()
 
     @classmethod
@@ -238,10 +239,9 @@ class LockFile:
         """
         if self._watch.due():
             self.check_identity()
-        slot = self._writer_slot
-        if slot is None:
-            slot = self._take_writer_slot()
-        return format(slot, f"0{WRITER_TOKEN_LEN}x")
+        if self._writer_slot is None:
+            self._take_writer_slot()
+        return self._writer_hex
 
     def next_temp_number(self) -> int:
         return next(self._counter)
@@ -264,6 +264,7 @@ class LockFile:
                 slot = secrets.randbits(4 * WRITER_TOKEN_LEN)
                 if self._lockf(self.fd, WRITER_BASE_OFFSET + slot, False):
                     self._writer_slot = slot
+                    self._writer_hex = format(slot, f"0{WRITER_TOKEN_LEN}x")
             return self._writer_slot
 
     def _held_elsewhere(self, offset: int) -> bool:
@@ -360,9 +361,12 @@ class ExclusiveByte:
         if thread_lock is None:
             thread_lock = lock_file._exclusive.setdefault(offset, threading.Lock())
         thread_lock.acquire()
+        fd = lock_file.fd  # released on the descriptor it was taken on
         try:
-            fd = lock_file.fd  # released on the descriptor it was taken on
-            lock_file._lockf(fd, offset, True)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
+            except OSError:  # EDEADLK (threads, see _lockf) is retried; anything else raises
+                lock_file._lockf(fd, offset, True)
         except BaseException:
             thread_lock.release()
             raise

@@ -9,7 +9,8 @@ whose descriptor holds compressed bytes; ``/proc`` files, whose size reads 0;
 pipes, sockets, ``io.BytesIO``) is read through ``read()`` in chunks; a
 non-blocking stream with no data ready is an error, never a shorter value.
 ``file_movable`` turns the copy into a rename when a named file lives on the
-cache's filesystem.  Copying stops as soon as the value can no longer fit
+cache's filesystem (:func:`movable`), done under the shard lock straight to the
+entry's data name.  Copying stops as soon as the value can no longer fit
 (:class:`TooLarge`).  The creator's file position is recorded so that cached
 reads start where the creator left off.
 """
@@ -224,33 +225,16 @@ def inspect(value: Any) -> Source:
     return Source(value, position, None, None)
 
 
-def stage(
-    source: Source,
-    temp_path: str,
-    temp_fd: int,
-    *,
-    movable: bool,
-    data_dev: int,
-    file_mode: int,
-    limit: int,
-) -> tuple[int, int]:
-    """Put the bytes of ``source`` into the (empty, open) temp file: (size, position).
+def stage(source: Source, temp_fd: int, *, limit: int) -> tuple[int, int]:
+    """Copy the bytes of ``source`` into the (empty, open) temp file: (size, position).
 
-    With ``movable`` and a named file on the cache's filesystem (device
-    ``data_dev``) that is not one of the cache's own, the temp file is replaced
-    by the caller's file itself (rename, or hard link for a self-deleting
-    ``NamedTemporaryFile``), which then gets ``file_mode``; otherwise the bytes
-    are copied.  Raises :class:`TooLarge` as soon as more than ``limit`` bytes
-    are seen.
+    Raises :class:`TooLarge` as soon as more than ``limit`` bytes are seen.
     """
     value, position = source.value, source.position
-    if source.fd is not None and source.info is not None:
+    if source.info is not None and source.fd is not None:
         size = source.info.st_size
         if size > limit:
             raise TooLarge(size)
-        if movable and _move_into(source, temp_path, data_dev):
-            os.fchmod(source.fd, file_mode)
-            return size, min(position or 0, size)
         if size:  # a file whose size reads 0 may still have content (/proc): read() it
             size = _kernel_copy(source.fd, temp_fd, size)
             return size, min(position or 0, size)
@@ -309,57 +293,70 @@ def _copy_stream(value: Any, fd: int, limit: int) -> int:
             view = view[os.write(fd, view) :]
 
 
-def _move_into(source: Source, temp_path: str, data_dev: int) -> bool:
-    """Rename (or link) the caller's file over our temp file, if that is possible.
+class Move(NamedTuple):
+    """A caller's file that goes into the cache as it is: renamed, or hard-linked
+    (``link``) when its own close removes its name (a ``NamedTemporaryFile``)."""
 
-    Never one of the cache's own files (a cache hit stored again, or any file
-    named like an entry's data or a temp file): moving it would steal another
-    entry's data from under its shard lock.  Judged by the name, with no path
-    walk: a user's file that happens to be named so is copied instead; so is a
-    file with another hard link.
+    name: str
+    link: bool
+    identity: tuple[int, int]  # (inode, device) of the open file
+
+    def to(self, path: str) -> None:
+        """Put the file at ``path`` (a fresh name: the link cannot meet an existing file).
+
+        OSError if it cannot, or if ``name`` no longer refers to the open file:
+        checked right before the rename, so that another file given the name
+        meanwhile is never taken for it.
+        """
+        named = os.lstat(self.name)
+        if (named.st_ino, named.st_dev) != self.identity:
+            raise FileNotFoundError(errno.ENOENT, "no longer the file to move", self.name)
+        if self.link:
+            os.link(self.name, path)
+        else:
+            os.replace(self.name, path)
+
+
+def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
+    """How the caller's file can be moved into the cache, or None if it must be copied.
+
+    Only a named regular file on the cache's filesystem (device ``data_dev``),
+    with no other name (its name is checked again by :meth:`Move.to`), and never
+    one of the cache's own files (a cache hit stored again, or any file named
+    like an entry's data or a temp file): moving it would steal another entry's
+    data from under its shard lock.  Judged by the name, with no path walk: a
+    user's file that happens to be named so is copied instead.  The file gets
+    ``file_mode`` and is stamped now here (even if a failed rename then has it
+    copied).
     """
     value, info, fd = source.value, source.info, source.fd
     name = getattr(value, "name", None)
     if not isinstance(name, str) or isinstance(value, CachedFileReader):
-        return False
+        return None
     if info is None or fd is None:
-        return False
+        return None
     base = os.path.basename(name)
     if layout.split_entry_name(base) is not None or layout.is_temp_name(base):
-        return False
+        return None
     if info.st_dev != data_dev:
-        return False  # another filesystem: a rename cannot take it
+        return None  # another filesystem: a rename cannot take it
     if info.st_nlink != 1:
         # Another name for it (the user's, or a link to another entry's data file): the
         # bytes could change through it, or two entries would share one file.
-        return False
-    try:
-        named = os.lstat(name)
+        return None
+    try:  # by descriptor, before it is ours: a file we may not change is copied
+        if stat.S_IMODE(info.st_mode) != file_mode:
+            os.fchmod(fd, file_mode)
+        # A data file's mtime says when this cache stored it (a raw_tiered local copy's
+        # age), as for a copy.
+        os.utime(fd)
     except OSError:
-        return False
-    if (named.st_ino, named.st_dev) != (info.st_ino, info.st_dev):
-        return False  # the name no longer refers to this file
+        return None
     deletes_itself = isinstance(value, tempfile._TemporaryFileWrapper) and (
         getattr(value, "delete", False)
         or getattr(getattr(value, "_closer", None), "delete", False)
     )
-    try:
-        # Stamp it now, before it takes a temp name: a scan in another process
-        # takes a temp file with an mtime older than temp_max_age for abandoned.
-        os.utime(fd)
-        if deletes_itself:  # link, as its own close() removes the original name
-            link_path = f"{temp_path}-link"  # a temp name too, reclaimed if we die here
-            os.link(name, link_path)
-            try:
-                os.replace(link_path, temp_path)
-            except OSError:
-                os.unlink(link_path)
-                raise
-        else:
-            os.replace(name, temp_path)
-    except OSError:
-        return False
-    return True
+    return Move(name, bool(deletes_itself), (info.st_ino, info.st_dev))
 
 
 def _kernel_copy(source_fd: int, target_fd: int, size: int) -> int:

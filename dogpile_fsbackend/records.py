@@ -61,6 +61,8 @@ class Record(NamedTuple):
 
 # A NamedTuple without its Python-level __new__: decode runs on every hit.
 _new_record = tuple.__new__
+_unpack_header = _HEADER.unpack_from
+_crc32 = zlib.crc32
 _COPY_MAX = 4096  # up to this size, slicing bytes costs less than a memoryview
 
 
@@ -76,23 +78,22 @@ def encode(
 
 def decode(data: bytes, kind: int, key: bytes) -> Record:
     """Parse ``data`` read from an entry of ``key``; raise DamagedRecord if it is not one."""
-    if len(data) < HEADER_SIZE:
+    size = len(data)
+    if size < HEADER_SIZE:
         raise DamagedRecord("shorter than the header")
-    magic, version, found_kind, form, created, key_len, payload_len, crc = _HEADER.unpack_from(
-        data
-    )
+    magic, version, found_kind, form, created, key_len, payload_len, crc = _unpack_header(data)
     if magic != MAGIC or found_kind != kind or version != VERSIONS[kind]:
         raise DamagedRecord("not an entry of this format and kind")
     payload_at = HEADER_SIZE + key_len
-    if payload_at + payload_len != len(data):
+    if payload_at + payload_len != size:
         raise DamagedRecord("length does not match the header")
     if not 0.0 <= created < 1e11:  # NaN, infinite or absurd: would crash utime and expiry
         raise DamagedRecord("creation time out of range")
     if data[HEADER_SIZE:payload_at] != key:
         raise DamagedRecord("entry belongs to another key")
     # The key and payload follow the header: one CRC call for both (copied if small).
-    body = data[HEADER_SIZE:] if len(data) <= _COPY_MAX else memoryview(data)[HEADER_SIZE:]
-    if zlib.crc32(body, zlib.crc32(data[:_CRC_AT])) != crc:
+    body = data[HEADER_SIZE:] if size <= _COPY_MAX else memoryview(data)[HEADER_SIZE:]
+    if _crc32(body, _crc32(data[:_CRC_AT])) != crc:
         raise DamagedRecord("checksum mismatch")
     return _new_record(Record, (found_kind, created, data[payload_at:], form))
 

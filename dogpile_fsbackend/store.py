@@ -39,6 +39,7 @@ from .config import Settings
 from .exceptions import BookkeepingError, ConfigError, ReadOnlyError
 from .files import make_dir, open_quietly, open_shared
 from .locking import SHARD_BASE_OFFSET, ExclusiveByte, FileMutex, LockFile
+from .rawfiles import Move
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,12 @@ def is_read_only(directory: str) -> bool:
 
 
 class DataFile(NamedTuple):
-    """A raw entry's bytes, staged in a temp file, and the token that will name them."""
+    """A raw entry's bytes, and the token that will name them: a temp file this process
+    staged, or (``move``) the caller's own file, to be moved in by the publish."""
 
     temp: str
     token: str
+    move: Move | None = None
 
 
 class Store:
@@ -502,17 +505,21 @@ class Store:
         """Make ``data`` the entry ``digest`` (a pickled set)."""
         self.publish(digest, self.write_temp(digest, data), len(data))
 
-    def publish_raw(self, digest: str, data: DataFile, data_size: int, record: bytes) -> None:
-        """Make ``record`` the entry ``digest``, with the staged ``data`` as its bytes.
+    def publish_raw(self, digest: str, data: DataFile, data_size: int, record: bytes) -> bool:
+        """Make ``record`` the entry ``digest``, with ``data`` as its bytes.
 
-        The temp file of ``data`` is removed if anything fails before it is published.
+        The temp file of ``data`` is removed if anything fails before it is
+        published.  False (nothing published) if the caller's file of a move
+        could not be moved in: it is where it was, to be copied instead.
         """
         record_temp = None
         try:
-            record_temp = self.write_temp(digest, record, dir_checked=True)  # beside the data
-            self.publish(digest, record_temp, data_size + len(record), data)
+            # Beside the staged data, in a directory just checked; a move checks it here.
+            record_temp = self.write_temp(digest, record, dir_checked=data.move is None)
+            return self.publish(digest, record_temp, data_size + len(record), data)
         except BaseException:
-            remove_quietly(data.temp)
+            if data.move is None:
+                remove_quietly(data.temp)
             remove_quietly(record_temp)
             raise
 
@@ -520,36 +527,37 @@ class Store:
         if self.settings.fsync:
             os.fsync(fd)
 
-    def sync_path_if_asked(self, path: str) -> None:
-        if self.settings.fsync:
-            fd = os.open(path, _READ_FLAGS)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
     def publish(
         self, digest: str, record_temp: str, size: int, data: DataFile | None = None
-    ) -> None:
+    ) -> bool:
         """Atomically make ``record_temp`` (and ``data`` as ``<digest>.<token>``) the entry.
 
         ``size`` is the bytes of both files.  The data file goes in first
         under a fresh name, then the record that names it replaces the old
         record, then the old data file goes: a reader holding the old record
         either still opens the old bytes or sees a miss, never the new bytes
-        with old metadata.
+        with old metadata.  A caller's file (``data.move``) goes in under the
+        lock straight to its name (a data file without its record would be a
+        scan's orphan); if it cannot, nothing is published and the result is False.
         """
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
         data_path = self.layout.data_path(digest, data.token) if data else None
         with self.shard_locked(shard):
             old_size, existed, old_data = self._entry_files_locked(digest, entry_path)
+            staged = data.temp if data and not data.move else None
+            if data and data.move and data_path:
+                try:
+                    data.move.to(data_path)
+                except OSError:
+                    remove_quietly(record_temp)
+                    return False
             try:
-                if data and data_path:
-                    os.replace(data.temp, data_path)
+                if staged and data_path:
+                    os.replace(staged, data_path)
                 os.replace(record_temp, entry_path)
             except BaseException:
-                for leftover in (data and data.temp, data_path, record_temp):
+                for leftover in (staged, data_path, record_temp):
                     remove_quietly(leftover)
                 raise
             for old_path in old_data:
@@ -560,6 +568,7 @@ class Store:
             )
         self.writes += 1
         self.check_bookkeeping()
+        return True
 
     # -- removing -------------------------------------------------------------
 
@@ -646,8 +655,11 @@ class Store:
     ) -> tuple[int, int, list[str]]:
         """(total bytes, 1 if the record exists else 0, data file paths) of an entry."""
         size = existed = 0
-        with contextlib.suppress(FileNotFoundError):
+        try:  # not contextlib.suppress: a new key's set takes this path
             info = os.lstat(entry_path or self.layout.entry_path(digest))
+        except FileNotFoundError:
+            pass
+        else:
             if stat.S_ISREG(info.st_mode):  # a planted symlink was never counted
                 size, existed = info.st_size, 1
         data = []
@@ -732,7 +744,7 @@ def creation_time(record: records.Record, info: os.stat_result, now: float) -> f
 def touch(fd: int, created: float, now: float) -> None:
     """Mark an entry used ``now``; keep its creation time in atime for scans."""
     try:
-        os.utime(fd, (min(created, now), now))
+        os.utime(fd, (created if created < now else now, now))  # not min(): every hit
     except OSError as exc:  # not the owner, or a read-only mount: recency is best effort
         if exc.errno not in (errno.EPERM, errno.EACCES, errno.EROFS):
             raise

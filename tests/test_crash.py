@@ -163,14 +163,13 @@ CRASH_POINTS = [
     ("raw-set-before-old-data-removed", "raw-copy", "set", remove_quietly, 1, "new"),
     ("raw-set-before-accounting", "raw-copy", "set", AccountingFile.add, 1, "new"),
     # raw set, moved (rename, or hard link for a self-deleting NamedTemporaryFile)
+    #   (under the shard lock, straight to the data file's name)
+    ("raw-move-before-publish", "raw-move", "set", Store.publish, 1, "old"),
     ("raw-move-before-rename", "raw-move", "set", os.replace, 1, "old"),
-    ("raw-move-renamed-before-publish", "raw-move", "set", os.replace, 2, "old"),
-    ("raw-move-between-data-and-record", "raw-move", "set", os.replace, 3, "old"),
+    ("raw-move-between-data-and-record", "raw-move", "set", os.replace, 2, "old"),
     ("raw-move-before-accounting", "raw-move", "set", AccountingFile.add, 1, "new"),
     ("raw-link-before-link", "raw-link", "set", os.link, 1, "old"),
-    ("raw-link-linked-before-renamed", "raw-link", "set", os.replace, 1, "old"),
-    ("raw-link-renamed-before-publish", "raw-link", "set", os.replace, 2, "old"),
-    ("raw-link-between-data-and-record", "raw-link", "set", os.replace, 3, "old"),
+    ("raw-link-between-data-and-record", "raw-link", "set", os.replace, 1, "old"),
     ("raw-link-before-accounting", "raw-link", "set", AccountingFile.add, 1, "new"),
     # raw delete
     ("raw-delete-before-unlink", "raw-copy", "delete", remove_quietly, 1, "old"),

@@ -309,11 +309,11 @@ def _any_record(base_dir: str) -> str:
     raise AssertionError("no entry left to damage")
 
 
-def test_a_file_moved_in_is_stamped_before_it_is_staged(cache_dir, raw_region):
+def test_a_file_moved_in_is_stamped_when_it_is_stored(cache_dir, raw_region):
     """A raw value moved in (file_movable) must not carry its creator's old mtime.
 
-    While staged it has a temp name, and scans in other processes remove temp
-    files whose mtime is older than temp_max_age as abandoned.
+    A data file's mtime says when this cache stored it: raw_tiered judges the
+    age of a local copy by it.
     """
     backend = raw_region(file_movable=True).backend
     backend.set("key", io.BytesIO(b"x"))  # makes the cache and its directories

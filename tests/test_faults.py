@@ -356,23 +356,32 @@ def test_raw_write_fault_raises_and_keeps_the_old_value(tmp_path, point, error):
     assert_verified_clean(region, base_dir)
 
 
+# A move writes one temp file, the record, and renames the caller's file in (no temp name)
+# just before the record: (call, when, after, whether the caller's file was taken first).
+MOVE_POINTS = {
+    "open-record-temp": ("open", lambda path, *a: _is_temp(path), 0, False),
+    "rename-record-after-data": ("replace", lambda src, dst: _is_temp(src), 0, True),
+}
+
+
 @pytest.mark.parametrize("autodelete", [False, True], ids=["named-file", "self-deleting-temp"])
-@pytest.mark.parametrize("point", ["open-record-temp", "rename-record-after-data"])
+@pytest.mark.parametrize("point", sorted(MOVE_POINTS))
 def test_raw_move_write_fault_raises_and_the_callers_handle_still_reads(
     tmp_path, point, autodelete
 ):
-    """file_movable: the caller's file was already renamed (or linked) in when the fault hits.
+    """file_movable: a fault before the caller's file is moved in, or just after.
 
     Documented behaviour: the error reaches the caller, nothing is left in the
-    cache, the old value stays -- and a renamed file is gone from its old name
-    (the cache had taken it), but the caller's open handle still reads it whole.
+    cache, the old value stays -- and a file already renamed in is gone from its
+    old name (the cache had taken it), but the caller's open handle still reads
+    it whole; one not yet moved stays where it was.
     """
     base_dir = tmp_path / "cache"
     region = raw(base_dir, file_movable=True)
     old = faultkit.make_blob("key", 0, 0, 3000)
     region.set("key", io.BytesIO(old))
     new = faultkit.make_blob("key", 1, 0, 3000)
-    call, when, after = RAW_POINTS[point]
+    call, when, after, taken = MOVE_POINTS[point]
     with tempfile.NamedTemporaryFile(dir=tmp_path, delete=autodelete) as value:
         value.write(new)
         value.flush()
@@ -382,7 +391,7 @@ def test_raw_move_write_fault_raises_and_the_callers_handle_still_reads(
         assert info.value.errno == errno.ENOSPC
         assert_old_or_evicted(raw_blob(region, "key"), old, errno.ENOSPC)
         assert_consistent(region, base_dir)
-        assert os.path.exists(value.name) == autodelete
+        assert os.path.exists(value.name) == (autodelete or not taken)
         value.seek(0)
         assert value.read() == new
 
@@ -997,3 +1006,41 @@ def test_a_sparse_entry_whose_header_claims_a_terabyte_is_a_miss_not_a_memory_er
     region.backend.verify()
     assert not os.path.exists(path)
     assert_consistent(region, base_dir)
+
+
+@pytest.mark.parametrize("autodelete", [False, True], ids=["named-file", "self-deleting-temp"])
+def test_a_move_the_filesystem_refuses_is_copied_and_the_file_stays(tmp_path, autodelete):
+    """file_movable: the caller's file goes in under the shard lock, straight to its data
+    file's name (never a temp name); when that rename or link fails (EXDEV: a bind
+    mount of the same device), nothing is published and the file is copied instead."""
+    base_dir = tmp_path / "cache"
+    region = raw(base_dir, file_movable=True)
+    region.set("key", io.BytesIO(b"old"))
+    new = faultkit.make_blob("key", 1, 0, 3000)
+    call = "link" if autodelete else "replace"
+    with tempfile.NamedTemporaryFile(dir=tmp_path, delete=autodelete) as value:
+        value.write(new)
+        value.flush()
+        value.seek(0)
+        with inject(call, errno.EXDEV, lambda src, dst: not _is_temp(src)):
+            region.set("key", value)
+        assert os.path.exists(value.name)  # not taken
+        value.seek(0)
+        assert value.read() == new
+        assert raw_blob(region, "key") == new
+        assert_consistent(region, base_dir)
+        assert_verified_clean(region, base_dir)
+        moved_to = []
+        real = getattr(os, call)
+
+        def watched(src, dst, *args, **kwargs):
+            if not _is_temp(src):
+                moved_to.append(os.path.basename(dst))
+            return real(src, dst, *args, **kwargs)
+
+        with mock.patch.object(os, call, watched):
+            region.set("key", value)
+    (name,) = moved_to
+    assert layout.split_entry_name(name) == (layout.digest_of("key"), mock.ANY)
+    assert raw_blob(region, "key") == new
+    assert_verified_clean(region, base_dir)
