@@ -165,6 +165,8 @@ class AccountingFile:
         """The shard counters as stored (all zero if the file was damaged)."""
         self._check_if_due()
         data = os.pread(self._fd, self._size, 0)
+        if len(data) != self._size:
+            data = files.pread_fully(self._fd, self._size)  # a short read is not damage
         if len(data) == self._size and data.startswith(self._header):
             self.seen_reconcile = _RECONCILED.unpack_from(data, _RECONCILED_OFFSET)[0]
             return data[HEADER_SIZE:]
@@ -226,7 +228,7 @@ class AccountingFile:
                     return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # reads empty
                 self._publish(replace=False)
                 continue
-            data = os.pread(fd, len(self._header), 0)
+            data = files.pread_fully(fd, len(self._header))
             if (data == self._header and os.fstat(fd).st_size >= self._size) or not self.writable:
                 return fd
             os.close(fd)  # only ours: a descriptor of a file we never locked

@@ -103,17 +103,22 @@ def not_a_regular_file(path: str, problem: str, code: int) -> BookkeepingError:
     )
 
 
+def pread_fully(fd: int, size: int, offset: int = 0) -> bytes:
+    """``size`` bytes at ``offset``, fewer only at the end of the file: a read that returns
+    less than asked (FUSE and network filesystems may) is not the file's end."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    chunks, got = [data], len(data)
+    while got < size and (chunk := os.pread(fd, size - got, offset + got)):
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 def read_bounded(fd: int, limit: int) -> bytes:
     """Up to ``limit`` bytes from the start of ``fd``, plus one to tell a longer file."""
-    chunks = []
-    wanted = limit + 1
-    while wanted > 0:
-        chunk = os.pread(fd, wanted, limit + 1 - wanted)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        wanted -= len(chunk)
-    return b"".join(chunks)
+    return pread_fully(fd, limit + 1)
 
 
 class Watch:

@@ -74,7 +74,7 @@ from dogpile.cache.region import RegionInvalidationStrategy
 from . import layout
 from .config import parse_base_dir, parse_mode
 from .exceptions import ConfigError, FSBackendError
-from .files import make_dir
+from .files import make_dir, pread_fully
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _read(path: str) -> _Found:
             problem = f"is a {_file_kind(info.st_mode)}, not a regular file"
             return _Found(identity, None, problem, None, None, fd)
         try:
-            data = os.read(fd, RECORD_SIZE)  # never more, however big the file
+            data = pread_fully(fd, RECORD_SIZE)  # never more, however big the file
         except OSError as exc:
             if exc.errno not in _UNREADABLE_ERRNOS:
                 raise

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 
 from . import layout as paths
 from . import records
-from .files import open_quietly
+from .files import open_quietly, pread_fully
 from .store import Store, creation_time, read_entry
 
 Progress = Callable[[int], None]  # called with the number of shards just finished
@@ -223,7 +223,7 @@ def _matching_key(
 ) -> tuple[bytes | None, bytes]:
     """(the entry's key if it hashes to ``digest`` and starts with ``prefix``, the bytes
     read): usually one small read, as the key follows the header."""
-    data = os.pread(fd, _HEAD, 0)
+    data = pread_fully(fd, _HEAD)
     key = _key_of(data, digest)
     if key is None and len(data) < size:  # a key longer than the first read
         with contextlib.suppress(records.DamagedRecord):

@@ -33,7 +33,7 @@ from . import layout as paths
 from . import records
 from .config import PARSERS
 from .exceptions import BookkeepingError, ConfigError
-from .files import open_shared, read_bounded
+from .files import open_shared, pread_fully, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _record_kind(path: str) -> int | None:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None
-            return records.header_kind(os.pread(fd, records.HEADER_SIZE, 0))
+            return records.header_kind(pread_fully(fd, records.HEADER_SIZE))
         finally:
             os.close(fd)
     return None

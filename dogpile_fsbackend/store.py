@@ -37,7 +37,7 @@ from . import layout as paths
 from .accounting import AccountingFile
 from .config import Settings
 from .exceptions import BookkeepingError, ConfigError, ReadOnlyError
-from .files import make_dir, open_quietly, open_shared
+from .files import make_dir, open_quietly, open_shared, pread_fully
 from .locking import SHARD_BASE_OFFSET, ExclusiveByte, FileMutex, LockFile
 from .rawfiles import Move
 
@@ -313,7 +313,9 @@ class Store:
 
     # -- reading --------------------------------------------------------------
 
-    def read_record(self, digest: str, key_bytes: bytes | None) -> records.Record | None:
+    def read_record(
+        self, digest: str, key_bytes: bytes | None, read_to_end: bool = False
+    ) -> records.Record | None:
         """The live record of a key, or None (a miss).
 
         Its ``created`` is the record's, or when a read first saw it if that lies
@@ -324,7 +326,9 @@ class Store:
         read-only store does neither, and does not even update the entry's
         atime where the kernel lets it.  ``key_bytes=None`` looks an entry up
         by ``digest`` alone (a URL names no key): the key stored in the record
-        must then hash to ``digest``.
+        must then hash to ``digest``.  A first read that returns less than the
+        file holds (FUSE and network filesystems may) is not damage: the lookup
+        is made again with ``read_to_end``, reading until the end of the file.
         """
         path = self.layout.entry_path(digest)
         try:
@@ -347,9 +351,10 @@ class Store:
             if os.path.islink(path):
                 self.discard_unusable(digest, os.lstat(path).st_ino)
             return None
+        data = b""
         try:
             try:
-                data = os.read(fd, FIRST_READ)
+                data = _read_exactly(fd, FIRST_READ) if read_to_end else os.read(fd, FIRST_READ)
                 if len(data) == FIRST_READ:
                     data = _read_rest(fd, data, self.settings.cache_size)
                 if key_bytes is None:
@@ -364,8 +369,11 @@ class Store:
                 return None
             except records.DamagedRecord:
                 info = os.fstat(fd)
-                if stat.S_ISREG(info.st_mode):  # a FIFO planted in an entry's place: a miss
-                    self.discard_unusable(digest, info.st_ino)
+                if not stat.S_ISREG(info.st_mode):  # a FIFO planted in an entry's place: a miss
+                    return None
+                if not read_to_end and len(data) < min(info.st_size, FIRST_READ):
+                    return self.read_record(digest, key_bytes, read_to_end=True)  # a short read
+                self.discard_unusable(digest, info.st_ino)
                 return None
             except OSError as exc:  # a directory (EISDIR) or a FIFO with a writer (EAGAIN)
                 if exc.errno not in (errno.EISDIR, errno.EAGAIN):
@@ -620,7 +628,7 @@ class Store:
         except FileNotFoundError:
             return False
         try:
-            return os.pread(fd, len(header), 0) == header
+            return pread_fully(fd, len(header)) == header
         finally:
             os.close(fd)
 

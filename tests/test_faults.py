@@ -32,10 +32,11 @@ from unittest import mock
 
 import faultkit
 import pytest
+from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE, CachedValue
 from faultkit import pickled, raw
 
-from dogpile_fsbackend import CacheSizeWarning, layout, records
+from dogpile_fsbackend import CacheSizeWarning, SharedInvalidation, layout, records
 
 NOBODY = faultkit.NOBODY
 
@@ -182,6 +183,80 @@ def test_damaged_entry_is_a_miss_and_removed(tmp_path, kind, damage):
             assert faultkit.check_raw_hit(key, found) is None
     region.backend.verify()  # the damaged file's size was still counted: recount
     assert_consistent(region, base_dir)
+
+
+@contextlib.contextmanager
+def short_reads_under(directory: str, most: int = 7):
+    """Reads of files under ``directory`` return at most ``most`` bytes per call, as a FUSE
+    or network filesystem may (POSIX allows any read to return less than asked)."""
+    real_read, real_pread, prefix = os.read, os.pread, os.path.realpath(directory) + os.sep
+
+    def allowed(fd: int, count: int) -> int:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(prefix):
+                return min(count, most)
+        return count
+
+    def read(fd: int, count: int) -> bytes:
+        return real_read(fd, allowed(fd, count))
+
+    def pread(fd: int, count: int, offset: int) -> bytes:
+        return real_pread(fd, allowed(fd, count), offset)
+
+    with mock.patch.object(os, "read", read), mock.patch.object(os, "pread", pread):
+        yield
+
+
+def _stored(kind: str, key: str, size: int):
+    if kind == "pickled":
+        return faultkit.make_value(key, 0, 0, size)
+    return io.BytesIO(faultkit.make_blob(key, 0, 0, size))
+
+
+def _found_as_stored(kind: str, key: str, found) -> bool:
+    if kind == "pickled":
+        return faultkit.check_value(key, found) is None
+    return faultkit.check_raw_hit(key, found) is None
+
+
+@pytest.mark.parametrize("size", [100, 50_000, 300_000])
+@pytest.mark.parametrize("kind", ["pickled", "raw"])
+def test_short_reads_are_not_damage(tmp_path, kind, size):
+    """A filesystem that returns a few bytes per read: every entry is still a hit and
+    stays on disk, a truncated one is still damage (a miss, removed), and no bookkeeping
+    file is taken for damaged: the counters stay exact, the invalidation file is read."""
+    base_dir = str(tmp_path / "cache")
+
+    def region_on():
+        return make_region().configure(
+            f"dogpile_fsbackend.{kind}",
+            arguments={"base_dir": base_dir},
+            region_invalidator=SharedInvalidation(base_dir),
+        )
+
+    region = region_on()
+    for key in ("whole", "truncated"):
+        region.set(key, _stored(kind, key, size))
+    truncated = faultkit.entry_path(region.backend, "truncated")
+    os.truncate(truncated, os.path.getsize(truncated) - 1)
+    region.invalidate(hard=False)
+    region.set("after", _stored(kind, "after", size))
+    accounting_inode = os.stat(os.path.join(base_dir, layout.ACCOUNTING_NAME)).st_ino
+    with short_reads_under(base_dir):
+        fresh = region_on()
+        invalidator = fresh.region_invalidator
+        assert invalidator.was_soft_invalidated() and not invalidator.was_hard_invalidated()
+        assert fresh.get("whole") is NO_VALUE  # invalidated, as it should be
+        assert _found_as_stored(kind, "after", fresh.get("after"))
+        assert fresh.get("truncated") is NO_VALUE
+        fresh.set("again", _stored(kind, "again", size))
+        assert _found_as_stored(kind, "again", fresh.get("again"))
+        assert sorted(fresh.backend.keys()) == ["after", "again", "whole"]
+        fresh.backend.verify()
+        assert_consistent(fresh, base_dir)
+    assert os.stat(os.path.join(base_dir, layout.ACCOUNTING_NAME)).st_ino == accounting_inode
+    assert os.path.exists(faultkit.entry_path(region.backend, "whole"))
+    assert not os.path.exists(truncated)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "extended", "emptied", "missing", "fifo"])
