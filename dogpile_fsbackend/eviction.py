@@ -50,10 +50,11 @@ import logging
 import math
 import os
 import random
+import sys
 import threading
 import time
 import weakref
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import maintenance, tree
@@ -77,14 +78,19 @@ _DIR_COST = 8  # a directory visited counts as this many entries of work
 _PASSES = 3  # passes one write may make over a small cache when reads outdate them
 _EXPIRY_RECHECK = 1.0  # seconds between re-judging the remembered order for expiry
 
-# An entry a pass saw: (-rank, used_ns, inode, digest bytes, created_ns), where rank is the
-# last use (ns), or -1 if it had expired (it goes first).  Kept as small as a tuple gets;
-# negated, so that the pass's heap of the oldest seen has the youngest of them on top.
+# A remembered entry: (-rank, used_ns, inode, digest bytes, created_ns), where rank is the
+# last use (ns), or -1 if it had expired (it goes first).  Kept as small as a tuple gets.
+# The pass in progress keeps them in a min-heap (the youngest of the oldest seen on top,
+# to be replaced), the remembered order in a max-heap (the oldest on top, to be evicted):
+# the same list turns from one into the other by one heapify in C, where a sort of its
+# 32,768 entries took one write 45 ms, and 150 ms on a busy machine.
 Remembered = tuple[int, int, int, bytes, int]
-# The same in the remembered order: (rank, used_ns, inode, digest, created_ns), in a heap
-# with the oldest on top.  A heap, not a sorted list: a pass's end costs one O(n) heapify,
-# where a sort of its 32,768 entries took 45 ms, 150 ms on a busy machine, in one write.
-Victim = tuple[int, int, int, bytes, int]
+
+if sys.version_info >= (3, 14):
+    from heapq import heapify_max, heappop_max
+else:  # the same functions, in C, undocumented before 3.14
+    heapify_max: Callable[[list[Remembered]], None] = heapq._heapify_max  # type: ignore[assignment]
+    heappop_max: Callable[[list[Remembered]], Remembered] = heapq._heappop_max  # type: ignore[attr-defined]
 
 
 class _Recount(NamedTuple):
@@ -105,7 +111,7 @@ class Evictor:
         self._lock = threading.Lock()
         self._limits = maintenance.limits(store)
         self._draining = False
-        self._order: list[Victim] = []  # a heap: heappop() gives the oldest
+        self._order: list[Remembered] = []  # a max-heap: heappop_max() gives the oldest
         self._order_whole = False  # it comes from a whole pass (not from part of one)
         self._expiry_checked = 0.0
         self._rate = 1.0  # entries taken from the order per evicting write (moving average)
@@ -205,7 +211,7 @@ class Evictor:
             over = store.last_total > size or store.last_entries > max_entries
             spent = not over and (extra >= cap or time.monotonic_ns() >= deadline)
             if self._under(target):  # expired entries at hand go all the same (misses)
-                if spent or not (self._order and self._order[0][0] < 0):
+                if spent or not (self._order and self._order[0][0] > 0):
                     break
             elif spent:
                 break
@@ -213,14 +219,14 @@ class Evictor:
             if entry is None:
                 break
             taken += 1
-            rank, used_ns, inode, digest, _ = entry
+            minus_rank, used_ns, inode, digest, _ = entry
             self._gone.add(digest)  # tried: no longer a candidate of the pass in progress
             if self._unchanged(digest, inode, used_ns) and store.discard(
                 digest.hex(), inode, used_ns
             ):
                 victims += 1
                 extra += not over
-                store.evictions += rank > 0  # expired entries are not evictions
+                store.evictions += minus_rank < 0  # expired entries are not evictions
         self._rate = 0.9 * self._rate + 0.1 * taken
         return victims
 
@@ -238,13 +244,12 @@ class Evictor:
             return False
         return info.st_ino == inode and info.st_mtime_ns == used_ns
 
-    def _take(self, small: bool, must: bool, budget: list[int]) -> Victim | None:
+    def _take(self, small: bool, must: bool, budget: list[int]) -> Remembered | None:
         """The oldest entry remembered; when there is none, what is known of the pass in
         progress, or (if a victim is needed) more of a pass, within ``budget``."""
         while not self._order:
             if self._heap and not small:  # part of a pass: only its oldest are surely old
-                share = max(1, int(PARTIAL_SHARE * self._seen))
-                self._order = _as_order(heapq.nlargest(share, self._untried()))
+                self._order = self._oldest_untried(max(1, int(PARTIAL_SHARE * self._seen)))
                 self._order_whole = False
                 if self._order:
                     break
@@ -262,7 +267,19 @@ class Evictor:
                 if not self._heap:
                     return None  # nothing to find: an empty cache
         self._recheck_expiry()
-        return heapq.heappop(self._order)
+        return heappop_max(self._order)
+
+    def _oldest_untried(self, count: int) -> list[Remembered]:
+        """The ``count`` oldest entries of the pass in progress that no write has tried,
+        oldest first (so a max-heap): a heapify and pops in C, not a sort."""
+        part = self._heap.copy()
+        heapify_max(part)
+        oldest: list[Remembered] = []
+        while part and len(oldest) < count:
+            entry = heappop_max(part)
+            if entry[3] not in self._gone:
+                oldest.append(entry)
+        return oldest
 
     def _recheck_expiry(self) -> None:
         """Move remembered entries that expired since they were judged to the front."""
@@ -272,9 +289,9 @@ class Evictor:
             return
         self._expiry_checked = now
         limit = (now - store.settings.expiration_time) * 1e9  # created before this: expired
-        if any(e[0] > 0 and 0 < e[4] < limit for e in self._order):
-            self._order = [(-1, *e[1:]) if 0 < e[4] < limit else e for e in self._order]
-            heapq.heapify(self._order)
+        if any(e[0] < 0 < e[4] < limit for e in self._order):
+            self._order = [(1, *e[1:]) if 0 < e[4] < limit else e for e in self._order]
+            heapify_max(self._order)
 
     # -- passes over the cache -------------------------------------------------------
 
@@ -299,7 +316,9 @@ class Evictor:
                     break
             if not whole:
                 break
-        self._order, self._order_whole = _as_order(order), whole
+        heapify_max(order)
+        self._order, self._order_whole = order, whole
+        self._gone = set()  # no pass is in progress in a small cache: this is all it tried
         self._expiry_checked = now
 
     def _walk_size(self) -> int:
@@ -345,17 +364,13 @@ class Evictor:
 
     def _end_pass(self) -> None:
         """The walk has been round the tree: what it remembers is the order now."""
-        self._order = _as_order(self._untried())
+        self._order = [entry for entry in self._heap if entry[3] not in self._gone]
+        heapify_max(self._order)
         self._order_whole = True
         self._heap, self._gone = [], set()
         self._shards_left = self.store.layout.shard_count
         self._seen = 0
         self._expiry_checked = time.time()
-
-    def _untried(self) -> Generator[Remembered, None, None]:
-        """The entries of the pass in progress that no write has tried meanwhile."""
-        gone = self._gone
-        return (entry for entry in self._heap if entry[3] not in gone)
 
     # -- recounting, when due ---------------------------------------------------------
 
@@ -383,13 +398,6 @@ class Evictor:
             accounting.last_reconcile = time.time()
             self._recount = None
         store.last_total, store.last_entries = store.totals()
-
-
-def _as_order(seen: Iterable[Remembered]) -> list[Victim]:
-    """Entries a pass saw as a remembered order: a heap, the oldest on top."""
-    order = [(-rank, used, inode, digest, created) for rank, used, inode, digest, created in seen]
-    heapq.heapify(order)
-    return order
 
 
 _Walk = Generator[tuple[str, os.stat_result] | int | None, None, None]
