@@ -401,6 +401,12 @@ def _maintenance_round(setup: Setup, name: str, first: int) -> dict[str, Any]:
 # -- the workload ----------------------------------------------------------------------
 
 
+def resized(params: Params, entries: int) -> Params:
+    """``params`` with ``entries`` filled, and the steady writes in the same proportion."""
+    writes = max(1, params.scale_writes * entries // params.scale_entries)
+    return dataclasses.replace(params, scale_entries=entries, scale_writes=writes)
+
+
 def scale(params: Params, workdir: str) -> WorkloadResult:
     records = []
     for peer in params.scale_peers:

@@ -2,8 +2,9 @@
 
 The limits hold at every moment, as a monitor process sampling the shared
 counters sees them; the order of a pass spread over writes is the true LRU
-order; a write never walks more than its bounded share; a due recount is
-spread over writes; nothing leaks descriptors.  A cache of a million entries
+order; a write never walks more than its bounded share, and takes extra
+victims only within its time budget; a due recount is spread over writes;
+nothing leaks descriptors or memory.  A cache of a million entries
 is the benchmark's business (benchmarks/scale.py): here the sizes of
 eviction.py are shrunk in each process, so that a cache of a few thousand
 entries takes the paths of a big one.
@@ -12,6 +13,7 @@ entries takes the paths of a big one.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import random
 import time
@@ -231,6 +233,47 @@ def test_a_write_walks_a_bounded_share_and_never_the_whole_cache(cache_dir, monk
     # for every ~0.8 REMEMBERED entries taken, and the first one besides.
     passes = sum(walked) / (3000 + 256 * eviction._DIR_COST)
     assert passes <= 2 + 1.5 * evictions / eviction.REMEMBERED
+
+
+def _filled_to_the_limit(cache_dir: str, entries: int) -> PickleFSBackend:
+    """A backend whose limit is what ``entries`` entries of one size take."""
+    filler = _backend(cache_dir)
+    for i in range(entries):
+        filler.set_serialized(f"k{i:05d}", b"v" * 100)
+    return _backend(cache_dir, cache_size=filler.stats()["bytes"])
+
+
+@pytest.mark.parametrize("paths", [None, BIG_CACHE_PATHS], ids=["small-cache", "big-cache"])
+@pytest.mark.parametrize("budget_ns", [0, math.inf], ids=["no-time-to-spare", "time-to-spare"])
+def test_a_draining_write_takes_extra_victims_only_within_its_time_budget(
+    cache_dir, monkeypatch, paths, budget_ns
+):
+    """Writes past the limit always evict what takes the cache under it; the extra victims
+    that drain it towards the low-water mark stop at STEP_BUDGET_NS.  With no time to
+    spare, each write evicts exactly what its own entry needs (entries of one size: one
+    each) and the cache stays at its limit; with time, writes drain it below."""
+    for name, value in (paths or {}).items():
+        monkeypatch.setattr(eviction, name, value)
+    monkeypatch.setattr(eviction, "STEP_BUDGET_NS", budget_ns)
+    backend = _filled_to_the_limit(cache_dir, 300)
+    limit = backend.store.settings.cache_size
+    for i in range(100):
+        backend.set_serialized(f"n{i:05d}", b"v" * 100)  # the same size as every entry
+    evictions, size = backend.stats()["evictions"], faultkit.disk_usage(cache_dir)[0]
+    if budget_ns == 0:
+        assert (evictions, size) == (100, limit)
+    else:
+        assert evictions > 100 and size < limit
+
+
+def test_a_small_cache_forgets_what_it_tried_at_each_pass(cache_dir):
+    """What an evictor of a small cache remembers having tried stays within one pass's
+    worth (the cache's entries), however many writes evict."""
+    backend = _filled_to_the_limit(cache_dir, 100)
+    for i in range(3000):
+        backend.set_serialized(f"n{i:05d}", b"v" * 100)
+    assert backend.stats()["evictions"] >= 3000
+    assert len(backend.evictor._gone) <= 100
 
 
 # -- the periodic recount, spread over writes ---------------------------------------------
