@@ -523,6 +523,34 @@ def read_text(path: str) -> str:
         return handle.read()
 
 
+_HOLD_A_FLOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def stopped_flock_holder(path: str) -> Iterator[None]:
+    """Another process takes ``flock(path)`` and is stopped (SIGSTOP) holding it, as a
+    process suspended in a debugger or a frozen container would; killed on exit."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_FLOCK, path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            os.kill(holder.pid, signal.SIGSTOP)
+            yield
+        finally:
+            holder.kill()
+            holder.wait(WAIT)
+
+
 def fd_count() -> int:
     """Files this process holds open; sockets and pipes are left out: the Redis clients and
     multiprocessing queues of earlier tests close theirs whenever the collector frees them."""

@@ -757,15 +757,6 @@ def test_a_paused_maintenance_process_never_blocks_writers(tmp_path, holder):
     assert proc.exitcode == 0  # and it finished its own work once resumed
 
 
-_HOLD_THE_SETUP_LOCK = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_a_set_up_stopped_holding_its_lock_costs_a_bounded_wait_and_a_clear_error(
     tmp_path, monkeypatch
 ):
@@ -777,26 +768,15 @@ def test_a_set_up_stopped_holding_its_lock_costs_a_bounded_wait_and_a_clear_erro
     os.makedirs(fresh)
     for base_dir in (ready, fresh):
         lock_path = os.path.join(base_dir, layout.MAINTENANCE_LOCK_NAME)
-        with subprocess.Popen(
-            [sys.executable, "-c", _HOLD_THE_SETUP_LOCK, lock_path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as holder:
-            try:
-                assert holder.stdout.readline() == "held\n"
-                os.kill(holder.pid, signal.SIGSTOP)
-                monkeypatch.setattr(store, "SETUP_WAIT", 0.5)
-                started = time.monotonic()
-                if base_dir == ready:
-                    assert pickled(ready).get("k") == "v"
-                else:
-                    with pytest.raises(BookkeepingError, match=lock_path):
-                        pickled(fresh)
-                assert time.monotonic() - started < WAIT  # bounded, not a hang
-            finally:
-                holder.kill()
-                holder.wait(WAIT)
+        with faultkit.stopped_flock_holder(lock_path):
+            monkeypatch.setattr(store, "SETUP_WAIT", 0.5)
+            started = time.monotonic()
+            if base_dir == ready:
+                assert pickled(ready).get("k") == "v"
+            else:
+                with pytest.raises(BookkeepingError, match=lock_path):
+                    pickled(fresh)
+            assert time.monotonic() - started < WAIT  # bounded, not a hang
     region = pickled(fresh)  # the holder is gone: the set-up goes on
     region.set("k", "v")
     assert region.get("k") == "v"

@@ -815,15 +815,6 @@ def test_a_deleted_file_never_makes_a_reader_wait_for_the_lock(tmp_path):
         os.close(lock_fd)
 
 
-_HOLD_THE_LOCK = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_a_writer_stopped_holding_the_lock_costs_a_bounded_wait_and_a_clear_error(
     tmp_path, monkeypatch
 ):
@@ -836,27 +827,16 @@ def test_a_writer_stopped_holding_the_lock_costs_a_bounded_wait_and_a_clear_erro
     region.invalidate()  # creates the lock file
     region.set("k", "v2")
     lock_path = os.path.join(base_dir, layout.INVALIDATION_LOCK_NAME)
-    with subprocess.Popen(
-        [sys.executable, "-c", _HOLD_THE_LOCK, lock_path],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as holder:
-        try:
-            assert holder.stdout.readline() == "held\n"
-            os.kill(holder.pid, signal.SIGSTOP)
-            monkeypatch.setattr(invalidation, "LOCK_WAIT", 0.5)
-            started = time.monotonic()
-            with pytest.raises(FSBackendError, match=re.escape(lock_path)):
-                region.invalidate(hard=False)
-            assert time.monotonic() - started < WAIT  # bounded, not a hang
-            assert region.get("k") is NO_VALUE  # this process honours it all the same
-            other = region_on(base_dir, SharedInvalidation(base_dir))
-            assert other.get("k") == "v2"  # the others never heard of it
-            assert not other.region_invalidator.was_soft_invalidated()
-        finally:
-            holder.kill()
-            holder.wait(WAIT)
+    with faultkit.stopped_flock_holder(lock_path):
+        monkeypatch.setattr(invalidation, "LOCK_WAIT", 0.5)
+        started = time.monotonic()
+        with pytest.raises(FSBackendError, match=re.escape(lock_path)):
+            region.invalidate(hard=False)
+        assert time.monotonic() - started < WAIT  # bounded, not a hang
+        assert region.get("k") is NO_VALUE  # this process honours it all the same
+        other = region_on(base_dir, SharedInvalidation(base_dir))
+        assert other.get("k") == "v2"  # the others never heard of it
+        assert not other.region_invalidator.was_soft_invalidated()
     region.invalidate(hard=False)
     assert other.get("k") is NO_VALUE
     assert SharedInvalidation(base_dir).was_soft_invalidated()
