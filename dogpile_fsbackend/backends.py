@@ -564,7 +564,8 @@ class RawFSBackend(_FSBackendBase):
         Its size was known, and checked against the limit, before: a moved file
         is not read, so what it holds is what its ``fstat`` said.
         """
-        move = rawfiles.movable(source, self.store.data_dev, self.settings.file_mode)
+        settings = self.settings
+        move = rawfiles.movable(source, settings.base_dir, self.store.data_dev, settings.file_mode)
         if move is None or source.size is None or source.fd is None:
             return False
         size = source.size

@@ -317,7 +317,7 @@ class Move(NamedTuple):
             os.replace(self.name, path)
 
 
-def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
+def movable(source: Source, base_dir: str, data_dev: int, file_mode: int) -> Move | None:
     """How the caller's file can be moved into the cache, or None if it must be copied.
 
     Only a named regular file on the cache's filesystem (device ``data_dev``),
@@ -325,7 +325,9 @@ def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
     one of the cache's own files (a cache hit stored again, or any file named
     like an entry's data or a temp file): moving it would steal another entry's
     data from under its shard lock.  Judged by the name, with no path walk: a
-    user's file that happens to be named so is copied instead.  The file gets
+    user's file that happens to be named so is copied instead.  The cache's
+    bookkeeping files (``lock``, ``accounting``, the marker) raise ValueError
+    (see :func:`_refuse_own_file`).  The file gets
     ``file_mode`` and is stamped now here (even if a failed rename then has it
     copied).
     """
@@ -338,6 +340,9 @@ def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
     base = os.path.basename(name)
     if layout.split_entry_name(base) is not None or layout.is_temp_name(base):
         return None
+    if layout.is_bookkeeping_name(base):
+        _refuse_own_file(name, info, os.path.join(base_dir, base))
+        return None  # a user's file named like one: copied all the same
     if info.st_dev != data_dev:
         return None  # another filesystem: a rename cannot take it
     if info.st_nlink != 1:
@@ -357,6 +362,24 @@ def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
         or getattr(getattr(value, "_closer", None), "delete", False)
     )
     return Move(name, bool(deletes_itself), (info.st_ino, info.st_dev))
+
+
+def _refuse_own_file(name: str, info: os.stat_result, own_path: str) -> None:
+    """ValueError if the caller's file ``name`` is the cache's own file at ``own_path``.
+
+    A move would take it out of its place: the lock file (every lock with it),
+    the accounting file (whose writes would then change an entry's bytes), the
+    marker.  Judged by identity, so any path to it (a symlinked directory) is caught.
+    """
+    try:
+        own = os.lstat(own_path)
+    except OSError:
+        return
+    if (own.st_ino, own.st_dev) == (info.st_ino, info.st_dev):
+        raise ValueError(
+            f"the raw backend cannot take value {name!r} with file_movable=True: it is this "
+            f"cache's own {own_path}; pass a file of your own (a copy of it)"
+        )
 
 
 def _kernel_copy(source_fd: int, target_fd: int, size: int) -> int:
