@@ -572,7 +572,15 @@ class RawFSBackend(_FSBackendBase):
         self.store.sync_if_asked(source.fd)
         data = DataFile(move.name, layout.new_token(), move)
         record = encode_record(data.token, size, min(source.position or 0, size))
-        return self.store.publish_raw(digest, data, size, record)
+        try:
+            if self.store.publish_raw(digest, data, size, record):
+                return True
+        except BaseException:
+            if move.still_named():  # failed before it was taken: the caller's, as it was
+                rawfiles.unclaim(source)
+            raise
+        rawfiles.unclaim(source)  # not taken: the caller's file as it was, to be copied
+        return False
 
     def set_multi(self, mapping: Mapping[str, Any]) -> None:
         for key, value in mapping.items():

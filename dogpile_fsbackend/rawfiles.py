@@ -308,13 +308,20 @@ class Move(NamedTuple):
         checked right before the rename, so that another file given the name
         meanwhile is never taken for it.
         """
-        named = os.lstat(self.name)
-        if (named.st_ino, named.st_dev) != self.identity:
+        if not self.still_named():
             raise FileNotFoundError(errno.ENOENT, "no longer the file to move", self.name)
         if self.link:
             os.link(self.name, path)
         else:
             os.replace(self.name, path)
+
+    def still_named(self) -> bool:
+        """True if ``name`` still refers to the open file (one ``lstat``)."""
+        try:
+            named = os.lstat(self.name)
+        except OSError:  # gone, or its directory with it
+            return False
+        return (named.st_ino, named.st_dev) == self.identity
 
 
 def movable(source: Source, base_dir: str, data_dev: int, file_mode: int) -> Move | None:
@@ -327,9 +334,9 @@ def movable(source: Source, base_dir: str, data_dev: int, file_mode: int) -> Mov
     data from under its shard lock.  Judged by the name, with no path walk: a
     user's file that happens to be named so is copied instead.  The cache's
     bookkeeping files (``lock``, ``accounting``, the marker) raise ValueError
-    (see :func:`_refuse_own_file`).  The file gets
-    ``file_mode`` and is stamped now here (even if a failed rename then has it
-    copied).
+    (see :func:`_refuse_own_file`).  The file gets ``file_mode`` and is
+    stamped now here (by descriptor, while it is surely the file judged); one
+    that then cannot be moved gets both back (:func:`unclaim`) and is copied.
     """
     value, info, fd = source.value, source.info, source.fd
     name = getattr(value, "name", None)
@@ -362,6 +369,19 @@ def movable(source: Source, base_dir: str, data_dev: int, file_mode: int) -> Mov
         or getattr(getattr(value, "_closer", None), "delete", False)
     )
     return Move(name, bool(deletes_itself), (info.st_ino, info.st_dev))
+
+
+def unclaim(source: Source) -> None:
+    """Give back the mode and times :func:`movable` set on a file that was not moved in.
+
+    Best effort: the file stays the caller's (it is copied), as it was.
+    """
+    info, fd = source.info, source.fd
+    if info is None or fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, stat.S_IMODE(info.st_mode))
+        os.utime(fd, ns=(info.st_atime_ns, info.st_mtime_ns))
 
 
 def _refuse_own_file(name: str, info: os.stat_result, own_path: str) -> None:

@@ -386,12 +386,17 @@ def test_raw_move_write_fault_raises_and_the_callers_handle_still_reads(
         value.write(new)
         value.flush()
         value.seek(0)
+        os.chmod(value.name, 0o644)  # the caller's own mode and time, not the cache's
+        os.utime(value.name, (1_500_000_000, 1_500_000_000))
         with inject(call, errno.ENOSPC, when, after), pytest.raises(OSError) as info:
             region.set("key", value)
         assert info.value.errno == errno.ENOSPC
         assert_old_or_evicted(raw_blob(region, "key"), old, errno.ENOSPC)
         assert_consistent(region, base_dir)
         assert os.path.exists(value.name) == (autodelete or not taken)
+        if os.path.exists(value.name):  # not taken: left as it was
+            left = os.stat(value.name)
+            assert (left.st_mode & 0o777, left.st_mtime) == (0o644, 1_500_000_000)
         value.seek(0)
         assert value.read() == new
 

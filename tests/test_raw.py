@@ -8,6 +8,7 @@ import tempfile
 import threading
 import time
 
+import faultkit
 import pytest
 from dogpile.cache.api import NO_VALUE, CachedValue
 
@@ -632,3 +633,32 @@ def test_a_users_file_named_like_a_caches_own_file_is_stored(raw_region, tmp_pat
         region.set("key", source)
     assert read_cached(region.get("key")) == CONTENT
     assert os.path.exists(os.path.join(region.backend.settings.base_dir, name))
+
+
+def test_a_file_the_rename_refuses_is_copied_and_left_exactly_as_it_was(raw_region, tmp_path):
+    """A bind mount of the cache's own filesystem has the same device, but a rename across
+    it fails (EXDEV): the file is copied, and stays the caller's, with its own mode and
+    mtime (not the cache's ``file_mode`` and a stamp of now)."""
+    region = raw_region(file_movable=True, file_mode=0o600)
+    outside, mount_point = tmp_path / "outside", tmp_path / "bound"
+    outside.mkdir()
+    mount_point.mkdir()
+    path = write_file(outside / "report.bin")
+    os.chmod(path, 0o644)
+    os.utime(path, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    before = os.stat(path)
+    with faultkit.mounted("--bind", str(outside), target=str(mount_point)):
+        bound = str(mount_point / "report.bin")
+        assert os.stat(bound).st_dev == region.backend.store.data_dev
+        with open(bound, "rb") as source:
+            region.set("key", source)
+        assert os.path.exists(bound)
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mode, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_mtime_ns,
+    )
+    assert read_cached(region.get("key")) == CONTENT
+    (data,) = data_files(region.backend, "key")
+    assert os.stat(data).st_mode & 0o777 == 0o600
