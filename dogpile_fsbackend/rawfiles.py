@@ -315,6 +315,13 @@ class Move(NamedTuple):
         else:
             os.replace(self.name, path)
 
+    def back(self, path: str) -> None:
+        """Give the file at ``path`` (moved in by :meth:`to`) its name back, never over
+        another file given that name meanwhile (EEXIST: it stays at ``path``)."""
+        if not self.link:  # a link left the name where it was
+            os.link(path, self.name)
+            os.unlink(path)
+
     def still_named(self) -> bool:
         """True if ``name`` still refers to the open file (one ``lstat``)."""
         try:

@@ -357,10 +357,10 @@ def test_raw_write_fault_raises_and_keeps_the_old_value(tmp_path, point, error):
 
 
 # A move writes one temp file, the record, and renames the caller's file in (no temp name)
-# just before the record: (call, when, after, whether the caller's file was taken first).
+# just before the record: (call, when, after); the second fails once the file was taken.
 MOVE_POINTS = {
-    "open-record-temp": ("open", lambda path, *a: _is_temp(path), 0, False),
-    "rename-record-after-data": ("replace", lambda src, dst: _is_temp(src), 0, True),
+    "open-record-temp": ("open", lambda path, *a: _is_temp(path), 0),
+    "rename-record-after-data": ("replace", lambda src, dst: _is_temp(src), 0),
 }
 
 
@@ -372,16 +372,16 @@ def test_raw_move_write_fault_raises_and_the_callers_handle_still_reads(
     """file_movable: a fault before the caller's file is moved in, or just after.
 
     Documented behaviour: the error reaches the caller, nothing is left in the
-    cache, the old value stays -- and a file already renamed in is gone from its
-    old name (the cache had taken it), but the caller's open handle still reads
-    it whole; one not yet moved stays where it was.
+    cache, the old value stays -- and the caller's file is where it was, with its
+    own mode and mtime (one already renamed in gets its name back), and its open
+    handle still reads it whole.
     """
     base_dir = tmp_path / "cache"
     region = raw(base_dir, file_movable=True)
     old = faultkit.make_blob("key", 0, 0, 3000)
     region.set("key", io.BytesIO(old))
     new = faultkit.make_blob("key", 1, 0, 3000)
-    call, when, after, taken = MOVE_POINTS[point]
+    call, when, after = MOVE_POINTS[point]
     with tempfile.NamedTemporaryFile(dir=tmp_path, delete=autodelete) as value:
         value.write(new)
         value.flush()
@@ -393,10 +393,9 @@ def test_raw_move_write_fault_raises_and_the_callers_handle_still_reads(
         assert info.value.errno == errno.ENOSPC
         assert_old_or_evicted(raw_blob(region, "key"), old, errno.ENOSPC)
         assert_consistent(region, base_dir)
-        assert os.path.exists(value.name) == (autodelete or not taken)
-        if os.path.exists(value.name):  # not taken: left as it was
-            left = os.stat(value.name)
-            assert (left.st_mode & 0o777, left.st_mtime) == (0o644, 1_500_000_000)
+        left = os.stat(value.name)  # not stored: the caller's, as it was
+        assert (left.st_ino, left.st_nlink) == (os.fstat(value.fileno()).st_ino, 1)
+        assert (left.st_mode & 0o777, left.st_mtime) == (0o644, 1_500_000_000)
         value.seek(0)
         assert value.read() == new
 
