@@ -566,21 +566,13 @@ class RawFSBackend(_FSBackendBase):
         """
         settings = self.settings
         move = rawfiles.movable(source, settings.base_dir, self.store.data_dev, settings.file_mode)
-        if move is None or source.size is None or source.fd is None:
+        if move is None or source.size is None:
             return False
         size = source.size
-        self.store.sync_if_asked(source.fd)
+        self.store.sync_if_asked(move.fd)
         data = DataFile(move.name, layout.new_token(), move)
         record = encode_record(data.token, size, min(source.position or 0, size))
-        try:
-            if self.store.publish_raw(digest, data, size, record):
-                return True
-        except BaseException:
-            if move.still_named():  # failed before it was taken: the caller's, as it was
-                rawfiles.unclaim(source)
-            raise
-        rawfiles.unclaim(source)  # not taken: the caller's file as it was, to be copied
-        return False
+        return self.store.publish_raw(digest, data, size, record)
 
     def set_multi(self, mapping: Mapping[str, Any]) -> None:
         for key, value in mapping.items():

@@ -299,36 +299,53 @@ class Move(NamedTuple):
 
     name: str
     link: bool
-    identity: tuple[int, int]  # (inode, device) of the open file
+    fd: int  # the caller's open descriptor of it
+    info: os.stat_result  # its fstat, as the caller left it
+    mode: int | None  # the mode it gets in the cache (None: it has it already)
 
     def to(self, path: str) -> None:
-        """Put the file at ``path`` (a fresh name: the link cannot meet an existing file).
+        """Put the file at ``path`` (a fresh name: the link cannot meet an existing file)
+        with the cache's mode, stamped now (a data file's mtime says when this cache
+        stored it: a raw_tiered local copy's age).
 
-        OSError if it cannot, or if ``name`` no longer refers to the open file:
-        checked right before the rename, so that another file given the name
-        meanwhile is never taken for it.
+        OSError if it cannot, then with nothing changed: if ``name`` no longer
+        refers to the open file (checked right before the rename, so that
+        another file given the name meanwhile is never taken for it), or if the
+        file may not be changed (given back, see :meth:`back`).  The file is
+        changed only once it is ours: a file left to the caller, or taken by
+        another thread meanwhile, is never touched.
         """
-        if not self.still_named():
+        named = os.lstat(self.name)
+        if (named.st_ino, named.st_dev) != (self.info.st_ino, self.info.st_dev):
             raise FileNotFoundError(errno.ENOENT, "no longer the file to move", self.name)
         if self.link:
             os.link(self.name, path)
         else:
             os.replace(self.name, path)
+        try:  # by descriptor
+            if self.mode is not None:
+                os.fchmod(self.fd, self.mode)
+            os.utime(self.fd)
+        except OSError:
+            self.back(path)
+            raise
 
     def back(self, path: str) -> None:
-        """Give the file at ``path`` (moved in by :meth:`to`) its name back, never over
-        another file given that name meanwhile (EEXIST: it stays at ``path``)."""
-        if not self.link:  # a link left the name where it was
+        """Undo :meth:`to`: the file at ``path`` gets its name, mode and times back.
+
+        Never over another file given that name meanwhile (EEXIST: it stays
+        at ``path``, for a scan to reclaim).
+        """
+        if self.link:  # the name was left where it was
+            os.unlink(path)
+        else:
             os.link(path, self.name)
             os.unlink(path)
-
-    def still_named(self) -> bool:
-        """True if ``name`` still refers to the open file (one ``lstat``)."""
-        try:
-            named = os.lstat(self.name)
-        except OSError:  # gone, or its directory with it
-            return False
-        return (named.st_ino, named.st_dev) == self.identity
+        info = self.info
+        with contextlib.suppress(OSError):  # best effort: the caller's file, as it was
+            if self.mode is not None:
+                os.fchmod(self.fd, stat.S_IMODE(info.st_mode))
+            os.utime(self.fd, ns=(info.st_atime_ns, info.st_mtime_ns))
 
 
 def movable(source: Source, base_dir: str, data_dev: int, file_mode: int) -> Move | None:
@@ -341,9 +358,7 @@ def movable(source: Source, base_dir: str, data_dev: int, file_mode: int) -> Mov
     data from under its shard lock.  Judged by the name, with no path walk: a
     user's file that happens to be named so is copied instead.  The cache's
     bookkeeping files (``lock``, ``accounting``, the marker) raise ValueError
-    (see :func:`_refuse_own_file`).  The file gets ``file_mode`` and is
-    stamped now here (by descriptor, while it is surely the file judged); one
-    that then cannot be moved gets both back (:func:`unclaim`) and is copied.
+    (see :func:`_refuse_own_file`).  No system call: nothing is changed here.
     """
     value, info, fd = source.value, source.info, source.fd
     name = getattr(value, "name", None)
@@ -363,32 +378,12 @@ def movable(source: Source, base_dir: str, data_dev: int, file_mode: int) -> Mov
         # Another name for it (the user's, or a link to another entry's data file): the
         # bytes could change through it, or two entries would share one file.
         return None
-    try:  # by descriptor, before it is ours: a file we may not change is copied
-        if stat.S_IMODE(info.st_mode) != file_mode:
-            os.fchmod(fd, file_mode)
-        # A data file's mtime says when this cache stored it (a raw_tiered local copy's
-        # age), as for a copy.
-        os.utime(fd)
-    except OSError:
-        return None
     deletes_itself = isinstance(value, tempfile._TemporaryFileWrapper) and (
         getattr(value, "delete", False)
         or getattr(getattr(value, "_closer", None), "delete", False)
     )
-    return Move(name, bool(deletes_itself), (info.st_ino, info.st_dev))
-
-
-def unclaim(source: Source) -> None:
-    """Give back the mode and times :func:`movable` set on a file that was not moved in.
-
-    Best effort: the file stays the caller's (it is copied), as it was.
-    """
-    info, fd = source.info, source.fd
-    if info is None or fd is None:
-        return
-    with contextlib.suppress(OSError):
-        os.fchmod(fd, stat.S_IMODE(info.st_mode))
-        os.utime(fd, ns=(info.st_atime_ns, info.st_mtime_ns))
+    mode = None if stat.S_IMODE(info.st_mode) == file_mode else file_mode
+    return Move(name, bool(deletes_itself), fd, info, mode)
 
 
 def _refuse_own_file(name: str, info: os.stat_result, own_path: str) -> None:

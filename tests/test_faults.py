@@ -1048,3 +1048,37 @@ def test_a_move_the_filesystem_refuses_is_copied_and_the_file_stays(tmp_path, au
     assert layout.split_entry_name(name) == (layout.digest_of("key"), mock.ANY)
     assert raw_blob(region, "key") == new
     assert_verified_clean(region, base_dir)
+
+
+@pytest.mark.parametrize("autodelete", [False, True], ids=["named-file", "self-deleting-temp"])
+@pytest.mark.parametrize("call", ["fchmod", "utime"])
+def test_a_moved_file_that_may_not_be_changed_is_given_back_and_copied(tmp_path, call, autodelete):
+    """file_movable: the file gets the cache's mode and a stamp of now only once it is
+    in (never while it may still be left to the caller); when that is refused (EPERM:
+    another user's file in a directory we may write), it gets its name, mode and mtime
+    back and is copied, with nothing left behind."""
+    base_dir = tmp_path / "cache"
+    region = raw(base_dir, file_movable=True)
+    region.set("key", io.BytesIO(b"old"))
+    new = faultkit.make_blob("key", 1, 0, 3000)
+    with tempfile.NamedTemporaryFile(dir=tmp_path, delete=autodelete) as value:
+        value.write(new)
+        value.flush()
+        value.seek(0)
+        os.chmod(value.name, 0o644)
+        os.utime(value.name, (1_500_000_000, 1_500_000_000))
+        before = os.stat(value.name)
+        with inject(call, errno.EPERM, lambda target, *a: target == value.fileno()):
+            region.set("key", value)
+        after = os.stat(value.name)
+        assert (after.st_ino, after.st_nlink, after.st_mode, after.st_mtime_ns) == (
+            before.st_ino,
+            1,
+            before.st_mode,
+            before.st_mtime_ns,
+        )
+        assert raw_blob(region, "key") == new
+        (data,) = faultkit.data_paths(region.backend, "key")
+        assert os.stat(data).st_ino != before.st_ino  # a copy
+        assert_consistent(region, base_dir)
+        assert_verified_clean(region, base_dir)
