@@ -564,11 +564,12 @@ class RawFSBackend(_FSBackendBase):
         Its size was known, and checked against the limit, before: a moved file
         is not read, so what it holds is what its ``fstat`` said.
         """
-        move = rawfiles.movable(source, self.store.data_dev, self.settings.file_mode)
-        if move is None or source.size is None or source.fd is None:
+        settings = self.settings
+        move = rawfiles.movable(source, settings.base_dir, self.store.data_dev, settings.file_mode)
+        if move is None or source.size is None:
             return False
         size = source.size
-        self.store.sync_if_asked(source.fd)
+        self.store.sync_if_asked(move.fd)
         data = DataFile(move.name, layout.new_token(), move)
         record = encode_record(data.token, size, min(source.position or 0, size))
         return self.store.publish_raw(digest, data, size, record)

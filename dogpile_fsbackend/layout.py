@@ -207,6 +207,24 @@ def bookkeeping_temp(name: str) -> str | None:
     return None
 
 
+_BOOKKEEPING_NAMES = frozenset(
+    {
+        MARKER_NAME,
+        LOCK_NAME,
+        ACCOUNTING_NAME,
+        MAINTENANCE_LOCK_NAME,
+        INVALIDATION_NAME,
+        INVALIDATION_LOCK_NAME,
+        INVALIDATION_TEMP_NAME,
+    }
+)
+
+
+def is_bookkeeping_name(name: str) -> bool:
+    """True for the name of one of a cache directory's own files (or one being written)."""
+    return name in _BOOKKEEPING_NAMES or bookkeeping_temp(name) is not None
+
+
 def is_legacy_temp_name(name: str) -> bool:
     """True for ``.tmp-<pid>-<random>``, the temp names of releases before writer tokens."""
     return name[len(TEMP_PREFIX) :].split("-", 1)[0].isdigit()

@@ -263,8 +263,10 @@ class LockFile:
             while self._writer_slot is None:
                 slot = secrets.randbits(4 * WRITER_TOKEN_LEN)
                 if self._lockf(self.fd, WRITER_BASE_OFFSET + slot, False):
-                    self._writer_slot = slot
+                    # The token first: writer_token() reads it, unguarded, once the
+                    # slot is set.
                     self._writer_hex = format(slot, f"0{WRITER_TOKEN_LEN}x")
+                    self._writer_slot = slot
             return self._writer_slot
 
     def _held_elsewhere(self, offset: int) -> bool:

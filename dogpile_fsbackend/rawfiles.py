@@ -299,25 +299,56 @@ class Move(NamedTuple):
 
     name: str
     link: bool
-    identity: tuple[int, int]  # (inode, device) of the open file
+    fd: int  # the caller's open descriptor of it
+    info: os.stat_result  # its fstat, as the caller left it
+    mode: int | None  # the mode it gets in the cache (None: it has it already)
 
     def to(self, path: str) -> None:
-        """Put the file at ``path`` (a fresh name: the link cannot meet an existing file).
+        """Put the file at ``path`` (a fresh name: the link cannot meet an existing file)
+        with the cache's mode, stamped now (a data file's mtime says when this cache
+        stored it: a raw_tiered local copy's age).
 
-        OSError if it cannot, or if ``name`` no longer refers to the open file:
-        checked right before the rename, so that another file given the name
-        meanwhile is never taken for it.
+        OSError if it cannot, then with nothing changed: if ``name`` no longer
+        refers to the open file (checked right before the rename, so that
+        another file given the name meanwhile is never taken for it), or if the
+        file may not be changed (given back, see :meth:`back`).  The file is
+        changed only once it is ours: a file left to the caller, or taken by
+        another thread meanwhile, is never touched.
         """
         named = os.lstat(self.name)
-        if (named.st_ino, named.st_dev) != self.identity:
+        if (named.st_ino, named.st_dev) != (self.info.st_ino, self.info.st_dev):
             raise FileNotFoundError(errno.ENOENT, "no longer the file to move", self.name)
         if self.link:
             os.link(self.name, path)
         else:
             os.replace(self.name, path)
+        try:  # by descriptor
+            if self.mode is not None:
+                os.fchmod(self.fd, self.mode)
+            os.utime(self.fd)
+        except OSError:
+            self.back(path)
+            raise
+
+    def back(self, path: str) -> None:
+        """Undo :meth:`to`: the file at ``path`` gets its name, mode and times back.
+
+        Never over another file given that name meanwhile (EEXIST: it stays
+        at ``path``, for a scan to reclaim).
+        """
+        if self.link:  # the name was left where it was
+            os.unlink(path)
+        else:
+            os.link(path, self.name)
+            os.unlink(path)
+        info = self.info
+        with contextlib.suppress(OSError):  # best effort: the caller's file, as it was
+            if self.mode is not None:
+                os.fchmod(self.fd, stat.S_IMODE(info.st_mode))
+            os.utime(self.fd, ns=(info.st_atime_ns, info.st_mtime_ns))
 
 
-def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
+def movable(source: Source, base_dir: str, data_dev: int, file_mode: int) -> Move | None:
     """How the caller's file can be moved into the cache, or None if it must be copied.
 
     Only a named regular file on the cache's filesystem (device ``data_dev``),
@@ -325,9 +356,9 @@ def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
     one of the cache's own files (a cache hit stored again, or any file named
     like an entry's data or a temp file): moving it would steal another entry's
     data from under its shard lock.  Judged by the name, with no path walk: a
-    user's file that happens to be named so is copied instead.  The file gets
-    ``file_mode`` and is stamped now here (even if a failed rename then has it
-    copied).
+    user's file that happens to be named so is copied instead.  The cache's
+    bookkeeping files (``lock``, ``accounting``, the marker) raise ValueError
+    (see :func:`_refuse_own_file`).  No system call: nothing is changed here.
     """
     value, info, fd = source.value, source.info, source.fd
     name = getattr(value, "name", None)
@@ -338,25 +369,39 @@ def movable(source: Source, data_dev: int, file_mode: int) -> Move | None:
     base = os.path.basename(name)
     if layout.split_entry_name(base) is not None or layout.is_temp_name(base):
         return None
+    if layout.is_bookkeeping_name(base):
+        _refuse_own_file(name, info, os.path.join(base_dir, base))
+        return None  # a user's file named like one: copied all the same
     if info.st_dev != data_dev:
         return None  # another filesystem: a rename cannot take it
     if info.st_nlink != 1:
         # Another name for it (the user's, or a link to another entry's data file): the
         # bytes could change through it, or two entries would share one file.
         return None
-    try:  # by descriptor, before it is ours: a file we may not change is copied
-        if stat.S_IMODE(info.st_mode) != file_mode:
-            os.fchmod(fd, file_mode)
-        # A data file's mtime says when this cache stored it (a raw_tiered local copy's
-        # age), as for a copy.
-        os.utime(fd)
-    except OSError:
-        return None
     deletes_itself = isinstance(value, tempfile._TemporaryFileWrapper) and (
         getattr(value, "delete", False)
         or getattr(getattr(value, "_closer", None), "delete", False)
     )
-    return Move(name, bool(deletes_itself), (info.st_ino, info.st_dev))
+    mode = None if stat.S_IMODE(info.st_mode) == file_mode else file_mode
+    return Move(name, bool(deletes_itself), fd, info, mode)
+
+
+def _refuse_own_file(name: str, info: os.stat_result, own_path: str) -> None:
+    """ValueError if the caller's file ``name`` is the cache's own file at ``own_path``.
+
+    A move would take it out of its place: the lock file (every lock with it),
+    the accounting file (whose writes would then change an entry's bytes), the
+    marker.  Judged by identity, so any path to it (a symlinked directory) is caught.
+    """
+    try:
+        own = os.lstat(own_path)
+    except OSError:
+        return
+    if (own.st_ino, own.st_dev) == (info.st_ino, info.st_dev):
+        raise ValueError(
+            f"the raw backend cannot take value {name!r} with file_movable=True: it is this "
+            f"cache's own {own_path}; pass a file of your own (a copy of it)"
+        )
 
 
 def _kernel_copy(source_fd: int, target_fd: int, size: int) -> int:

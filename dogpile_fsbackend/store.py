@@ -547,6 +547,7 @@ class Store:
         with old metadata.  A caller's file (``data.move``) goes in under the
         lock straight to its name (a data file without its record would be a
         scan's orphan); if it cannot, nothing is published and the result is False.
+        One whose record then fails gets its name back (:meth:`Move.back`).
         """
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
@@ -565,6 +566,9 @@ class Store:
                     os.replace(staged, data_path)
                 os.replace(record_temp, entry_path)
             except BaseException:
+                if data and data.move and data_path:  # not stored: the caller's file again
+                    with contextlib.suppress(OSError):
+                        data.move.back(data_path)
                 for leftover in (staged, data_path, record_temp):
                     remove_quietly(leftover)
                 raise

@@ -432,10 +432,10 @@ def test_raw_write_fault_raises_and_keeps_the_old_value(tmp_path, point, error):
 
 
 # A move writes one temp file, the record, and renames the caller's file in (no temp name)
-# just before the record: (call, when, after, whether the caller's file was taken first).
+# just before the record: (call, when, after); the second fails once the file was taken.
 MOVE_POINTS = {
-    "open-record-temp": ("open", lambda path, *a: _is_temp(path), 0, False),
-    "rename-record-after-data": ("replace", lambda src, dst: _is_temp(src), 0, True),
+    "open-record-temp": ("open", lambda path, *a: _is_temp(path), 0),
+    "rename-record-after-data": ("replace", lambda src, dst: _is_temp(src), 0),
 }
 
 
@@ -447,26 +447,30 @@ def test_raw_move_write_fault_raises_and_the_callers_handle_still_reads(
     """file_movable: a fault before the caller's file is moved in, or just after.
 
     Documented behaviour: the error reaches the caller, nothing is left in the
-    cache, the old value stays -- and a file already renamed in is gone from its
-    old name (the cache had taken it), but the caller's open handle still reads
-    it whole; one not yet moved stays where it was.
+    cache, the old value stays -- and the caller's file is where it was, with its
+    own mode and mtime (one already renamed in gets its name back), and its open
+    handle still reads it whole.
     """
     base_dir = tmp_path / "cache"
     region = raw(base_dir, file_movable=True)
     old = faultkit.make_blob("key", 0, 0, 3000)
     region.set("key", io.BytesIO(old))
     new = faultkit.make_blob("key", 1, 0, 3000)
-    call, when, after, taken = MOVE_POINTS[point]
+    call, when, after = MOVE_POINTS[point]
     with tempfile.NamedTemporaryFile(dir=tmp_path, delete=autodelete) as value:
         value.write(new)
         value.flush()
         value.seek(0)
+        os.chmod(value.name, 0o644)  # the caller's own mode and time, not the cache's
+        os.utime(value.name, (1_500_000_000, 1_500_000_000))
         with inject(call, errno.ENOSPC, when, after), pytest.raises(OSError) as info:
             region.set("key", value)
         assert info.value.errno == errno.ENOSPC
         assert_old_or_evicted(raw_blob(region, "key"), old, errno.ENOSPC)
         assert_consistent(region, base_dir)
-        assert os.path.exists(value.name) == (autodelete or not taken)
+        left = os.stat(value.name)  # not stored: the caller's, as it was
+        assert (left.st_ino, left.st_nlink) == (os.fstat(value.fileno()).st_ino, 1)
+        assert (left.st_mode & 0o777, left.st_mtime) == (0o644, 1_500_000_000)
         value.seek(0)
         assert value.read() == new
 
@@ -1119,3 +1123,37 @@ def test_a_move_the_filesystem_refuses_is_copied_and_the_file_stays(tmp_path, au
     assert layout.split_entry_name(name) == (layout.digest_of("key"), mock.ANY)
     assert raw_blob(region, "key") == new
     assert_verified_clean(region, base_dir)
+
+
+@pytest.mark.parametrize("autodelete", [False, True], ids=["named-file", "self-deleting-temp"])
+@pytest.mark.parametrize("call", ["fchmod", "utime"])
+def test_a_moved_file_that_may_not_be_changed_is_given_back_and_copied(tmp_path, call, autodelete):
+    """file_movable: the file gets the cache's mode and a stamp of now only once it is
+    in (never while it may still be left to the caller); when that is refused (EPERM:
+    another user's file in a directory we may write), it gets its name, mode and mtime
+    back and is copied, with nothing left behind."""
+    base_dir = tmp_path / "cache"
+    region = raw(base_dir, file_movable=True)
+    region.set("key", io.BytesIO(b"old"))
+    new = faultkit.make_blob("key", 1, 0, 3000)
+    with tempfile.NamedTemporaryFile(dir=tmp_path, delete=autodelete) as value:
+        value.write(new)
+        value.flush()
+        value.seek(0)
+        os.chmod(value.name, 0o644)
+        os.utime(value.name, (1_500_000_000, 1_500_000_000))
+        before = os.stat(value.name)
+        with inject(call, errno.EPERM, lambda target, *a: target == value.fileno()):
+            region.set("key", value)
+        after = os.stat(value.name)
+        assert (after.st_ino, after.st_nlink, after.st_mode, after.st_mtime_ns) == (
+            before.st_ino,
+            1,
+            before.st_mode,
+            before.st_mtime_ns,
+        )
+        assert raw_blob(region, "key") == new
+        (data,) = faultkit.data_paths(region.backend, "key")
+        assert os.stat(data).st_ino != before.st_ino  # a copy
+        assert_consistent(region, base_dir)
+        assert_verified_clean(region, base_dir)

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -581,3 +582,43 @@ def test_a_thread_induced_edeadlk_is_retried_never_raised(cache_dir):
     backend.get_mutex("b").release()
     child.join(WAIT)
     assert child.exitcode == 0
+
+
+def test_a_thread_never_gets_a_half_taken_writer_token(tmp_path):
+    """The first writer token of a process: a second thread that asks while the first
+    is taking it gets the same token, never an empty one (a temp file named without its
+    writer would not be known as alive to scans).
+
+    The taking thread is held (a profiler hook on its own thread) at its call to
+    ``format``, made while it holds the guard; the second thread asks meanwhile.
+    """
+    lock_file = locking.LockFile.for_path(str(tmp_path / "lock"))
+    held, release = threading.Event(), threading.Event()
+    tokens: dict[str, str] = {}
+
+    def hold_at_format(frame, event, arg):
+        if event == "c_call" and arg is format and not held.is_set():
+            held.set()
+            release.wait(WAIT)
+
+    def first() -> None:
+        sys.setprofile(hold_at_format)
+        try:
+            tokens["first"] = lock_file.writer_token()
+        finally:
+            sys.setprofile(None)
+
+    def second() -> None:
+        tokens["second"] = lock_file.writer_token()
+
+    taker = threading.Thread(target=first)
+    taker.start()
+    assert held.wait(WAIT)
+    asker = threading.Thread(target=second)
+    asker.start()
+    asker.join(0.5)  # it returns now (without waiting for the guard), or once released
+    release.set()
+    taker.join(WAIT)
+    asker.join(WAIT)
+    assert len(tokens["first"]) == locking.WRITER_TOKEN_LEN
+    assert tokens["second"] == tokens["first"]

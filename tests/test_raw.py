@@ -8,6 +8,7 @@ import tempfile
 import threading
 import time
 
+import faultkit
 import pytest
 from dogpile.cache.api import NO_VALUE, CachedValue
 
@@ -585,3 +586,79 @@ def test_a_cache_file_reached_through_a_symlink_is_copied_not_taken(raw_region, 
             assert cached.read() == b"payload"
     (two_data,) = data_files(region.backend, "two")
     assert os.stat(one_data).st_ino != os.stat(two_data).st_ino
+
+
+@pytest.mark.parametrize(
+    "name",
+    [layout.ACCOUNTING_NAME, layout.LOCK_NAME, layout.MARKER_NAME, layout.MAINTENANCE_LOCK_NAME],
+)
+@pytest.mark.parametrize("through", ["its_path", "a_symlinked_directory"])
+def test_the_caches_own_file_offered_with_file_movable_is_refused_not_moved(
+    raw_region, tmp_path, name, through
+):
+    """The cache's bookkeeping files are named like no entry: a move would take the lock
+    file (breaking every lock), the accounting file (whose pwrite()s would then change an
+    entry's bytes), or the marker out of their places.  A ValueError names the value."""
+    region = raw_region(file_movable=True)
+    region.set("one", io.BytesIO(b"payload"))
+    base_dir = region.backend.settings.base_dir
+    own = os.path.join(base_dir, name)
+    before = os.stat(own)
+    if through == "its_path":
+        path = own
+    else:
+        alias = tmp_path / "alias"
+        os.symlink(base_dir, alias)
+        path = str(alias / name)
+    with open(path, "rb") as source, pytest.raises(ValueError, match="value") as raised:
+        region.set("two", source)
+    assert own in str(raised.value) or path in str(raised.value)
+    after = os.stat(own)
+    assert (after.st_ino, after.st_mode, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_mtime_ns,
+    )
+    assert region.get("two") is NO_VALUE
+    assert read_cached(region.get("one")) == b"payload"
+    report = region.backend.verify()
+    assert (report.entries, report.accounting_drift, report.orphans_removed) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("name", [layout.ACCOUNTING_NAME, layout.LOCK_NAME])
+def test_a_users_file_named_like_a_caches_own_file_is_stored(raw_region, tmp_path, name):
+    region = raw_region(file_movable=True)
+    path = write_file(tmp_path / name)
+    with open(path, "rb") as source:
+        region.set("key", source)
+    assert read_cached(region.get("key")) == CONTENT
+    assert os.path.exists(os.path.join(region.backend.settings.base_dir, name))
+
+
+def test_a_file_the_rename_refuses_is_copied_and_left_exactly_as_it_was(raw_region, tmp_path):
+    """A bind mount of the cache's own filesystem has the same device, but a rename across
+    it fails (EXDEV): the file is copied, and stays the caller's, with its own mode and
+    mtime (not the cache's ``file_mode`` and a stamp of now)."""
+    region = raw_region(file_movable=True, file_mode=0o600)
+    outside, mount_point = tmp_path / "outside", tmp_path / "bound"
+    outside.mkdir()
+    mount_point.mkdir()
+    path = write_file(outside / "report.bin")
+    os.chmod(path, 0o644)
+    os.utime(path, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    before = os.stat(path)
+    with faultkit.mounted("--bind", str(outside), target=str(mount_point)):
+        bound = str(mount_point / "report.bin")
+        assert os.stat(bound).st_dev == region.backend.store.data_dev
+        with open(bound, "rb") as source:
+            region.set("key", source)
+        assert os.path.exists(bound)
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mode, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_mtime_ns,
+    )
+    assert read_cached(region.get("key")) == CONTENT
+    (data,) = data_files(region.backend, "key")
+    assert os.stat(data).st_mode & 0o777 == 0o600
