@@ -18,8 +18,8 @@ for another.  Both take the same oldest entries, so about half of what one
 takes the other has evicted: one lock-free ``lstat`` passes over those.
 
 Victims come from the *remembered order*: the least recently used entries of
-the last pass over the cache, in a max-heap (oldest on top), consumed by the
-following writes.  It stays the true LRU order without a new pass: every entry it lacks was
+the last pass over the cache, in a list newest first, popped from its end by
+the following writes.  It stays the true LRU order without a new pass: every entry it lacks was
 newer than all of it when the pass saw it, and stays so (times only move
 forward, and writes are newest), and an entry used since fails ``discard``'s
 check and is passed over.
@@ -30,20 +30,31 @@ check and is passed over.
   next few entries of an endless walk of the shard tree (an open directory
   iterator, kept between writes) into a bounded heap of the ``REMEMBERED``
   least recently used seen so far; when the walk has been round the whole
-  tree, the heap becomes the new remembered order (one heapify in C: the
-  sort it replaced took a write 45 to 150 ms).  Each write walks just
-  fast enough for the pass to end before the order in hand runs out at the
-  current eviction rate (``SCAN_MIN`` to ``SCAN_MAX`` entries): about
+  tree, the heap becomes the new remembered order: the following evicting
+  writes pop it, ``CLOSE_STEP`` entries each (about 1.5 ms), youngest first,
+  which makes the order newest first with no sort and no heapify (a sort
+  took one write 45 to 150 ms, a filter and heapify 20 to 35 ms: any
+  single go over 32,768 tuples scattered in memory is that slow here),
+  while the old order serves.  Each write walks just fast enough for the
+  pass to end before the order in hand runs out at the current eviction
+  rate (``SCAN_MIN`` to ``SCAN_MAX`` entries): about
   ``1.25 * entries * victims / REMEMBERED`` per write: 40 to 120 ``lstat``
-  calls at a million entries.  Were the order to run out first (a fresh process, or
-  a cache of tens of millions), victims come from the heap so far, but only
-  its oldest ``PARTIAL_SHARE`` of the entries seen (popped from a copy made a
-  max-heap, again not sorted): keys are hashed, so every
-  directory is a uniform sample of the cache, and the oldest 2% of a sample
-  are among the oldest of the whole cache.
+  calls at a million entries.  Without an order from a whole pass (a fresh
+  process; a cache of tens of millions whose order ran out), victims come
+  from the heap so far, but only its oldest ``PARTIAL_SHARE`` of the entries
+  seen (``PARTIAL_MAX`` at a time, popped from a copy made a max-heap):
+  keys are hashed, so every directory is a uniform sample of the cache, and
+  the oldest 2% of a sample are among the oldest of the whole cache.  Such
+  a process walks what supplies twice its eviction rate that way (about
+  ``100 * victims`` entries per write), not ``SCAN_MAX``: its first pass
+  takes longer, each of its writes less.
 
-Entries past ``expiration_time`` go first.  Memory is bounded: two lists of
-at most ``REMEMBERED`` small tuples and one open directory.
+Entries past ``expiration_time`` go first.  Memory is bounded: three lists
+of at most ``REMEMBERED`` small tuples (the order, the pass's heap, and the
+ended pass's heap and next order, together that size) and one open
+directory.  The tuples hold only ints and bytes, so the cyclic garbage
+collector stops tracking them at its first look: they add nothing to its
+pauses.
 
 A writer also recounts the accounting when a recount is due
 (``reconcile_interval``, or a file marked for one), a shard or two per write
@@ -91,9 +102,8 @@ _EXPIRY_RECHECK = 1.0  # seconds between re-judging the remembered order for exp
 # A remembered entry: (-rank, used_ns, inode, digest bytes, created_ns), where rank is the
 # last use (ns), or -1 if it had expired (it goes first).  Kept as small as a tuple gets.
 # The pass in progress keeps them in a min-heap (the youngest of the oldest seen on top,
-# to be replaced), the remembered order in a max-heap (the oldest on top, to be evicted):
-# the same list turns from one into the other by one heapify in C, where a sort of its
-# 32,768 entries took one write 45 ms, and 150 ms on a busy machine.
+# to be replaced); popped, that heap gives them youngest first: the remembered order,
+# whose end is the oldest, to be evicted.
 Remembered = tuple[int, int, int, bytes, int]
 
 if sys.version_info >= (3, 14):

@@ -235,6 +235,34 @@ def test_a_write_walks_a_bounded_share_and_never_the_whole_cache(cache_dir, monk
     assert passes <= 2 + 1.5 * evictions / eviction.REMEMBERED
 
 
+def test_an_ended_pass_becomes_the_order_a_bounded_step_per_write(cache_dir, monkeypatch):
+    """The heap of a pass that ended is popped into the next order CLOSE_STEP entries per
+    evicting write while the old order serves: all at once only when that ran out."""
+    monkeypatch.setattr(eviction, "EXACT_MAX", 500)
+    monkeypatch.setattr(eviction, "REMEMBERED", 256)
+    monkeypatch.setattr(eviction, "CLOSE_STEP", 16)
+    filler = _backend(cache_dir)
+    for i in range(3000):
+        filler.set_serialized(f"k{i}", b"v" * 50)
+    backend = _backend(cache_dir, cache_size=filler.stats()["bytes"])
+    evictor = backend.evictor
+    steps: list[tuple[int, int, bool]] = []  # (pops asked, heap left, order in hand)
+    close = evictor._close
+
+    def recording(count: int) -> None:
+        if evictor._closing:
+            steps.append((count, len(evictor._closing), bool(evictor._order)))
+        close(count)
+
+    monkeypatch.setattr(evictor, "_close", recording)
+    for i in range(1500):
+        backend.set_serialized(f"new{i}", b"v" * 50)
+    assert backend.stats()["evictions"] >= 1500
+    stepped = [left for count, left, _ in steps if count == eviction.CLOSE_STEP]
+    assert any(left > eviction.CLOSE_STEP for left in stepped)  # spread over writes
+    assert all(not in_hand for count, _, in_hand in steps if count > eviction.CLOSE_STEP)
+
+
 def _filled_to_the_limit(cache_dir: str, entries: int) -> PickleFSBackend:
     """A backend whose limit is what ``entries`` entries of one size take."""
     filler = _backend(cache_dir)
