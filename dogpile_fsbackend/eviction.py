@@ -49,12 +49,11 @@ check and is passed over.
   ``100 * victims`` entries per write), not ``SCAN_MAX``: its first pass
   takes longer, each of its writes less.
 
-Entries past ``expiration_time`` go first.  Memory is bounded: three lists
-of at most ``REMEMBERED`` small tuples (the order, the pass's heap, and the
-ended pass's heap and next order, together that size) and one open
-directory.  The tuples hold only ints and bytes, so the cyclic garbage
-collector stops tracking them at its first look: they add nothing to its
-pauses.
+Entries past ``expiration_time`` go first.  Memory is bounded: at most three
+times ``REMEMBERED`` small tuples (the order, the pass's heap, and an ended
+pass's heap with the next order popped from it) and one open directory.
+The tuples hold only ints and bytes, so the cyclic garbage collector stops
+tracking them at its first look: they add nothing to its pauses.
 
 A writer also recounts the accounting when a recount is due
 (``reconcile_interval``, or a file marked for one), a shard or two per write
