@@ -18,8 +18,8 @@ for another.  Both take the same oldest entries, so about half of what one
 takes the other has evicted: one lock-free ``lstat`` passes over those.
 
 Victims come from the *remembered order*: the least recently used entries of
-the last pass over the cache, in a max-heap (oldest on top), consumed by the
-following writes.  It stays the true LRU order without a new pass: every entry it lacks was
+the last pass over the cache, in a list newest first, popped from its end by
+the following writes.  It stays the true LRU order without a new pass: every entry it lacks was
 newer than all of it when the pass saw it, and stays so (times only move
 forward, and writes are newest), and an entry used since fails ``discard``'s
 check and is passed over.
@@ -30,20 +30,30 @@ check and is passed over.
   next few entries of an endless walk of the shard tree (an open directory
   iterator, kept between writes) into a bounded heap of the ``REMEMBERED``
   least recently used seen so far; when the walk has been round the whole
-  tree, the heap becomes the new remembered order (one heapify in C: the
-  sort it replaced took a write 45 to 150 ms).  Each write walks just
-  fast enough for the pass to end before the order in hand runs out at the
-  current eviction rate (``SCAN_MIN`` to ``SCAN_MAX`` entries): about
+  tree, the heap becomes the new remembered order: the following evicting
+  writes pop it, ``CLOSE_STEP`` entries each (about 1.5 ms), youngest first,
+  which makes the order newest first with no sort and no heapify (a sort
+  took one write 45 to 150 ms, a filter and heapify 20 to 35 ms: any
+  single go over 32,768 tuples scattered in memory is that slow here),
+  while the old order serves.  Each write walks just fast enough for the
+  pass to end before the order in hand runs out at the current eviction
+  rate (``SCAN_MIN`` to ``SCAN_MAX`` entries): about
   ``1.25 * entries * victims / REMEMBERED`` per write: 40 to 120 ``lstat``
-  calls at a million entries.  Were the order to run out first (a fresh process, or
-  a cache of tens of millions), victims come from the heap so far, but only
-  its oldest ``PARTIAL_SHARE`` of the entries seen (popped from a copy made a
-  max-heap, again not sorted): keys are hashed, so every
-  directory is a uniform sample of the cache, and the oldest 2% of a sample
-  are among the oldest of the whole cache.
+  calls at a million entries.  Without an order from a whole pass (a fresh
+  process; a cache of tens of millions whose order ran out), victims come
+  from the heap so far, but only its oldest ``PARTIAL_SHARE`` of the entries
+  seen (``PARTIAL_MAX`` at a time, popped from a copy made a max-heap):
+  keys are hashed, so every directory is a uniform sample of the cache, and
+  the oldest 2% of a sample are among the oldest of the whole cache.  Such
+  a process walks what supplies twice its eviction rate that way (about
+  ``100 * victims`` entries per write), not ``SCAN_MAX``: its first pass
+  takes longer, each of its writes less.
 
-Entries past ``expiration_time`` go first.  Memory is bounded: two lists of
-at most ``REMEMBERED`` small tuples and one open directory.
+Entries past ``expiration_time`` go first.  Memory is bounded: at most three
+times ``REMEMBERED`` small tuples (the order, the pass's heap, and an ended
+pass's heap with the next order popped from it) and one open directory.
+The tuples hold only ints and bytes, so the cyclic garbage collector stops
+tracking them at its first look: they add nothing to its pauses.
 
 A writer also recounts the accounting when a recount is due
 (``reconcile_interval``, or a file marked for one), a shard or two per write
@@ -78,6 +88,8 @@ STEP_BUDGET_NS = 1_000_000  # ... while its eviction step has taken less than th
 REMEMBERED = 32_768  # least recently used entries a pass remembers (a few MB)
 SCAN_MIN, SCAN_MAX = 16, 256  # entries an evicting write walks over in a bigger cache
 PARTIAL_SHARE = 0.02  # of the entries a pass has seen, the oldest that may go before it ends
+PARTIAL_MAX = 4096  # entries taken from part of a pass at a time
+CLOSE_STEP = 512  # entries of a pass that ended an evicting write pops into the next order
 RECHECK_SHARE = 0.01  # of a limit: a write this close under it confirms it by a snapshot
 HARD_SCAN = 4096  # entries a write may walk over to find victims when over the limit
 ROOM_VICTIMS = 64  # entries a write that found the disk full evicts before its retry
@@ -89,9 +101,8 @@ _EXPIRY_RECHECK = 1.0  # seconds between re-judging the remembered order for exp
 # A remembered entry: (-rank, used_ns, inode, digest bytes, created_ns), where rank is the
 # last use (ns), or -1 if it had expired (it goes first).  Kept as small as a tuple gets.
 # The pass in progress keeps them in a min-heap (the youngest of the oldest seen on top,
-# to be replaced), the remembered order in a max-heap (the oldest on top, to be evicted):
-# the same list turns from one into the other by one heapify in C, where a sort of its
-# 32,768 entries took one write 45 ms, and 150 ms on a busy machine.
+# to be replaced); popped, that heap gives them youngest first: the remembered order,
+# whose end is the oldest, to be evicted.
 Remembered = tuple[int, int, int, bytes, int]
 
 if sys.version_info >= (3, 14):
@@ -125,7 +136,7 @@ class Evictor:
             max_entries - max(1.0, max_entries * RECHECK_SHARE),
         )
         self._draining = False
-        self._order: list[Remembered] = []  # a max-heap: heappop_max() gives the oldest
+        self._order: list[Remembered] = []  # newest first: pop() gives the oldest
         self._order_whole = False  # it comes from a whole pass (not from part of one)
         self._expiry_checked = 0.0
         self._rate = 1.0  # entries taken from the order per evicting write (moving average)
@@ -136,6 +147,11 @@ class Evictor:
         self._shards_left = store.layout.shard_count
         self._seen = 0
         self._gone: set[bytes] = set()
+        # The pass that ended: its heap, popped into the next order a step per write, and
+        # what was tried during it.
+        self._closing: list[Remembered] = []
+        self._next: list[Remembered] = []
+        self._closing_gone: set[bytes] = set()
         self._recount: _Recount | None = None
         _LIVE.add(self)
 
@@ -217,13 +233,14 @@ class Evictor:
                 self._order.clear()  # part of a pass is not the exact order: make one
         else:
             self._walk_on(self._walk_size())
+            self._close(CLOSE_STEP)
         budget = [HARD_SCAN, _PASSES]  # entries left to walk, passes left, in this write
         victims = extra = taken = 0  # extra: victims while within the limits
         while True:
             over = store.last_total > size or store.last_entries > max_entries
             spent = not over and (extra >= cap or time.monotonic_ns() >= deadline)
             if self._under(target):  # expired entries at hand go all the same (misses)
-                if spent or not (self._order and self._order[0][0] > 0):
+                if spent or not (self._order and self._order[-1][0] > 0):
                     break
             elif spent:
                 break
@@ -260,6 +277,9 @@ class Evictor:
         """The oldest entry remembered; when there is none, what is known of the pass in
         progress, or (if a victim is needed) more of a pass, within ``budget``."""
         while not self._order:
+            if self._closing:  # the pass that ended: its order now, in one go
+                self._close(len(self._closing))
+                continue
             if self._heap and not small:  # part of a pass: only its oldest are surely old
                 self._order = self._oldest_untried(max(1, int(PARTIAL_SHARE * self._seen)))
                 self._order_whole = False
@@ -279,18 +299,19 @@ class Evictor:
                 if not self._heap:
                     return None  # nothing to find: an empty cache
         self._recheck_expiry()
-        return heappop_max(self._order)
+        return self._order.pop()
 
     def _oldest_untried(self, count: int) -> list[Remembered]:
-        """The ``count`` oldest entries of the pass in progress that no write has tried,
-        oldest first (so a max-heap): a heapify and pops in C, not a sort."""
+        """The oldest entries of the pass in progress that no write has tried, ``count``
+        (at most ``PARTIAL_MAX``), newest first: pops from a copy made a max-heap."""
         part = self._heap.copy()
         heapify_max(part)
         oldest: list[Remembered] = []
-        while part and len(oldest) < count:
+        while part and len(oldest) < min(count, PARTIAL_MAX):
             entry = heappop_max(part)
             if entry[3] not in self._gone:
                 oldest.append(entry)
+        oldest.reverse()
         return oldest
 
     def _recheck_expiry(self) -> None:
@@ -302,15 +323,17 @@ class Evictor:
         self._expiry_checked = now
         limit = (now - store.settings.expiration_time) * 1e9  # created before this: expired
         if any(e[0] < 0 < e[4] < limit for e in self._order):
-            self._order = [(1, *e[1:]) if 0 < e[4] < limit else e for e in self._order]
-            heapify_max(self._order)
+            expired = [(1, *e[1:]) for e in self._order if 0 < e[4] < limit]
+            self._order = [e for e in self._order if not 0 < e[4] < limit] + expired
 
     # -- passes over the cache -------------------------------------------------------
 
-    def _remembered(self, digest: str, info: os.stat_result, now: float) -> Remembered:
-        store = self.store
-        created = info.st_atime_ns if store.settings.expiration_time is not None else 0
-        rank = -1 if store.is_expired(info.st_atime_ns / 1e9, now) else info.st_mtime_ns
+    def _rank(self, info: os.stat_result, now: float) -> int:
+        """An entry's place in the order: its last use, or -1 if it has expired."""
+        return -1 if self.store.is_expired(info.st_atime_ns / 1e9, now) else info.st_mtime_ns
+
+    def _judged(self, rank: int, digest: str, info: os.stat_result) -> Remembered:
+        created = info.st_atime_ns if self.store.settings.expiration_time is not None else 0
         return (-rank, info.st_mtime_ns, info.st_ino, bytes.fromhex(digest), created)
 
     def _whole_pass(self) -> None:
@@ -322,26 +345,31 @@ class Evictor:
         for shard in range(store.layout.shard_count):
             for directory in tree.leaf_dirs(store, shard)[0]:
                 for digest, info in tree.record_stats(store, directory):
-                    order.append(self._remembered(digest, info, now))
+                    order.append(self._judged(self._rank(info, now), digest, info))
                 whole = len(order) <= 2 * EXACT_MAX
                 if not whole:  # far more than the counters say: the oldest of those seen
                     break
             if not whole:
                 break
-        heapify_max(order)
+        order.sort()
         self._order, self._order_whole = order, whole
+        self._closing, self._next = [], []
         self._gone = set()  # no pass is in progress in a small cache: this is all it tried
         self._expiry_checked = now
 
     def _walk_size(self) -> int:
         """Entries to walk in this write: enough for the pass to end before the order in
-        hand runs out at the current rate of eviction."""
-        if not self._order:
-            return SCAN_MAX
-        writes_left = len(self._order) / max(self._rate, 1.0)
-        work_left = max(0, self.store.last_entries - self._seen)
-        work_left += self._shards_left * _DIR_COST
-        return max(SCAN_MIN, min(SCAN_MAX, math.ceil(1.25 * work_left / writes_left)))
+        hand runs out at the current rate of eviction.  Without an order from a whole pass
+        (a fresh process), enough for the pass's oldest share to supply twice that rate:
+        its first pass takes longer, each of its writes less."""
+        rate = max(self._rate, 1.0)
+        if self._order_whole and self._order:
+            work_left = max(0, self.store.last_entries - self._seen)
+            work_left += self._shards_left * _DIR_COST
+            need = 1.25 * work_left * rate / len(self._order)
+        else:
+            need = 2 * rate / PARTIAL_SHARE
+        return max(SCAN_MIN, min(SCAN_MAX, math.ceil(need)))
 
     def _walk_on(self, count: int) -> int:
         """Walk over ``count`` entries' worth of work into the pass's heap; the work done."""
@@ -367,22 +395,42 @@ class Evictor:
             else:
                 work += 1
                 self._seen += 1
-                entry = self._remembered(*item, now)
+                digest, info = item
+                rank = self._rank(info, now)
                 if len(heap) < REMEMBERED:
-                    heapq.heappush(heap, entry)
-                elif entry > heap[0]:
-                    heapq.heapreplace(heap, entry)
+                    heapq.heappush(heap, self._judged(rank, digest, info))
+                elif -rank >= heap[0][0]:  # else newer than all it keeps: no tuple made
+                    entry = self._judged(rank, digest, info)
+                    if entry > heap[0]:
+                        heapq.heapreplace(heap, entry)
         return work
 
     def _end_pass(self) -> None:
-        """The walk has been round the tree: what it remembers is the order now."""
-        self._order = [entry for entry in self._heap if entry[3] not in self._gone]
-        heapify_max(self._order)
-        self._order_whole = True
+        """The walk has been round the tree: what it remembers becomes the next order, as
+        the following writes pop it (``_close``), and a new pass begins."""
+        self._close(len(self._closing))  # the pass before's, should it be unfinished
+        self._closing, self._closing_gone = self._heap, self._gone
         self._heap, self._gone = [], set()
         self._shards_left = self.store.layout.shard_count
         self._seen = 0
-        self._expiry_checked = time.time()
+
+    def _close(self, count: int) -> None:
+        """Pop ``count`` more of the pass that ended into the next order, passing over
+        what was tried since; once all are popped, that is the order.  Its heap pops
+        youngest first, so the order comes out newest first, no sort, no heapify: at the
+        pass's end those took one write 20 to 35 ms (32,768 scattered tuples)."""
+        closing, order = self._closing, self._next
+        if not closing:
+            return
+        tried, gone = self._closing_gone, self._gone
+        for _ in range(min(count, len(closing))):
+            entry = heapq.heappop(closing)
+            if entry[3] not in tried and entry[3] not in gone:
+                order.append(entry)
+        if not closing:
+            self._order, self._order_whole, self._next = order, True, []
+            self._closing_gone = set()
+            self._expiry_checked = time.time()
 
     # -- recounting, when due ---------------------------------------------------------
 

@@ -203,16 +203,21 @@ def test_a_pass_spread_over_the_writes_evicts_in_true_lru_order(cache_dir, write
 # -- bounded work per write ----------------------------------------------------------------
 
 
-def test_a_write_walks_a_bounded_share_and_never_the_whole_cache(cache_dir, monkeypatch):
-    """Above EXACT_MAX entries no write makes a pass in one go: each walks at most
-    SCAN_MAX entries, plus HARD_SCAN if it must find victims to get under the limit; and
-    over many writes the walk is what a pass per REMEMBERED evictions takes."""
+def _spread_passes_at_the_limit(cache_dir: str, monkeypatch) -> PickleFSBackend:
+    """3,000 entries at their limit, with sizes that spread each pass over the writes."""
     monkeypatch.setattr(eviction, "EXACT_MAX", 500)
     monkeypatch.setattr(eviction, "REMEMBERED", 256)
     filler = _backend(cache_dir)
     for i in range(3000):
         filler.set_serialized(f"k{i}", b"v" * 50)
-    backend = _backend(cache_dir, cache_size=filler.stats()["bytes"])
+    return _backend(cache_dir, cache_size=filler.stats()["bytes"])
+
+
+def test_a_write_walks_a_bounded_share_and_never_the_whole_cache(cache_dir, monkeypatch):
+    """Above EXACT_MAX entries no write makes a pass in one go: each walks at most
+    SCAN_MAX entries, plus HARD_SCAN if it must find victims to get under the limit; and
+    over many writes the walk is what a pass per REMEMBERED evictions takes."""
+    backend = _spread_passes_at_the_limit(cache_dir, monkeypatch)
     evictor = backend.evictor
     walked = []
     walk_on = evictor._walk_on
@@ -233,6 +238,29 @@ def test_a_write_walks_a_bounded_share_and_never_the_whole_cache(cache_dir, monk
     # for every ~0.8 REMEMBERED entries taken, and the first one besides.
     passes = sum(walked) / (3000 + 256 * eviction._DIR_COST)
     assert passes <= 2 + 1.5 * evictions / eviction.REMEMBERED
+
+
+def test_an_ended_pass_becomes_the_order_a_bounded_step_per_write(cache_dir, monkeypatch):
+    """The heap of a pass that ended is popped into the next order CLOSE_STEP entries per
+    evicting write while the old order serves: all at once only when that ran out."""
+    monkeypatch.setattr(eviction, "CLOSE_STEP", 16)
+    backend = _spread_passes_at_the_limit(cache_dir, monkeypatch)
+    evictor = backend.evictor
+    steps: list[tuple[int, int, bool]] = []  # (pops asked, heap left, order in hand)
+    close = evictor._close
+
+    def recording(count: int) -> None:
+        if evictor._closing:
+            steps.append((count, len(evictor._closing), bool(evictor._order)))
+        close(count)
+
+    monkeypatch.setattr(evictor, "_close", recording)
+    for i in range(1500):
+        backend.set_serialized(f"new{i}", b"v" * 50)
+    assert backend.stats()["evictions"] >= 1500
+    stepped = [left for count, left, _ in steps if count == eviction.CLOSE_STEP]
+    assert any(left > eviction.CLOSE_STEP for left in stepped)  # spread over writes
+    assert all(not in_hand for count, _, in_hand in steps if count > eviction.CLOSE_STEP)
 
 
 def _filled_to_the_limit(cache_dir: str, entries: int) -> PickleFSBackend:
