@@ -19,7 +19,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .exceptions import BookkeepingError
 
@@ -101,6 +101,18 @@ def not_a_regular_file(path: str, problem: str, code: int) -> BookkeepingError:
         "remove it (the cache re-creates it) or point base_dir at another directory",
         path,
     )
+
+
+def lock_retries(seconds: float) -> Iterator[bool]:
+    """Pauses between tries of a lock another process holds for milliseconds (1 ms,
+    doubling to 50 ms), each ``next()`` one, for ``seconds`` from the first; then none
+    (``next(retries, False)`` is False): the holder is stopped or hung, and the caller
+    raises naming the file."""
+    deadline, delay = time.monotonic() + seconds, 0.001
+    while time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+        yield True
 
 
 def pread_fully(fd: int, size: int, offset: int = 0) -> bytes:

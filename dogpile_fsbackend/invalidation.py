@@ -74,7 +74,7 @@ from dogpile.cache.region import RegionInvalidationStrategy
 from . import layout
 from .config import parse_base_dir, parse_mode
 from .exceptions import ConfigError, FSBackendError
-from .files import make_dir, pread_fully
+from .files import lock_retries, make_dir, pread_fully
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,6 @@ _UNREADABLE_ERRNOS = frozenset(
 # dogpile's get_or_create asks is_hard_invalidated(ct), then is_soft_invalidated(ct):
 # the second answer comes from the first one's check if it follows within this time.
 _PAIR_NS = 10_000_000
-_RETRY_FIRST, _RETRY_MAX = 0.001, 0.05  # seconds between tries of a taken lock
 LOCK_WAIT = 10.0  # seconds an invalidation waits for another writer (who needs a few ms)
 _MISSING: tuple[Any, ...] = ("missing",)
 _NOT_LOOKED: tuple[Any, ...] = ("not looked yet",)
@@ -527,8 +526,7 @@ class SharedInvalidation(RegionInvalidationStrategy):
         A lock held past ``LOCK_WAIT`` (its holder stopped or hung) raises
         FSBackendError naming the lock file.
         """
-        delay = _RETRY_FIRST
-        deadline = time.monotonic() + LOCK_WAIT
+        retries = lock_retries(LOCK_WAIT)
         while _WRITING.acquire(blocking=wait):
             try:
                 fd = self._open_lock_file()
@@ -546,14 +544,12 @@ class SharedInvalidation(RegionInvalidationStrategy):
                 _WRITING.release()
             if not wait:
                 break
-            if time.monotonic() >= deadline:
+            if not next(retries, False):  # a pause before the next try, unless none is left
                 raise FSBackendError(
                     f"{self._lock_path} has been held by another process for over "
                     f"{LOCK_WAIT:g} s (a stopped or hung process?): the invalidation was not "
                     "recorded; retry, or end the process that holds it (fuser shows it)"
                 )
-            time.sleep(delay)  # another process is writing: a few ms at most
-            delay = min(2 * delay, _RETRY_MAX)
         yield False
 
     @property

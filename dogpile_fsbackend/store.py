@@ -85,7 +85,7 @@ def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
     path = os.path.join(base_dir, paths.MAINTENANCE_LOCK_NAME)
     fd = open_shared(path, mode)
     with os.fdopen(fd, "r+b") as handle:
-        deadline, delay = time.monotonic() + SETUP_WAIT, 0.001
+        retries = files.lock_retries(SETUP_WAIT)
         while True:
             try:
                 portalocker.lock(
@@ -93,7 +93,7 @@ def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
                 )
                 break
             except portalocker.LockException:  # 2.x raises this, later versions a subclass
-                if time.monotonic() >= deadline:
+                if not next(retries, False):  # a pause before the next try, unless none left
                     raise BookkeepingError(
                         errno.EWOULDBLOCK,
                         f"{path} has been held by another process for over {SETUP_WAIT:g} s "
@@ -101,8 +101,6 @@ def maintenance_lock(base_dir: str, mode: int = 0o600) -> Iterator[None]:
                         "(fuser shows it), then start again",
                         path,
                     ) from None
-                time.sleep(delay)
-                delay = min(2 * delay, 0.05)
         try:
             yield
         finally:
