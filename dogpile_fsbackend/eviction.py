@@ -47,7 +47,12 @@ check and is passed over.
   the oldest 2% of a sample are among the oldest of the whole cache.  Such
   a process walks what supplies twice its eviction rate that way (about
   ``100 * victims`` entries per write), not ``SCAN_MAX``: its first pass
-  takes longer, each of its writes less.
+  takes longer, each of its writes less.  Part of a pass supplies only the
+  victims a write needs to get under the limit, never the extra ones; and a
+  whole order that ran out before the walk ended its pass (the walk fell
+  behind a burst of evictions) is followed by the rest of that pass, if
+  ``HARD_SCAN`` covers it, before part of it: so what goes stays in LRU
+  order.
 
 Entries past ``expiration_time`` go first.  Memory is bounded: at most three
 times ``REMEMBERED`` small tuples (the order, the pass's heap, and an ended
@@ -275,10 +280,25 @@ class Evictor:
 
     def _take(self, small: bool, must: bool, budget: list[int]) -> Remembered | None:
         """The oldest entry remembered; when there is none, what is known of the pass in
-        progress, or (if a victim is needed) more of a pass, within ``budget``."""
+        progress, or (if a victim is needed) more of a pass, within ``budget``.
+
+        A whole order that ran out before the walk ended its pass (the walk fell
+        behind) is followed by the rest of that pass if the budget covers it, so
+        what goes stays in LRU order; only then by part of the pass.  Extra victims
+        (``must`` false) come only from a whole order.
+        """
+        if not (must or small or self._order_whole):
+            return None
+        ending_tried = False
         while not self._order:
             if self._closing:  # the pass that ended: its order now, in one go
                 self._close(len(self._closing))
+                continue
+            if self._order_whole and not small and not ending_tried:
+                if not must:
+                    return None
+                ending_tried = True
+                budget[0] -= self._walk_on(budget[0], to_pass_end=True)
                 continue
             if self._heap and not small:  # part of a pass: only its oldest are surely old
                 self._order = self._oldest_untried(max(1, int(PARTIAL_SHARE * self._seen)))
@@ -371,8 +391,9 @@ class Evictor:
             need = 2 * rate / PARTIAL_SHARE
         return max(SCAN_MIN, min(SCAN_MAX, math.ceil(need)))
 
-    def _walk_on(self, count: int) -> int:
-        """Walk over ``count`` entries' worth of work into the pass's heap; the work done."""
+    def _walk_on(self, count: int, to_pass_end: bool = False) -> int:
+        """Walk over ``count`` entries' worth of work into the pass's heap (or less, to the
+        end of the pass in progress); the work done."""
         store = self.store
         if self._walk is None:
             self._walk = _walk(store, random.randrange(store.layout.shard_count))
@@ -391,6 +412,8 @@ class Evictor:
                 self._shards_left -= 1
                 if self._shards_left <= 0:
                     self._end_pass()
+                    if to_pass_end:
+                        break
                     heap = self._heap
             else:
                 work += 1

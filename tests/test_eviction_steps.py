@@ -200,6 +200,38 @@ def test_a_pass_spread_over_the_writes_evicts_in_true_lru_order(cache_dir, write
     assert all(_present(filler, f"new-{w}-{i}") for w in range(writers) for i in range(5))
 
 
+def test_a_walk_that_fell_behind_ends_its_pass_rather_than_evict_out_of_order(
+    cache_dir, monkeypatch
+):
+    """When the order from a whole pass runs out before the walk has ended the next pass
+    (the walk fell behind), the write that needs a victim walks the rest of that pass
+    (within HARD_SCAN) and evicts from its whole order, not from part of it; and no extra
+    victim comes from part of a pass.  What went is still exactly the oldest entries."""
+    for name, value in BIG_CACHE_PATHS.items():
+        monkeypatch.setattr(eviction, name, value)
+    filler = _backend(cache_dir)
+    keys = [f"old-{rank:04d}" for rank in range(FILLED)]
+    for key in keys:
+        filler.set_serialized(key, b"o" * 100)
+    _age_in_order(filler, keys)
+    backend = _backend(cache_dir, cache_size=filler.stats()["bytes"])
+    evictor = backend.evictor
+    writes = 0
+    while not evictor._order_whole:  # a fresh process: part of a pass until one ends
+        backend.set_serialized(f"new-{writes}", b"n" * 100)
+        writes += 1
+    monkeypatch.setattr(evictor, "_walk_size", lambda: eviction.SCAN_MIN)  # falls behind
+    ran_out = 0
+    for i in range(400):
+        ran_out += not evictor._order and not evictor._closing
+        backend.set_serialized(f"new-{writes + i}", b"n" * 100)
+        assert evictor._order_whole
+    assert ran_out >= 2  # the order of 128 ran out, more than once, with the walk behind
+    gone = [key for key in keys if not _present(filler, key)]
+    assert len(gone) >= writes + 400
+    assert gone == keys[: len(gone)]
+
+
 # -- bounded work per write ----------------------------------------------------------------
 
 
