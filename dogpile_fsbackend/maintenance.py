@@ -60,6 +60,7 @@ _RESERVE_SLACK = 1024  # entries kept beyond the cut, for what reads outdate mea
 _RESERVE_MAX = 50_000  # entries prune keeps at once at most (about 15 MB)
 _CLEAR_CHUNK = 256  # files one shard hold of clear unlinks at most ...
 _CLEAR_HOLD = 0.02  # ... and seconds it lasts at most (a slow disk unlinks in ~1 ms)
+_CLEAR_PAUSE = 0.001  # seconds clear waits between holds: a writer waiting gets the lock
 log = logging.getLogger(__name__)
 
 # An entry's identity as an lstat saw it: (inode, mtime, ctime) in ns.  A rewrite, a read
@@ -556,6 +557,9 @@ def clear(store: Store, progress: Progress | None = None) -> PruneResult:
             names = _clearable(store, directory)
             while names:
                 _clear_chunk(store, shard, names, result)
+                # POSIX locks are not fair: a writer woken by the release would find the lock
+                # taken again (it waited up to 290 ms at a million entries without this).
+                time.sleep(_CLEAR_PAUSE)
         recount_shard(store, shard)
         if progress:
             progress(1)

@@ -499,6 +499,57 @@ def test_clear_while_another_process_writes(cache_dir):
     assert backend.stats()["entries"] == 0
 
 
+def _keys_in_shard(backend, shard: int, count: int) -> list[str]:
+    found: list[str] = []
+    for i in itertools.count():
+        key = f"s{i}"
+        if backend.store.layout.shard_index(layout.key_digest(key.encode())) == shard:
+            found.append(key)
+            if len(found) == count:
+                return found
+    raise AssertionError("unreachable")
+
+
+def _shard_writer(base_dir, key, clearing, results):
+    backend = _backend(base_dir)
+    assert clearing.wait(WAIT)
+    backend.set_serialized(key, b"w" * 100)  # waits for the shard lock clear takes in turns
+    results.put(time.monotonic())
+
+
+def test_a_writer_gets_in_between_the_holds_of_a_clear_of_its_shard(cache_dir, monkeypatch):
+    """clear() empties a shard a chunk per hold of its lock and pauses between holds: a
+    writer waiting for that shard gets the lock then, long before the shard is empty
+    (POSIX locks are not fair: without the pause, the clearing process took the lock
+    again before the woken writer ran, and writers waited up to 290 ms at a million
+    entries)."""
+    backend = _backend(cache_dir)
+    *filled, late = _keys_in_shard(backend, 0, 2001)
+    backend.set_serialized_multi(dict.fromkeys(filled, b"v" * 100))
+    monkeypatch.setattr(maintenance, "_CLEAR_CHUNK", 4)  # 500 holds of the shard's lock
+    clearing, results = SPAWN.Event(), SPAWN.Queue()
+    proc = SPAWN.Process(target=_shard_writer, args=(cache_dir, late, clearing, results))
+    proc.start()
+    chunk = maintenance._clear_chunk
+    holds = []
+
+    def announcing(store, shard, paths, result):
+        holds.append(shard)
+        if len(holds) == 10:
+            clearing.set()
+        chunk(store, shard, paths, result)
+
+    monkeypatch.setattr(maintenance, "_clear_chunk", announcing)
+    shards_done: list[float] = []
+    maintenance.clear(backend.store, lambda done: shards_done.append(time.monotonic()))
+    written = results.get(timeout=WAIT)
+    proc.join(WAIT)
+    assert proc.exitcode == 0
+    assert holds.count(0) >= 500 and clearing.is_set()
+    assert written < shards_done[0]  # the writer was in before shard 0 was empty
+    assert backend.get_serialized(late) == b"w" * 100  # listed before it came: it stays
+
+
 def test_a_value_between_the_low_water_mark_and_the_limit_is_refused_not_a_cache_wipe(
     cache_dir,
 ):
