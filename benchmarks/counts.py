@@ -3,9 +3,10 @@
 Both counts come from child processes that run one operation N times (see
 opcases.py), so that only the operation is counted:
 
-- **syscalls per op**: the operation's loop runs under ``strace -f -c``, and
-  so does its baseline loop, in a second child with the same preparation,
-  set-up and warm-up; (loop - baseline) / N, per syscall name.  The baseline
+- **syscalls per op**: the operation's loop runs under ``strace -f``, and so
+  does its baseline loop, in a second child with the same preparation, set-up
+  and warm-up; only the calls between two marker calls around the loop count
+  (start-up and one-time work stay out); (loop - baseline) / N, per syscall name.  The baseline
   is the caller's own share of the loop (nothing, or opening the file handed
   to a raw set).
 - **instructions per op**: one child under callgrind runs every case's
@@ -78,7 +79,7 @@ def count_syscalls(cases: Sequence[Case], n: int, workdir: str) -> dict[Case, di
         command = tracing.opcases_command(
             "run", case.subject, str(case.size), case.op, mode, directory, str(n)
         )
-        return tracing.strace_counts(command, directory + ".strace", env)
+        return tracing.strace_marked_counts(command, directory + ".strace", env)
 
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
@@ -194,9 +195,10 @@ def counts(params: Params, workdir: str) -> WorkloadResult:
         )
     table.notes += [
         f"syscalls/op: the operation's loop ({params.counts_strace_n} ops) and its baseline "
-        "loop each run in a fresh child under `strace -f -c` with the same preparation, set-up "
-        f"and warm-up ({opcases.WARM} ops of every kind); (loop - baseline) / N, failed calls "
-        "included. The baseline is the caller's own share: nothing, or opening and closing the "
+        "loop each run in a fresh child under `strace -f` with the same preparation, set-up "
+        f"and warm-up ({opcases.WARM} ops of every kind); only the calls between two marker "
+        "calls around the loop count; (loop - baseline) / N, failed calls included. The "
+        "baseline is the caller's own share: nothing, or opening and closing the "
         "file handed to a raw set.",
         f"instructions/op: user-space instructions (callgrind Ir) of {params.counts_callgrind_n} "
         "ops minus the same baseline loop, counted between marker calls (callgrind "

@@ -14,9 +14,11 @@ Run as a script, this module is that child (see counts.py)::
     python opcases.py run SUBJECT SIZE OP MODE DIR N      # MODE: op or baseline
     python opcases.py marked N JSON                       # for callgrind markers
 
-``marked`` runs each listed operation's baseline loop and then its body loop,
-each between ``os.getppid()`` and ``os.getsid(0)``: callgrind started with
-``--zero-before=getppid --dump-before=getsid`` writes one profile per loop.
+Every counted loop runs between ``os.getppid()`` and ``os.getsid(0)``.
+``run`` runs one loop, and strace counts only the calls between those two;
+``marked`` runs each listed operation's baseline loop and then its body loop:
+callgrind started with ``--zero-before=getppid --dump-before=getsid`` writes
+one profile per loop.
 """
 
 from __future__ import annotations
@@ -453,8 +455,10 @@ def _run(name: str, size: int, op: str, mode: str, directory: str, n: int) -> No
     loops = subject(name, size).open(directory, n)
     _warm(loops)
     step = loops[op].body if mode == "op" else loops[op].baseline
+    os.getppid()  # strace: counting starts (tracing.strace_marked_counts)
     for i in measured(n):
         step(i)
+    os.getsid(0)  # strace: counting ends
 
 
 def _marked(n: int, plan: list[dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ entries from several processes, sets its limit to exactly that size and runs
 two evicting writers, a hot reader and a limit monitor at once: it needs about
 6 GiB and 1.1 million inodes free under ``--tmp``.  Workload 11 (counts,
 counts.py) and the syscalls/op column of workload 1 run each operation N times
-in a child under ``strace -f -c`` and ``valgrind --tool=callgrind``; without
+in a child under ``strace -f`` and ``valgrind --tool=callgrind``; without
 those tools (CI does not install them) the counts are skipped with a note.
 """
 

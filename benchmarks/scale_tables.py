@@ -159,8 +159,8 @@ def tables(params: Params, records: list[dict[str, Any]]) -> tuple[Table, Table,
         "diskcache: cull, check, clear), each in a fresh process, with a limit equal to what "
         "the cache holds at the start of the round (so the writer's sets must evict), while "
         "a second fresh process sets new keys from the moment the operation starts (an event "
-        "set just before the call) until it is done; which of them takes the eviction lock "
-        "first is a race.",
+        "set just before the call) until it is done (ours have no eviction lock: the two "
+        "meet only on a shard's lock; diskcache's share its database's).",
         "sets meanwhile / writer max: the writer's sets whose duration overlaps the operation, "
         "and the longest of them; 'of it during the op': the longest part of one set that fell "
         "inside the operation (a set blocked by the operation may go on to evict for itself "

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ZERO_MARKER, DUMP_MARKER = "getppid", "getsid"  # what opcases.py calls around each loop
@@ -57,6 +57,39 @@ def strace_counts(command: Sequence[str], output: str, env: dict[str, str]) -> C
     run_checked([strace, "-f", "-c", "-o", output, *command], env)
     with open(output) as handle:
         return parse_strace_summary(handle.read())
+
+
+def strace_marked_counts(command: Sequence[str], output: str, env: dict[str, str]) -> Counter[str]:
+    """Calls per syscall name (failed calls included) that ``command`` and its threads
+    make between its ``ZERO_MARKER`` and ``DUMP_MARKER`` calls: only the loop, so that
+    start-up and one-time work that depends on timing (a due recount, a lazy import)
+    never leaks into a count."""
+    strace = strace_path()
+    if strace is None:
+        raise RuntimeError("strace is not installed")
+    run_checked([strace, "-f", "-o", output, *command], env)
+    with open(output) as handle:
+        return parse_strace_between_markers(handle)
+
+
+def parse_strace_between_markers(lines: Iterable[str]) -> Counter[str]:
+    """Syscall names of ``strace -f -o`` lines (``PID name(args) = result``) between the
+    first ``ZERO_MARKER`` call and the next ``DUMP_MARKER`` call, each call once (its
+    ``<... name resumed>`` half is not counted again; signals and exits are no calls)."""
+    counts: Counter[str] = Counter()
+    counting = False
+    for line in lines:
+        _, _, call = line.partition(" ")
+        name, paren, _ = call.lstrip().partition("(")
+        if not paren or not name.isidentifier():
+            continue  # "<... name resumed>", "--- SIGCHLD ...", "+++ exited ..."
+        if name == ZERO_MARKER and not counting:
+            counting = True
+        elif name == DUMP_MARKER and counting:
+            return counts
+        elif counting:
+            counts[name] += 1
+    raise ValueError(f"no {ZERO_MARKER}() ... {DUMP_MARKER}() loop in the strace output")
 
 
 def parse_strace_summary(text: str) -> Counter[str]:

@@ -156,8 +156,9 @@ def _syscall_note(params: Params, syscalls: dict[Case, dict[str, float]]) -> str
         return f"syscalls/op: n/a, {MISSING_STRACE}."
     sizes = ", ".join(size_label(size) for size in params.small_syscall_sizes)
     return (
-        f"syscalls/op ({sizes}): strace -f -c of {params.small_syscalls_n} ops in a child "
-        "process minus an empty-loop baseline, divided by N (workload 11 has them by name, "
+        f"syscalls/op ({sizes}): strace -f of a loop of {params.small_syscalls_n} ops in a "
+        "child process (only the calls between two marker calls around it) minus an "
+        "empty-loop baseline, divided by N (workload 11 has them by name, "
         "with instruction counts). dogpile_filesystem lists and stats its directory on every "
         "set and dogpile.cache.dbm reads its index on every call, so their counts grow with "
         "the entries (here about 2N)."
