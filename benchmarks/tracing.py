@@ -1,5 +1,5 @@
-"""Deterministic counts of a child process: syscalls (``strace -f -c``) and instructions
-(``valgrind --tool=callgrind``).
+"""Deterministic counts of a child process: syscalls (``strace -f``, between marker
+calls) and instructions (``valgrind --tool=callgrind``).
 
 Wall times on a shared 2-core VM swing by 30% or more; these counts do not.
 Both tools are Debian packages (``apt-get install strace valgrind``); when one
@@ -49,16 +49,6 @@ def run_checked(command: Sequence[str], env: dict[str, str]) -> None:
         raise RuntimeError(f"{' '.join(command[:6])} ... failed:\n" + "\n".join(tail))
 
 
-def strace_counts(command: Sequence[str], output: str, env: dict[str, str]) -> Counter[str]:
-    """Calls per syscall name (failed calls included) of ``command`` and its children."""
-    strace = strace_path()
-    if strace is None:
-        raise RuntimeError("strace is not installed")
-    run_checked([strace, "-f", "-c", "-o", output, *command], env)
-    with open(output) as handle:
-        return parse_strace_summary(handle.read())
-
-
 def strace_marked_counts(command: Sequence[str], output: str, env: dict[str, str]) -> Counter[str]:
     """Calls per syscall name (failed calls included) that ``command`` and its threads
     make between its ``ZERO_MARKER`` and ``DUMP_MARKER`` calls: only the loop, so that
@@ -90,21 +80,6 @@ def parse_strace_between_markers(lines: Iterable[str]) -> Counter[str]:
         elif counting:
             counts[name] += 1
     raise ValueError(f"no {ZERO_MARKER}() ... {DUMP_MARKER}() loop in the strace output")
-
-
-def parse_strace_summary(text: str) -> Counter[str]:
-    """The ``calls`` column of ``strace -c`` by syscall name.
-
-    Rows read ``% time, seconds, usecs/call, calls, [errors], syscall``; the
-    errors column is blank when no call failed.
-    """
-    counts: Counter[str] = Counter()
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 5 or fields[-1] == "total" or not fields[0][0].isdigit():
-            continue
-        counts[fields[-1]] += int(fields[3])
-    return counts
 
 
 def callgrind_loops(command: Sequence[str], out_dir: str, env: dict[str, str]) -> list[int]:

@@ -489,13 +489,17 @@ _Walk = Generator[tuple[str, os.stat_result] | int | None, None, None]
 def _walk(store: Store, shard: int) -> _Walk:
     """Every record of the cache, shard after shard from ``shard``, round and round.
 
-    ``None`` after each directory (work is counted even in an empty cache), and
+    ``None`` after each directory, and after a shard with none (work is counted
+    even in an empty cache, so a walk of a tree with no directory left ends), and
     the shard's number after each shard.
     """
     shards = store.layout.shard_count
     while True:
-        for directory in tree.leaf_dirs(store, shard)[0]:
+        directories = tree.leaf_dirs(store, shard)[0]
+        for directory in directories:
             yield from tree.record_stats(store, directory)
+            yield None
+        if not directories:
             yield None
         yield shard
         shard = (shard + 1) % shards

@@ -16,6 +16,7 @@ import gc
 import math
 import os
 import random
+import shutil
 import time
 
 import faultkit
@@ -23,7 +24,7 @@ import pytest
 from conftest import SPAWN, WAIT
 from dogpile.cache.api import NO_VALUE
 
-from dogpile_fsbackend import PickleFSBackend, eviction, layout, maintenance, records
+from dogpile_fsbackend import PickleFSBackend, eviction, layout, maintenance, records, tree
 
 WRITERS = 3
 # The paths of a big cache, in one of a few thousand: no pass in one go, and an order
@@ -233,6 +234,36 @@ def test_a_walk_that_fell_behind_ends_its_pass_rather_than_evict_out_of_order(
 
 
 # -- bounded work per write ----------------------------------------------------------------
+
+
+def test_a_write_that_must_evict_from_a_tree_with_no_directory_left_gives_up(
+    cache_dir, monkeypatch
+):
+    """Counters that still count entries whose directories are gone (``data/`` emptied by
+    hand): a write that must evict walks the empty tree a few times within its budget
+    and finds nothing, rather than go round it for ever (a shard with no directory is
+    work too)."""
+    for name, value in BIG_CACHE_PATHS.items():
+        monkeypatch.setattr(eviction, name, value)
+    filler = _backend(cache_dir)
+    for i in range(50):
+        filler.set_serialized(f"k{i}", b"v" * 100)
+    data_dir = filler.store.layout.data_dir
+    for name in os.listdir(data_dir):
+        shutil.rmtree(os.path.join(data_dir, name))
+    backend = _backend(cache_dir, max_entries=10)
+    looks: list[int] = []
+    leaf_dirs = tree.leaf_dirs
+
+    def counted(store, shard: int):
+        looks.append(shard)
+        if len(looks) > 20 * store.layout.shard_count:
+            pytest.fail("the walk goes round a tree with no directory for ever")
+        return leaf_dirs(store, shard)
+
+    monkeypatch.setattr(tree, "leaf_dirs", counted)
+    assert backend.evictor.make_room() == 0
+    assert 0 < len(looks) <= 20 * backend.store.layout.shard_count
 
 
 def _spread_passes_at_the_limit(cache_dir: str, monkeypatch) -> PickleFSBackend:
