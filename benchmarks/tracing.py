@@ -64,18 +64,21 @@ def strace_marked_counts(command: Sequence[str], output: str, env: dict[str, str
 
 def parse_strace_between_markers(lines: Iterable[str]) -> Counter[str]:
     """Syscall names of ``strace -f -o`` lines (``PID name(args) = result``) between the
-    first ``ZERO_MARKER`` call and the next ``DUMP_MARKER`` call, each call once (its
+    first ``ZERO_MARKER`` call and the next ``DUMP_MARKER`` call of the traced process
+    (the first PID; its threads' calls between them count too), each call once (its
     ``<... name resumed>`` half is not counted again; signals and exits are no calls)."""
     counts: Counter[str] = Counter()
     counting = False
+    traced = None
     for line in lines:
-        _, _, call = line.partition(" ")
+        pid, _, call = line.partition(" ")
+        traced = traced or pid
         name, paren, _ = call.lstrip().partition("(")
         if not paren or not name.isidentifier():
             continue  # "<... name resumed>", "--- SIGCHLD ...", "+++ exited ..."
-        if name == ZERO_MARKER and not counting:
+        if name == ZERO_MARKER and not counting and pid == traced:
             counting = True
-        elif name == DUMP_MARKER and counting:
+        elif name == DUMP_MARKER and counting and pid == traced:
             return counts
         elif counting:
             counts[name] += 1

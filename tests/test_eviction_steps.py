@@ -285,8 +285,8 @@ def test_a_write_walks_a_bounded_share_and_never_the_whole_cache(cache_dir, monk
     walked = []
     walk_on = evictor._walk_on
 
-    def counting(count: int) -> int:
-        walked[-1] += (work := walk_on(count))
+    def counting(count: int, to_pass_end: bool = False) -> int:
+        walked[-1] += (work := walk_on(count, to_pass_end))
         return work
 
     monkeypatch.setattr(evictor, "_walk_on", counting)
