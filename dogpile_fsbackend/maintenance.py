@@ -557,8 +557,8 @@ def clear(store: Store, progress: Progress | None = None) -> PruneResult:
             names = _clearable(store, directory)
             while names:
                 _clear_chunk(store, shard, names, result)
-                # POSIX locks are not fair: a writer woken by the release would find the lock
-                # taken again (it waited up to 290 ms at a million entries without this).
+                # POSIX locks are not fair: without a pause, a writer woken by the release
+                # may find the lock taken again for the next chunk, and the next.
                 time.sleep(_CLEAR_PAUSE)
         recount_shard(store, shard)
         if progress:
