@@ -31,6 +31,11 @@ WRITERS = 3
 # remembered from each pass that lasts about as long, measured in passes, as at half a
 # million entries (2,000 / 128 = 500,000 / 32,768), so the walk goes about as fast.
 BIG_CACHE_PATHS = {"EXACT_MAX": 0, "REMEMBERED": 128, "SCAN_MIN": 4}
+# What a whole pass over those 2,000 entries and the 256 directories of the default
+# layout costs: a write whose order ran out can end any pass within HARD_SCAN, so what
+# goes is exact (above that, a pass that fell behind is left to part of a pass).
+PASS_WORK = 2000 + 256 * eviction._DIR_COST
+assert PASS_WORK < eviction.HARD_SCAN
 
 
 def _sized(paths: dict[str, int] | None) -> None:
