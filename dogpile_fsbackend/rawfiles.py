@@ -358,7 +358,8 @@ def movable(source: Source, base_dir: str, data_dev: int, file_mode: int) -> Mov
     data from under its shard lock.  Judged by the name, with no path walk: a
     user's file that happens to be named so is copied instead.  The cache's
     bookkeeping files (``lock``, ``accounting``, the marker) raise ValueError
-    (see :func:`_refuse_own_file`).  No system call: nothing is changed here.
+    (see :func:`_refuse_own_file`, one ``lstat`` for a file named like one).
+    Nothing is changed here, and no other system call is made.
     """
     value, info, fd = source.value, source.info, source.fd
     name = getattr(value, "name", None)

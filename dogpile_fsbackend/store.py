@@ -550,12 +550,13 @@ class Store:
         shard = self.layout.shard_index(digest)
         entry_path = self.layout.entry_path(digest)
         data_path = self.layout.data_path(digest, data.token) if data else None
+        move = data.move if data else None
+        staged = data.temp if data and not move else None
         with self.shard_locked(shard):
             old_size, existed, old_data = self._entry_files_locked(digest, entry_path)
-            staged = data.temp if data and not data.move else None
-            if data and data.move and data_path:
+            if move and data_path:
                 try:
-                    data.move.to(data_path)
+                    move.to(data_path)
                 except OSError:
                     remove_quietly(record_temp)
                     return False
@@ -564,9 +565,9 @@ class Store:
                     os.replace(staged, data_path)
                 os.replace(record_temp, entry_path)
             except BaseException:
-                if data and data.move and data_path:  # not stored: the caller's file again
+                if move and data_path:  # not stored: the caller's file again
                     with contextlib.suppress(OSError):
-                        data.move.back(data_path)
+                        move.back(data_path)
                 for leftover in (staged, data_path, record_temp):
                     remove_quietly(leftover)
                 raise
