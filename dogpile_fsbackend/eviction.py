@@ -136,6 +136,7 @@ class Evictor:
         self._limits = maintenance.limits(store)
         (size, max_entries), _ = self._limits
         # Totals from here up to a limit are confirmed by a snapshot (see _just_under).
+        self._size_limit = size
         self._recheck_from = (
             size * (1 - RECHECK_SHARE),
             max_entries - max(1.0, max_entries * RECHECK_SHARE),
@@ -216,10 +217,18 @@ class Evictor:
             return self._evict(target, ROOM_VICTIMS, must=True)
 
     def _just_under(self) -> bool:
-        """Within ``RECHECK_SHARE`` of a limit (one entry, for a small entry limit)."""
+        """Within ``RECHECK_SHARE`` of a limit (one entry, for a small entry limit), or
+        within the largest entry this process wrote of the size limit: a publish in
+        another shard at the same moment as ours is an entry our table read may have
+        missed, and theirs ours (the later of the two then confirms, and evicts)."""
         size_from, entries_from = self._recheck_from
         store = self.store
-        return store.last_total >= size_from or store.last_entries >= entries_from
+        total = store.last_total
+        return (
+            total >= size_from
+            or total + store.largest_write > self._size_limit
+            or store.last_entries >= entries_from
+        )
 
     def _under(self, target: tuple[int, float]) -> bool:
         return self.store.last_total <= target[0] and self.store.last_entries <= target[1]

@@ -140,6 +140,7 @@ class Store:
         self.hits = self.misses = self.writes = self.evictions = self.write_errors = 0
         # Totals (bytes, entries) as the last publish or discard of this instance left them.
         self.last_total = self.last_entries = 0
+        self.largest_write = 0  # bytes of the largest entry this process published
         self._warned: set[str] = set()  # paths already reported unreadable or foreign
         # Why this store may change nothing (None: it may), for ReadOnlyError messages.
         self.read_only_reason = self._prepare_base_dir()
@@ -577,6 +578,8 @@ class Store:
             self.last_total, self.last_entries = self.accounting.add(
                 shard, size - old_size, 0 if existed else 1
             )
+        if size > self.largest_write:
+            self.largest_write = size
         self.writes += 1
         self.check_bookkeeping()
         return True

@@ -499,6 +499,41 @@ def test_clear_while_another_process_writes(cache_dir):
     assert backend.stats()["entries"] == 0
 
 
+def test_two_writes_at_the_same_moment_in_two_shards_leave_the_limit_held(cache_dir, monkeypatch):
+    """Each publish reads the counter table before it writes its own shard's counters, so
+    two publishes at the same moment in two shards each miss the other's entry: both
+    totals say "under" while the two entries took the cache over.  The later one is
+    within its largest entry of the limit, so it confirms by a snapshot and evicts:
+    once writes stop, the files are within cache_size (test_soak saw 103,486 bytes
+    against 98,304 before)."""
+    filler = _backend(cache_dir)
+    for i in range(90):
+        filler.set_serialized(f"f{i}", b"f" * 1000)
+    limit = filler.stats()["bytes"] + 10_000
+    first, second = _backend(cache_dir, cache_size=limit), _backend(cache_dir, cache_size=limit)
+    shard_of = first.store.layout.shard_index
+    key_a = "a"
+    key_b = next(
+        f"b{i}"
+        for i in itertools.count()
+        if shard_of(layout.key_digest(f"b{i}".encode())) != shard_of(layout.key_digest(b"a"))
+    )
+    pwrite, first_fd, interleaved = os.pwrite, first.store.accounting._fd, []
+
+    def the_other_write_meanwhile(fd, data, offset):
+        if fd == first_fd and not interleaved:  # between the first's table read and write
+            interleaved.append(True)
+            second.set_serialized(key_b, b"b" * 6000)
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", the_other_write_meanwhile)
+    first.set_serialized(key_a, b"a" * 6000)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    assert interleaved
+    assert _disk(cache_dir)[0] <= limit
+    _assert_accounting_exact(first)
+
+
 def _keys_in_shard(backend, shard: int, count: int) -> list[str]:
     found: list[str] = []
     for i in itertools.count():
