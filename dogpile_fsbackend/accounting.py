@@ -9,8 +9,9 @@ of the last recount without a further call (``add`` returns the total,
 ``seen_reconcile`` keeps the time): a ``set`` pays two calls of bookkeeping.
 The total is exact (the sum of the counters as read) at O(1) Python work per
 set: each process keeps the table it read last with its sums and adds in
-only the counters that differ (``_Sums``: one compare of the table in C,
-then of the changed chunks).  There is no shared total word: writers of
+only the counters that differ (``_updated``: one compare of the table in C,
+then of the changed chunks).  A shard's counters are always taken from the
+writer's own read, never from what is kept.  There is no shared total word: writers of
 different shards hold different locks, so they could not update one without
 losing each other's changes.
 
@@ -61,10 +62,15 @@ _HEADER = struct.Struct("<4sII")
 _RECONCILED = struct.Struct("<d")
 _RECONCILED_OFFSET = 16
 _SHARD = struct.Struct("<qq")
-_CHUNK = 16 * _SHARD.size  # counters compared at once by _Sums.update
+_CHUNK = 16 * _SHARD.size  # counters compared at once by _updated
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SNAPSHOT_READS = 8  # further reads of the table to find two in a row alike
 _OPEN_ATTEMPTS = 8  # to find a well-formed file at the path (about 60 ms of waiting at most)
+
+# The table this process read last and its sums (bytes, entries), kept to sum the next
+# read by difference.  Replaced whole, never changed in place: threads of one process
+# that count at once each work from a table and sums that agree.
+_Sums = tuple[bytes | bytearray, int, int]
 
 
 class AccountingFile:
@@ -96,7 +102,7 @@ class AccountingFile:
         self._size = HEADER_SIZE + _SHARD.size * shard_count
         self._header = _HEADER.pack(MAGIC, VERSION, shard_count)
         self._dirty = False  # counted into our file since the last identity check
-        self._sums = _Sums(shard_count)
+        self._sums: _Sums = (bytes(_SHARD.size * shard_count), 0, 0)  # all zero: sums 0
         self.seen_reconcile = 0.0  # last_reconcile as the latest table read found it
         self._fd = self._open()
         self._watch = files.Watch(path, self._fd)
@@ -110,14 +116,28 @@ class AccountingFile:
     # -- counters (the caller holds the shard's lock for changes) -------------
 
     def add(self, shard: int, size_delta: int, entries_delta: int) -> tuple[int, int]:
-        """Adjust shard ``shard``; return the totals of all shards afterwards (bytes, entries)."""
+        """Adjust shard ``shard``; return the totals of all shards afterwards (bytes, entries).
+
+        The shard's counters come from this call's own read of the table
+        (exact: the caller holds the shard's lock), never from the sums kept,
+        which another thread of this process may have just set from an older read.
+        """
+        table = self._read_table()
         sums = self._sums
-        sums.update(self._read_table())
-        packed = sums.add(shard, size_delta, entries_delta)
-        os.pwrite(self._fd, packed, HEADER_SIZE + _SHARD.size * shard)
+        if sums[0] != table:  # another writer counted since this process read last
+            sums = _updated(sums, table)
+        _, total, entries = sums
+        at = _SHARD.size * shard
+        size, count = _SHARD.unpack_from(table, at)
+        packed = _SHARD.pack(size + size_delta, count + entries_delta)
+        os.pwrite(self._fd, packed, HEADER_SIZE + at)
+        changed = bytearray(table)  # a copy of its own: a kept table never changes
+        changed[at : at + _SHARD.size] = packed
+        total += size_delta
+        entries += entries_delta
+        self._sums = (changed, total, entries)
         self._dirty = True
-        total, entries = sums.bytes, sums.entries  # never negative (not max(): every set)
-        return total if total > 0 else 0, entries if entries > 0 else 0
+        return total if total > 0 else 0, entries if entries > 0 else 0  # not max(): every set
 
     def set(self, shard: int, size: int, entries: int) -> None:
         """Overwrite shard ``shard`` with counted values."""
@@ -139,9 +159,8 @@ class AccountingFile:
             if again == table:
                 break
             table = again
-        sums = self._sums
-        sums.update(table)
-        return max(0, sums.bytes), max(0, sums.entries)
+        self._sums = _, total, entries = _updated(self._sums, table)
+        return max(0, total), max(0, entries)
 
     @property
     def identity(self) -> tuple[int, int]:
@@ -269,38 +288,19 @@ class AccountingFile:
                 os.unlink(temp_path)
 
 
-class _Sums:
-    """The totals of the table this process read last, kept up to date by difference.
-
-    ``update`` compares a newly read table with the one kept (one ``memcmp``
-    when nobody else counted meanwhile) and adds in only the counters of the
-    chunks that differ: the exact sum, without summing every shard per set.
-    """
-
-    def __init__(self, shard_count: int) -> None:
-        self.table = bytearray(_SHARD.size * shard_count)  # all zero, so the sums are 0
-        self.bytes = self.entries = 0
-
-    def update(self, table: bytes) -> None:
-        kept = self.table
-        if kept == table:
-            return
-        for low in range(0, len(table), _CHUNK):
-            high = min(low + _CHUNK, len(table))
-            if kept[low:high] == table[low:high]:
-                continue
-            for at in range(low, high, _SHARD.size):
-                old, new = _SHARD.unpack_from(kept, at), _SHARD.unpack_from(table, at)
-                self.bytes += new[0] - old[0]
-                self.entries += new[1] - old[1]
-        kept[:] = table
-
-    def add(self, shard: int, size_delta: int, entries_delta: int) -> bytes:
-        """Count a change of shard ``shard`` in; its counters packed, to be written."""
-        at = _SHARD.size * shard
-        size, entries = _SHARD.unpack_from(self.table, at)
-        packed = _SHARD.pack(size + size_delta, entries + entries_delta)
-        self.table[at : at + _SHARD.size] = packed
-        self.bytes += size_delta
-        self.entries += entries_delta
-        return packed
+def _updated(sums: _Sums, table: bytes) -> _Sums:
+    """``sums`` brought up to ``table``: one ``memcmp`` when nobody else counted
+    meanwhile, then only the counters of the chunks that differ are added in (the
+    exact sum, without summing every shard per set)."""
+    kept, total, entries = sums
+    if kept == table:
+        return sums
+    for low in range(0, len(table), _CHUNK):
+        high = min(low + _CHUNK, len(table))
+        if kept[low:high] == table[low:high]:
+            continue
+        for at in range(low, high, _SHARD.size):
+            old, new = _SHARD.unpack_from(kept, at), _SHARD.unpack_from(table, at)
+            total += new[0] - old[0]
+            entries += new[1] - old[1]
+    return table, total, entries

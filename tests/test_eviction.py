@@ -14,6 +14,8 @@ import math
 import os
 import random
 import signal
+import sys
+import threading
 import time
 
 import faultkit
@@ -109,6 +111,39 @@ def test_limit_holds_under_concurrent_writers(cache_dir):
     assert size <= limit
     assert not temps
     _assert_accounting_exact(backend)  # exact without any recount: no drift from races
+
+
+def test_threads_of_one_process_counting_at_once_lose_no_count(cache_dir):
+    """Threads of one process write and delete in different shards at once, switching
+    between nearly every bytecode: each shard's counters come from that thread's own read
+    of the table, never from sums another thread had just set from an older read."""
+    backend = _backend(cache_dir)
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def run(thread: int) -> None:
+        try:
+            start.wait(WAIT)
+            for i in range(1500):
+                key = f"t{thread}-{i % 300}"
+                backend.set_serialized(key, _value(key, i))
+                if i % 3 == 0:
+                    backend.delete(f"t{thread}-{(i * 7) % 300}")
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    _assert_accounting_exact(backend)
 
 
 def test_prune_reports_what_it_removed(cache_dir):
