@@ -127,7 +127,9 @@ class Evictor:
     """One backend instance's share of the eviction work, and what it remembers for it.
 
     Thread-safe by try-lock: a thread that finds another of its process
-    evicting leaves the work to it and never waits.
+    evicting leaves the work to it, unless its own write took the cache over
+    a limit or near one (the step at work may have judged the totals before
+    that write counted): then it waits for that step, one write's share of work.
     """
 
     def __init__(self, store: Store) -> None:
@@ -179,19 +181,24 @@ class Evictor:
         """
         store = self.store
         if not self._lock.acquire(blocking=False):
-            return  # another thread of this process is at it
+            # Another thread of this process is at it, and may have judged the totals
+            # before this write counted: a write that took the cache over a limit, or
+            # near one, waits for that step to end and then takes its own.
+            if not (self._over() or self._just_under()):
+                return
+            self._lock.acquire()
         started = time.monotonic_ns()
         try:
             if self._recount is not None or store.reconcile_due(fresh=False):
                 self._recount_step()
-            (size, max_entries), low = self._limits
-            if store.last_total > size or store.last_entries > max_entries:
+            _, low = self._limits
+            if self._over():
                 self._draining = True
             elif not self._draining and self._just_under():
                 # The publish read the table once; another writer's publish and eviction
                 # that read straddled may have hidden one entry: a snapshot decides.
                 store.last_total, store.last_entries = store.totals()
-                self._draining = store.last_total > size or store.last_entries > max_entries
+                self._draining = self._over()
             if self._draining:
                 self._evict(low, STEP_VICTIMS, started + STEP_BUDGET_NS)
                 self._draining = not self._under(low)
@@ -215,6 +222,11 @@ class Evictor:
                 int(min(store.last_entries, max_entries) * ratio),
             )
             return self._evict(target, ROOM_VICTIMS, must=True)
+
+    def _over(self) -> bool:
+        """Over a limit, by the totals this process read last."""
+        (size, max_entries), _ = self._limits
+        return self.store.last_total > size or self.store.last_entries > max_entries
 
     def _just_under(self) -> bool:
         """Within ``RECHECK_SHARE`` of a limit (one entry, for a small entry limit), or

@@ -146,6 +146,38 @@ def test_threads_of_one_process_counting_at_once_lose_no_count(cache_dir):
     _assert_accounting_exact(backend)
 
 
+def test_a_write_over_the_limit_while_another_thread_evicts_waits_and_evicts(cache_dir):
+    """Another thread of the process is in its eviction step, and judged the totals before
+    this write counted (here: the test holds the step's lock): the write waits for that
+    step and then evicts, so the limit holds once writes stop."""
+    limit = 16 * 1024
+    backend = _backend(cache_dir, cache_size=limit)
+    i = 0
+    while _disk(cache_dir)[0] + _entry_size(f"k{i}", _value(f"k{i}", 0)) <= limit:
+        backend.set_serialized(f"k{i}", _value(f"k{i}", 0))
+        i += 1
+    last = f"k{i}"
+    errors: list[BaseException] = []
+
+    def write_last() -> None:
+        try:
+            backend.set_serialized(last, _value(last, 0))
+        except BaseException as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=write_last)
+    with backend.evictor._lock:
+        writer.start()
+        deadline = time.monotonic() + WAIT
+        while not os.path.exists(_entry_path(backend, last)):  # published, not yet evicted
+            assert time.monotonic() < deadline, "the write never published"
+            time.sleep(0.001)
+    writer.join(WAIT)
+    assert not writer.is_alive() and errors == []
+    assert _disk(cache_dir)[0] <= limit
+    _assert_accounting_exact(backend)
+
+
 def test_prune_reports_what_it_removed(cache_dir):
     backend = _backend(cache_dir)
     for i in range(40):
