@@ -197,7 +197,7 @@ class Evictor:
             elif not self._draining and self._just_under():
                 # The publish read the table once; another writer's publish and eviction
                 # that read straddled may have hidden one entry: a snapshot decides.
-                store.last_total, store.last_entries = store.totals()
+                store.last.total, store.last.entries = store.totals()
                 self._draining = self._over()
             if self._draining:
                 self._evict(low, STEP_VICTIMS, started + STEP_BUDGET_NS)
@@ -214,19 +214,19 @@ class Evictor:
         share of what is stored (``ROOM_VICTIMS`` entries at most).  How many went."""
         store = self.store
         with self._lock:
-            store.last_total, store.last_entries = store.totals()
+            store.last.total, store.last.entries = store.totals()
             (size, max_entries), _ = self._limits
             ratio = store.settings.eviction_low_water
             target = (
-                int(min(store.last_total, size) * ratio),
-                int(min(store.last_entries, max_entries) * ratio),
+                int(min(store.last.total, size) * ratio),
+                int(min(store.last.entries, max_entries) * ratio),
             )
             return self._evict(target, ROOM_VICTIMS, must=True)
 
     def _over(self) -> bool:
-        """Over a limit, by the totals this process read last."""
+        """Over a limit, by the totals this thread read last (see ``LastTotals``)."""
         (size, max_entries), _ = self._limits
-        return self.store.last_total > size or self.store.last_entries > max_entries
+        return self.store.last.total > size or self.store.last.entries > max_entries
 
     def _just_under(self) -> bool:
         """Within ``RECHECK_SHARE`` of a limit (one entry, for a small entry limit), or
@@ -235,15 +235,15 @@ class Evictor:
         missed, and theirs ours (the later of the two then confirms, and evicts)."""
         size_from, entries_from = self._recheck_from
         store = self.store
-        total = store.last_total
+        total = store.last.total
         return (
             total >= size_from
             or total + store.largest_write > self._size_limit
-            or store.last_entries >= entries_from
+            or store.last.entries >= entries_from
         )
 
     def _under(self, target: tuple[int, float]) -> bool:
-        return self.store.last_total <= target[0] and self.store.last_entries <= target[1]
+        return self.store.last.total <= target[0] and self.store.last.entries <= target[1]
 
     def _evict(
         self, target: tuple[int, float], cap: int, deadline: float = math.inf, must: bool = False
@@ -253,7 +253,7 @@ class Evictor:
         before ``deadline`` (``time.monotonic_ns()``).  Returns how many went."""
         store = self.store
         (size, max_entries), _ = self._limits
-        small = store.last_entries <= EXACT_MAX
+        small = store.last.entries <= EXACT_MAX
         if small:
             if not self._order_whole:
                 self._order.clear()  # part of a pass is not the exact order: make one
@@ -263,7 +263,7 @@ class Evictor:
         budget = [HARD_SCAN, _PASSES]  # entries left to walk, passes left, in this write
         victims = extra = taken = 0  # extra: victims while within the limits
         while True:
-            over = store.last_total > size or store.last_entries > max_entries
+            over = store.last.total > size or store.last.entries > max_entries
             spent = not over and (extra >= cap or time.monotonic_ns() >= deadline)
             if self._under(target):  # expired entries at hand go all the same (misses)
                 if spent or not (self._order and self._order[-1][0] > 0):
@@ -405,7 +405,7 @@ class Evictor:
         its first pass takes longer, each of its writes less."""
         rate = max(self._rate, 1.0)
         if self._order_whole and self._order:
-            work_left = max(0, self.store.last_entries - self._seen)
+            work_left = max(0, self.store.last.entries - self._seen)
             work_left += self._shards_left * _DIR_COST
             need = 1.25 * work_left * rate / len(self._order)
         else:
@@ -501,7 +501,7 @@ class Evictor:
         else:
             accounting.last_reconcile = time.time()
             self._recount = None
-        store.last_total, store.last_entries = store.totals()
+        store.last.total, store.last.entries = store.totals()
 
 
 _Walk = Generator[tuple[str, os.stat_result] | int | None, None, None]

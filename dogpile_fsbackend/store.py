@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -121,6 +122,18 @@ class DataFile(NamedTuple):
     move: Move | None = None
 
 
+class LastTotals(threading.local):
+    """Per thread: the totals (bytes, entries) its last publish, discard or snapshot read.
+
+    Per thread, not per instance: a write is judged against the limits by what its
+    own publish read, never by the older totals of another thread that stored its
+    own just after (it may have read the table before this write and others counted).
+    """
+
+    total = 0
+    entries = 0
+
+
 class Store:
     """One cache directory as seen by one backend instance.
 
@@ -138,8 +151,8 @@ class Store:
         # from another at no cost, and when this process stamped it)
         self._stamps: dict[str, tuple[float, float]] = {}
         self.hits = self.misses = self.writes = self.evictions = self.write_errors = 0
-        # Totals (bytes, entries) as the last publish or discard of this instance left them.
-        self.last_total = self.last_entries = 0
+        # Totals (bytes, entries) as this thread's last publish or discard read them.
+        self.last = LastTotals()
         self.largest_write = 0  # bytes of the largest entry this process published
         self._warned: set[str] = set()  # paths already reported unreadable or foreign
         # Why this store may change nothing (None: it may), for ReadOnlyError messages.
@@ -575,7 +588,8 @@ class Store:
             for old_path in old_data:
                 if old_path != data_path:
                     remove_quietly(old_path)
-            self.last_total, self.last_entries = self.accounting.add(
+            last = self.last
+            last.total, last.entries = self.accounting.add(
                 shard, size - old_size, 0 if existed else 1
             )
         if size > self.largest_write:
@@ -624,7 +638,8 @@ class Store:
             size, existed, data = self._entry_files_locked(digest)
             for path in (entry_path, *data):
                 remove_quietly(path)
-            self.last_total, self.last_entries = self.accounting.add(shard, -size, -existed)
+            last = self.last
+            last.total, last.entries = self.accounting.add(shard, -size, -existed)
         return size
 
     @staticmethod

@@ -178,6 +178,67 @@ def test_a_write_over_the_limit_while_another_thread_evicts_waits_and_evicts(cac
     _assert_accounting_exact(backend)
 
 
+def test_a_write_over_the_limit_is_judged_by_its_own_count_not_an_older_threads(cache_dir):
+    """Thread A counted its write from an older read of the table and stored those totals
+    after this thread's write took the cache over the limit: this write must still evict
+    by the totals its own publish read, not by A's older ones, or the limit stays broken
+    once writes stop."""
+    limit = 64 * 1024
+    backend = _backend(cache_dir, cache_size=limit)
+    store, evictor = backend.store, backend.evictor
+    value = b"v" * 700
+    size = _entry_size("k0000", value)
+    keys = (f"k{i:04d}" for i in itertools.count())
+    first = next(keys)
+    a_shard = store.layout.shard_index(layout.key_digest(first.encode()))
+
+    def other_shard() -> str:
+        return next(
+            k for k in keys if store.layout.shard_index(layout.key_digest(k.encode())) != a_shard
+        )
+
+    while _disk(cache_dir)[0] + 5 * size <= limit:
+        backend.set_serialized(other_shard(), value)
+    a_counted, d_counted = threading.Event(), threading.Event()
+    add, after_write = store.accounting.add, evictor.after_write
+    a_thread: list[threading.Thread] = []
+
+    def add_then_pause(*arguments):
+        totals = add(*arguments)
+        if threading.current_thread() is a_thread[0]:
+            a_counted.set()
+            assert d_counted.wait(WAIT)
+        return totals
+
+    errors: list[BaseException] = []
+
+    def write_a() -> None:
+        try:
+            backend.set_serialized(first, value)
+        except BaseException as exc:
+            errors.append(exc)
+
+    a_thread.append(threading.Thread(target=write_a))
+    store.accounting.add = add_then_pause
+    a_thread[0].start()
+    assert a_counted.wait(WAIT)
+    for _ in range(3):  # up to the limit, not over it
+        backend.set_serialized(other_shard(), value)
+    assert _disk(cache_dir)[0] <= limit
+
+    def let_a_store_first() -> None:  # A stores its older totals before this write judges
+        if threading.current_thread() is not a_thread[0]:
+            d_counted.set()
+            a_thread[0].join(WAIT)
+        after_write()
+
+    evictor.after_write = let_a_store_first
+    backend.set_serialized(other_shard(), value)  # over the limit
+    assert not a_thread[0].is_alive() and errors == []
+    assert _disk(cache_dir)[0] <= limit
+    _assert_accounting_exact(backend)
+
+
 def test_prune_reports_what_it_removed(cache_dir):
     backend = _backend(cache_dir)
     for i in range(40):
