@@ -18,6 +18,7 @@ in-process lock would, so that the re-check is seen there too.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -102,6 +103,12 @@ class ThreadMutexes:
     """
 
     def __init__(self) -> None:
+        self._reset()
+        _LIVE.add(self)
+
+    def _reset(self) -> None:
+        """A forked child starts afresh: it has none of the threads that held a key's
+        mutex (or the guard) at fork(), so it must not wait for them."""
         self._guard = threading.Lock()
         self._mutexes: weakref.WeakValueDictionary[str, ThreadMutex] = (
             weakref.WeakValueDictionary()
@@ -120,3 +127,14 @@ class ThreadMutexes:
         with self._guard:
             mutex = self._mutexes.get(key)
         return mutex is not None and mutex.locked()
+
+
+_LIVE: weakref.WeakSet[ThreadMutexes] = weakref.WeakSet()
+
+
+def _reset_all_after_fork() -> None:
+    for mutexes in list(_LIVE):
+        mutexes._reset()
+
+
+os.register_at_fork(after_in_child=_reset_all_after_fork)

@@ -260,6 +260,43 @@ def test_child_waits_for_a_key_lock_the_parent_holds(tmp_path):
     assert faultkit.reap(pid, WAIT) == 0
 
 
+def test_without_distributed_lock_a_child_holds_none_of_its_parents_thread_mutexes(tmp_path):
+    """distributed_lock=False: a key's mutex excludes one process's threads only, and a
+    child has none of its parent's other threads: it takes a key's mutex that such a
+    thread held at fork(), and one that was inside the mutexes' table then (its guard
+    held) leaves the child no lock to wait for forever."""
+    region = make("pickled", str(tmp_path / "cache"), distributed_lock=False)
+    backend = region.backend
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        mutex = backend.get_mutex("key")
+        assert mutex.acquire()
+        try:
+            with backend._thread_mutexes._guard:
+                holding.set()
+                done.wait(WAIT)
+        finally:
+            mutex.release()
+
+    def child() -> None:
+        signal.alarm(CHILD_ALARM)
+        mutex = backend.get_mutex("key")
+        assert mutex.acquire(wait=False)
+        mutex.release()
+        assert region.get_or_create("key", lambda: "created") == "created"
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(WAIT)
+        pid = faultkit.fork_child(child)
+    finally:
+        done.set()
+        holder.join(WAIT)
+    assert faultkit.reap(pid, WAIT) == 0, "the child waited for a lock no thread of it held"
+
+
 def test_child_write_waits_for_a_shard_lock_the_parent_holds(tmp_path):
     base_dir = str(tmp_path / "cache")
     region = make("pickled", base_dir)
