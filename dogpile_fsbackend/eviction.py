@@ -180,6 +180,7 @@ class Evictor:
         raised: the value was stored.
         """
         store = self.store
+        waited = False
         if not self._lock.acquire(blocking=False):
             # Another thread of this process is at it, and may have judged the totals
             # before this write counted: a write that took the cache over a limit, or
@@ -187,8 +188,11 @@ class Evictor:
             if not (self._over() or self._just_under()):
                 return
             self._lock.acquire()
+            waited = True
         started = time.monotonic_ns()
         try:
+            if waited:  # judged by what the step it waited for left, not from before it
+                store.last.total, store.last.entries = store.totals()
             if self._recount is not None or store.reconcile_due(fresh=False):
                 self._recount_step()
             _, low = self._limits

@@ -400,6 +400,15 @@ _SESSION_LOCK = threading.Lock()  # boto3 sessions may not make clients in two t
 _sessions: dict[int, Any] = {}  # pid -> this process's boto3 session
 
 
+def _new_session_lock() -> None:
+    """A forked child gets an unheld lock: the parent's thread that held it is not there."""
+    global _SESSION_LOCK
+    _SESSION_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_session_lock)
+
+
 def _session(boto3: Any) -> Any:
     """One boto3 session per process, under _SESSION_LOCK: its loaders keep the parsed
     S3 model, so a client costs milliseconds instead of a fresh parse (0.1-0.2 s)."""

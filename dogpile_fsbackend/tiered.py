@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -128,7 +129,8 @@ class _TieredOperations:
         self.region_invalidation: RegionInvalidationLink | None = None
         self._publish: Callable[[str, bytes], Any] | None = None
         self._unannounced: set[str] = set()  # changed while no message could say so
-        self._unannounced_lock = threading.Lock()
+        self._unannounced_lock = threading.Lock()  # a fresh one in a forked child
+        _LIVE.add(self)
         self._unannounced_overflowed = False  # logged once per outage
         if invalidation == "pubsub":
             client = redisremote.client_of(remote)
@@ -628,3 +630,16 @@ def _name_of(backend: CacheBackend) -> str:
         return name
     kwargs = getattr(client.connection_pool, "connection_kwargs", {})
     return describe(name, {key: kwargs[key] for key in ("host", "port", "db") if key in kwargs})
+
+
+_LIVE: weakref.WeakSet[_TieredOperations] = weakref.WeakSet()
+
+
+def _reset_all_after_fork() -> None:
+    """A thread of the parent may have held a tier's lock at fork(): the child, which has
+    none of those threads, gets an unheld one (what it guards is copied as it was)."""
+    for tier in list(_LIVE):
+        tier._unannounced_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_all_after_fork)

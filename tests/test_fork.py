@@ -297,6 +297,58 @@ def test_without_distributed_lock_a_child_holds_none_of_its_parents_thread_mutex
     assert faultkit.reap(pid, WAIT) == 0, "the child waited for a lock no thread of it held"
 
 
+def _fork_while_held(lock, child) -> int:
+    """Fork while another thread holds ``lock``; the child's exit status."""
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            done.wait(WAIT)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(WAIT)
+        pid = faultkit.fork_child(child)
+    finally:
+        done.set()
+        holder.join(WAIT)
+    return faultkit.reap(pid, WAIT)
+
+
+def test_a_child_makes_its_s3_client_though_a_parent_thread_was_making_one(tmp_path):
+    """The lock under which a process makes its S3 client is held by another thread at
+    fork(): the child, which must make a client of its own, gets an unheld lock."""
+    pytest.importorskip("boto3")
+    from servers import S3_CREDENTIALS
+
+    from dogpile_fsbackend import s3tier
+
+    arguments = {"endpoint_url": "http://127.0.0.1:9", **S3_CREDENTIALS}
+    bucket = s3tier.Bucket("test-bucket", "files/", arguments, s3tier.MIN_PART_SIZE, 1)
+
+    def child() -> None:
+        signal.alarm(CHILD_ALARM)
+        assert bucket.client is not None
+
+    assert _fork_while_held(s3tier._SESSION_LOCK, child) == 0, "the child hung (SIGALRM: 14)"
+
+
+def test_a_child_notes_changes_though_a_parent_thread_was_noting_some(redis_url, tmp_path):
+    """A tier's lock over the changes no message announced is held by another thread at
+    fork(): the child notes its own without waiting for it."""
+    import tieredkit
+
+    backend = tieredkit.region(redis_url, str(tmp_path / "cache")).backend
+
+    def child() -> None:
+        signal.alarm(CHILD_ALARM)
+        backend._note_unannounced(["key"])
+
+    assert _fork_while_held(backend._unannounced_lock, child) == 0, "the child hung (SIGALRM: 14)"
+
+
 def test_child_write_waits_for_a_shard_lock_the_parent_holds(tmp_path):
     base_dir = str(tmp_path / "cache")
     region = make("pickled", base_dir)
