@@ -195,8 +195,9 @@ class Evictor:
                 store.last.total, store.last.entries = store.totals()
             if self._recount is not None or store.reconcile_due(fresh=False):
                 self._recount_step()
-            _, low = self._limits
-            if self._over():
+            (size, max_entries), low = self._limits
+            last = store.last
+            if last.total > size or last.entries > max_entries:  # self._over(), inline
                 self._draining = True
             elif not self._draining and self._just_under():
                 # The publish read the table once; another writer's publish and eviction
@@ -239,11 +240,12 @@ class Evictor:
         missed, and theirs ours (the later of the two then confirms, and evicts)."""
         size_from, entries_from = self._recheck_from
         store = self.store
-        total = store.last.total
+        last = store.last
+        total = last.total
         return (
             total >= size_from
             or total + store.largest_write > self._size_limit
-            or store.last.entries >= entries_from
+            or last.entries >= entries_from
         )
 
     def _under(self, target: tuple[int, float]) -> bool:
