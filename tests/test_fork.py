@@ -16,6 +16,7 @@ every wait is bounded, and a deadlocked child is killed and reported.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -23,6 +24,9 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
 
 import faultkit
 import pytest
@@ -267,15 +271,14 @@ def test_without_distributed_lock_a_child_holds_none_of_its_parents_thread_mutex
     held) leaves the child no lock to wait for forever."""
     region = make("pickled", str(tmp_path / "cache"), distributed_lock=False)
     backend = region.backend
-    holding, done = threading.Event(), threading.Event()
 
-    def hold() -> None:
+    @contextlib.contextmanager
+    def held() -> Iterator[None]:
         mutex = backend.get_mutex("key")
         assert mutex.acquire()
         try:
             with backend._thread_mutexes._guard:
-                holding.set()
-                done.wait(WAIT)
+                yield
         finally:
             mutex.release()
 
@@ -286,19 +289,13 @@ def test_without_distributed_lock_a_child_holds_none_of_its_parents_thread_mutex
         mutex.release()
         assert region.get_or_create("key", lambda: "created") == "created"
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(WAIT)
-        pid = faultkit.fork_child(child)
-    finally:
-        done.set()
-        holder.join(WAIT)
-    assert faultkit.reap(pid, WAIT) == 0, "the child waited for a lock no thread of it held"
+    status = _fork_while_held(held(), child)
+    assert status == 0, "the child waited for a lock no thread of it held"
 
 
-def _fork_while_held(lock, child) -> int:
-    """Fork while another thread holds ``lock``; the child's exit status."""
+def _fork_while_held(lock: AbstractContextManager[Any], child: Callable[[], None]) -> int:
+    """Fork while another thread is inside ``lock`` (a lock, or any context manager that
+    takes some); the child's exit status."""
     holding, done = threading.Event(), threading.Event()
 
     def hold() -> None:
