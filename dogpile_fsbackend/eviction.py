@@ -14,8 +14,11 @@ three on a third of them, which is what a set's p99 at a million entries
 came from.  Processes share no eviction lock: ``Store.discard`` is safe to
 race (per-shard lock, inode and mtime checked), so two processes evicting at
 once cost a failed check, never a wrong eviction, and no writer ever waits
-for another.  Both take the same oldest entries, so about half of what one
-takes the other has evicted: one lock-free ``lstat`` passes over those.
+for another process.  Both take the same oldest entries, so about half of what one
+takes the other has evicted: one lock-free ``lstat`` passes over those.  Within
+a process one thread at a time evicts: a write over a limit, or near one, that
+finds another thread's step at work waits for that step, then takes its own
+(``Evictor.after_write``).
 
 Victims come from the *remembered order*: the least recently used entries of
 the last pass over the cache, in a list newest first, popped from its end by
