@@ -132,7 +132,8 @@ class Evictor:
     Thread-safe by try-lock: a thread that finds another of its process
     evicting leaves the work to it, unless its own write took the cache over
     a limit or near one (the step at work may have judged the totals before
-    that write counted): then it waits for that step, one write's share of work.
+    that write counted): then it waits for that step (one write's share of work;
+    longer when that write must first get the cache under a limit or recount).
     """
 
     def __init__(self, store: Store) -> None:
