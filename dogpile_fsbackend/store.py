@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from . import files, marker, records
+from . import beneath, files, marker, records
 from . import layout as paths
 from .accounting import AccountingFile
 from .config import Settings
@@ -164,6 +164,13 @@ class Store:
             else None
         )
         self.accounting = self._open_or_create()
+        # Creates temp files below base_dir with no symlink followed, in one system
+        # call (None without openat2: open_temp checks the directory by path).
+        self._creator = (
+            beneath.Creator(settings.base_dir, _CREATE_FLAGS, settings.file_mode)
+            if self.writable and beneath.available()
+            else None
+        )
         self._lock_moves_seen = self._lock_file.moves if self._lock_file is not None else 0
         self._next_check = time.monotonic() + files.CHECK_INTERVAL
         self._next_touch = time.monotonic()
@@ -430,22 +437,34 @@ class Store:
     def open_temp(self, digest: str, dir_checked: bool = False) -> tuple[int, str]:
         """A new, empty temp file in the entry's own directory: (fd, path).
 
-        The directory is checked (no symlink on the way) once per process and
-        then trusted while its identity holds (``is_our_dir``: one ``stat``,
-        none with ``dir_checked``: the caller has just made a file there); one
-        removed meanwhile is made again.
+        No symlink is followed on the way: with openat2 (``beneath``) the
+        create itself refuses one; without it the directory is checked once
+        per process and then trusted while its identity holds (``is_our_dir``:
+        one ``stat``, none with ``dir_checked``: the caller has just made a
+        file there).  A directory removed meanwhile, or a symlink planted in
+        its place, is made again as a real one.
         """
         directory = self.layout.entry_dir(digest)
-        if not dir_checked and not self.is_our_dir(directory):
-            self._make_real_dirs(directory)
-        name = self.temp_suffix()
-        path = f"{directory}/{name}"
+        path = f"{directory}/{self.temp_suffix()}"
         mode = self.settings.file_mode
-        try:
-            fd = os.open(path, _CREATE_FLAGS, mode)
-        except FileNotFoundError:  # the directory was removed behind our back
-            self._make_real_dirs(directory)
-            fd = os.open(path, _CREATE_FLAGS, mode)
+        creator = self._creator
+        if creator is not None:
+            try:
+                fd = creator.open(path)
+            except OSError as exc:  # missing, or something planted on the way: repaired
+                if exc.errno not in _PATH_ERRNOS:
+                    raise
+                creator.renew_if_moved()
+                self._make_real_dirs(directory)
+                fd = os.open(path, _CREATE_FLAGS, mode)
+        else:
+            if not dir_checked and not self.is_our_dir(directory):
+                self._make_real_dirs(directory)
+            try:
+                fd = os.open(path, _CREATE_FLAGS, mode)
+            except FileNotFoundError:  # the directory was removed behind our back
+                self._make_real_dirs(directory)
+                fd = os.open(path, _CREATE_FLAGS, mode)
         if mode & 0o077:  # the umask may have stripped what was asked
             os.fchmod(fd, mode)
         return fd, path

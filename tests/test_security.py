@@ -32,7 +32,7 @@ import pytest
 from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE, CantDeserializeException
 
-from dogpile_fsbackend import BookkeepingError, layout, records
+from dogpile_fsbackend import BookkeepingError, beneath, layout, records
 
 KINDS = ["pickled", "raw"]
 
@@ -215,11 +215,22 @@ def test_symlink_planted_as_a_raw_data_file_is_a_miss(tmp_path, outside):
     assert_untouched(outside, before)
 
 
+@pytest.fixture(params=["openat2", "path-check"])
+def creation(request, monkeypatch):
+    """How the store creates its temp files: openat2 refusing symlinks on the way, or
+    (where openat2 is missing) an open by path after checking the directory."""
+    if request.param == "openat2" and not beneath.available():
+        pytest.skip("openat2 is not available here")
+    if request.param == "path-check":
+        monkeypatch.setattr(beneath, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("warm", [False, True], ids=["fresh-instance", "warm-instance"])
 @pytest.mark.parametrize("level", [0, 1, 2], ids=["data", "shard-level-1", "shard-level-2"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_symlinked_directory_is_never_written_or_deleted_through(
-    tmp_path, kind, level, warm, outside
+    tmp_path, kind, level, warm, outside, creation
 ):
     """A directory of the cache replaced by a symlink to an outside tree.
 
@@ -229,6 +240,7 @@ def test_symlinked_directory_is_never_written_or_deleted_through(
     """
     base_dir = tmp_path / "cache"
     region = make(kind, base_dir)
+    assert (region.backend.store._creator is not None) == (creation == "openat2")
     digest = layout.key_digest(layout.encode_key("key"))
     entry = faultkit.entry_path(region.backend, "key")
     chain = [os.path.dirname(entry)]
