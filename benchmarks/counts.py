@@ -203,7 +203,9 @@ def counts(params: Params, workdir: str) -> WorkloadResult:
         f"instructions/op: user-space instructions (callgrind Ir) of {params.counts_callgrind_n} "
         "ops minus the same baseline loop, counted between marker calls (callgrind "
         f"--zero-before={tracing.ZERO_MARKER} --dump-before={tracing.DUMP_MARKER}), so start-up "
-        "and imports are not counted; ours/peer compares them at the same level.",
+        "and imports are not counted; ours/peer compares them at the same level. Where "
+        "valgrind has no openat2 (3.19 has not), our sets under callgrind take the path-check "
+        "branch (a stat of the shard directory, then an open) that strace does not see.",
         "Region level is what applications call (dogpile's CachedValue, metadata and pickling "
         "included); backend level is get_serialized/set_serialized of the serialized value. "
         "diskcache runs behind the dogpile adapter of benchmarks/peers.py; diskcache (LRU) is "
