@@ -196,7 +196,7 @@ class Evictor:
         started = time.monotonic_ns()
         try:
             if waited:  # judged by what the step it waited for left, not from before it
-                store.last.total, store.last.entries = store.totals()
+                store.snapshot_totals()
             if self._recount is not None or store.reconcile_due(fresh=False):
                 self._recount_step()
             (size, max_entries), low = self._limits
@@ -206,7 +206,7 @@ class Evictor:
             elif not self._draining and self._just_under():
                 # The publish read the table once; another writer's publish and eviction
                 # that read straddled may have hidden one entry: a snapshot decides.
-                store.last.total, store.last.entries = store.totals()
+                store.snapshot_totals()
                 self._draining = self._over()
             if self._draining:
                 self._evict(low, STEP_VICTIMS, started + STEP_BUDGET_NS)
@@ -223,7 +223,7 @@ class Evictor:
         share of what is stored (``ROOM_VICTIMS`` entries at most).  How many went."""
         store = self.store
         with self._lock:
-            store.last.total, store.last.entries = store.totals()
+            store.snapshot_totals()
             (size, max_entries), _ = self._limits
             ratio = store.settings.eviction_low_water
             target = (
@@ -511,7 +511,7 @@ class Evictor:
         else:
             accounting.last_reconcile = time.time()
             self._recount = None
-        store.last.total, store.last.entries = store.totals()
+        store.snapshot_totals()
 
 
 _Walk = Generator[tuple[str, os.stat_result] | int | None, None, None]

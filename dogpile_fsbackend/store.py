@@ -607,10 +607,7 @@ class Store:
             for old_path in old_data:
                 if old_path != data_path:
                     remove_quietly(old_path)
-            last = self.last
-            last.total, last.entries = self.accounting.add(
-                shard, size - old_size, 0 if existed else 1
-            )
+            self._count(shard, size - old_size, 0 if existed else 1)
         if size > self.largest_write:
             self.largest_write = size
         self.writes += 1
@@ -657,8 +654,7 @@ class Store:
             size, existed, data = self._entry_files_locked(digest)
             for path in (entry_path, *data):
                 remove_quietly(path)
-            last = self.last
-            last.total, last.entries = self.accounting.add(shard, -size, -existed)
+            self._count(shard, -size, -existed)
         return size
 
     @staticmethod
@@ -764,6 +760,18 @@ class Store:
 
     def totals(self) -> tuple[int, int]:
         return self.accounting.totals()
+
+    def snapshot_totals(self) -> None:
+        """Read the whole table afresh into this thread's totals (``last``), which the
+        limits are judged by."""
+        last = self.last
+        last.total, last.entries = self.accounting.totals()
+
+    def _count(self, shard: int, size_delta: int, entries_delta: int) -> None:
+        """Change ``shard``'s counters (its lock is held); this thread's totals are what
+        that update read (see ``LastTotals``)."""
+        last = self.last
+        last.total, last.entries = self.accounting.add(shard, size_delta, entries_delta)
 
     def reconcile_due(self, fresh: bool = True) -> bool:
         """A recount is due: never done, marked (0), interval passed, or dated in the future.
