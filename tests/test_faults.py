@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gc
 import io
 import logging
@@ -36,7 +37,7 @@ from dogpile.cache import make_region
 from dogpile.cache.api import NO_VALUE, CachedValue
 from faultkit import pickled, raw
 
-from dogpile_fsbackend import CacheSizeWarning, SharedInvalidation, layout, records
+from dogpile_fsbackend import CacheSizeWarning, SharedInvalidation, beneath, layout, records
 
 NOBODY = faultkit.NOBODY
 
@@ -343,25 +344,36 @@ def inject(call: str, error: int, when, after: int = 0):
 
     The first ``after`` matching calls go through; for ``write`` the first
     failing call still writes half its data (a disk filling up mid-file), and
-    the next one raises.  Only the errno is injected; all else is real.
+    the next one raises.  ``open`` covers the store's openat2 creates
+    (``beneath.Creator.open``) too.  Only the errno is injected; all else is real.
     """
     real = getattr(os, call)
     seen = 0
     half_written = False
 
-    def fake(*args, **kwargs):
+    def failing(real_call, *args, **kwargs):
         nonlocal seen, half_written
         if not when(*args):
-            return real(*args, **kwargs)
+            return real_call(*args, **kwargs)
         seen += 1
         if seen <= after:
-            return real(*args, **kwargs)
+            return real_call(*args, **kwargs)
         if call == "write" and not half_written and len(args[1]) > 1:
             half_written = True
-            return real(args[0], memoryview(args[1])[: len(args[1]) // 2])
+            return real_call(args[0], memoryview(args[1])[: len(args[1]) // 2])
         raise OSError(error, os.strerror(error))
 
-    with mock.patch(f"dogpile_fsbackend.store.os.{call}", fake):
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(
+            mock.patch(f"dogpile_fsbackend.store.os.{call}", functools.partial(failing, real))
+        )
+        if call == "open":
+            real_create = beneath.Creator.open
+
+            def create(creator, path):
+                return failing(functools.partial(real_create, creator), path)
+
+            patches.enter_context(mock.patch.object(beneath.Creator, "open", create))
         yield
 
 
