@@ -4,9 +4,10 @@ Each counter is changed only while its shard's byte-range lock is held, with
 ``os.pread``/``os.pwrite`` (never ``mmap``: a file that another process or a
 person shortens would kill every process that maps it with SIGBUS).  A
 publish reads the whole file in the same ``pread`` that fetches its shard's
-counters, so the writer learns the total it has just produced and the time
-of the last recount without a further call (``add`` returns the total,
-``seen_reconcile`` keeps the time): a ``set`` pays two calls of bookkeeping.
+counters, writes them, and reads the whole file once more: that second read
+gives the total it has just produced, exact for the last of several
+publishes at the same moment (``add`` returns the total; ``seen_reconcile``
+keeps the time of the last recount): a ``set`` pays three calls of bookkeeping.
 The total is exact (the sum of the counters as read) at O(1) Python work per
 set: each process keeps the table it read last with its sums and adds in
 only the counters that differ (``_updated``: one compare of the table in C,
@@ -102,7 +103,7 @@ class AccountingFile:
         self._size = HEADER_SIZE + _SHARD.size * shard_count
         self._header = _HEADER.pack(MAGIC, VERSION, shard_count)
         self._dirty = False  # counted into our file since the last identity check
-        self._sums: _Sums = (bytes(_SHARD.size * shard_count), 0, 0)  # all zero: sums 0
+        self._sums: _Sums = (bytes(self._size), 0, 0)  # all zero: sums 0
         self.seen_reconcile = 0.0  # last_reconcile as the latest table read found it
         self._fd = self._open()
         self._watch = files.Watch(path, self._fd)
@@ -121,22 +122,28 @@ class AccountingFile:
         The shard's counters come from this call's own read of the table
         (exact: the caller holds the shard's lock), never from the sums kept,
         which another thread of this process may have just set from an older read.
+        The totals come from a second read, after the counter write: of publishes
+        at the same moment in other shards, each one's first read may miss all the
+        others (each total "well under" while together they took the cache over),
+        but the last of them to read again sees every count, its own included.
         """
         table = self._read_table()
         sums = self._sums
         if sums[0] != table:  # another writer counted since this process read last
             sums = _updated(sums, table)
-        _, total, entries = sums
-        at = _SHARD.size * shard
+        at = HEADER_SIZE + _SHARD.size * shard
         size, count = _SHARD.unpack_from(table, at)
         packed = _SHARD.pack(size + size_delta, count + entries_delta)
-        os.pwrite(self._fd, packed, HEADER_SIZE + at)
-        changed = bytearray(table)  # a copy of its own: a kept table never changes
-        changed[at : at + _SHARD.size] = packed
-        total += size_delta
-        entries += entries_delta
-        self._sums = (changed, total, entries)
+        os.pwrite(self._fd, packed, at)
         self._dirty = True
+        written = bytearray(table)  # a copy of its own: a kept table never changes
+        written[at : at + _SHARD.size] = packed
+        sums = (written, sums[1] + size_delta, sums[2] + entries_delta)
+        again = self._read_again()
+        if again != written:  # others counted between the two reads
+            sums = _updated(sums, again)
+        self._sums = sums
+        _, total, entries = sums
         return total if total > 0 else 0, entries if entries > 0 else 0  # not max(): every set
 
     def set(self, shard: int, size: int, entries: int) -> None:
@@ -181,20 +188,29 @@ class AccountingFile:
     # -- damage, deletion and replacement -------------------------------------
 
     def _read_table(self) -> bytes:
-        """The shard counters as stored (all zero if the file was damaged)."""
+        """The file as stored, header and counters (counters all zero if the file was
+        damaged): kept whole, so that no read is copied again to cut the header off."""
         self._check_if_due()
         data = os.pread(self._fd, self._size, 0)
         if len(data) != self._size:
             data = files.pread_fully(self._fd, self._size)  # a short read is not damage
         if len(data) == self._size and data.startswith(self._header):
             self.seen_reconcile = _RECONCILED.unpack_from(data, _RECONCILED_OFFSET)[0]
-            return data[HEADER_SIZE:]
+            return data
         self._refuse_another_layout(data)
         self.seen_reconcile = 0.0
         if self.writable:
             log.warning("accounting file %s is damaged; replaced it, recount due", self.path)
             self._replace_damaged()
-        return bytes(self._size - HEADER_SIZE)
+        return bytes(self._size)
+
+    def _read_again(self) -> bytes:
+        """The table read again at once (``add``): as ``_read_table``, without its
+        periodic identity check and recount time, which the first read just made."""
+        data = os.pread(self._fd, self._size, 0)
+        if len(data) == self._size and data.startswith(self._header):
+            return data
+        return self._read_table()
 
     def _refuse_another_layout(self, data: bytes) -> None:
         """A whole header of another shard count is another layout's file, not damage:
@@ -295,7 +311,7 @@ def _updated(sums: _Sums, table: bytes) -> _Sums:
     kept, total, entries = sums
     if kept == table:
         return sums
-    for low in range(0, len(table), _CHUNK):
+    for low in range(HEADER_SIZE, len(table), _CHUNK):
         high = min(low + _CHUNK, len(table))
         if kept[low:high] == table[low:high]:
             continue

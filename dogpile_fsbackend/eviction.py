@@ -16,9 +16,11 @@ race (per-shard lock, inode and mtime checked), so two processes evicting at
 once cost a failed check, never a wrong eviction, and no writer ever waits
 for another process.  Both take the same oldest entries, so about half of what one
 takes the other has evicted: one lock-free ``lstat`` passes over those.  Within
-a process one thread at a time evicts: a write over a limit, or near one, that
-finds another thread's step at work waits for that step, then takes its own
-(``Evictor.after_write``).
+a process one thread at a time evicts: a write over a limit that finds
+another thread's step at work waits for that step, then takes its own
+(``Evictor.after_write``).  Each write is judged by the totals its publish
+read after its own counter write (``AccountingFile.add``), so of publishes
+at the same moment the last judges by the exact total.
 
 Victims come from the *remembered order*: the least recently used entries of
 the last pass over the cache, in a list newest first, popped from its end by
@@ -98,7 +100,6 @@ SCAN_MIN, SCAN_MAX = 16, 256  # entries an evicting write walks over in a bigger
 PARTIAL_SHARE = 0.02  # of the entries a pass has seen, the oldest that may go before it ends
 PARTIAL_MAX = 4096  # entries taken from part of a pass at a time
 CLOSE_STEP = 512  # entries of a pass that ended an evicting write pops into the next order
-RECHECK_SHARE = 0.01  # of a limit: a write this close under it confirms it by a snapshot
 HARD_SCAN = 4096  # entries a write may walk over to find victims when over the limit
 ROOM_VICTIMS = 64  # entries a write that found the disk full evicts before its retry
 RECOUNT_BUDGET = 4096  # files a write recounts when a recount is due (one shard at least)
@@ -131,8 +132,8 @@ class Evictor:
 
     Thread-safe by try-lock: a thread that finds another of its process
     evicting leaves the work to it, unless its own write took the cache over
-    a limit or near one (the step at work may have judged the totals before
-    that write counted): then it waits for that step (one write's share of work;
+    a limit (the step at work may have judged the totals before that write
+    counted): then it waits for that step (one write's share of work;
     longer when that write must first get the cache under a limit or recount).
     """
 
@@ -140,13 +141,6 @@ class Evictor:
         self.store = store
         self._lock = threading.Lock()
         self._limits = maintenance.limits(store)
-        (size, max_entries), _ = self._limits
-        # Totals from here up to a limit are confirmed by a snapshot (see _just_under).
-        self._size_limit = size
-        self._recheck_from = (
-            size * (1 - RECHECK_SHARE),
-            max_entries - max(1.0, max_entries * RECHECK_SHARE),
-        )
         self._draining = False
         self._order: list[Remembered] = []  # newest first: pop() gives the oldest
         self._order_whole = False  # it comes from a whole pass (not from part of one)
@@ -187,9 +181,9 @@ class Evictor:
         waited = False
         if not self._lock.acquire(blocking=False):
             # Another thread of this process is at it, and may have judged the totals
-            # before this write counted: a write that took the cache over a limit, or
-            # near one, waits for that step to end and then takes its own.
-            if not (self._over() or self._just_under()):
+            # before this write counted: a write that took the cache over a limit
+            # waits for that step to end and then takes its own.
+            if not self._over():
                 return
             self._lock.acquire()
             waited = True
@@ -203,11 +197,6 @@ class Evictor:
             last = store.last
             if last.total > size or last.entries > max_entries:  # self._over(), inline
                 self._draining = True
-            elif not self._draining and self._just_under():
-                # The publish read the table once; another writer's publish and eviction
-                # that read straddled may have hidden one entry: a snapshot decides.
-                store.snapshot_totals()
-                self._draining = self._over()
             if self._draining:
                 self._evict(low, STEP_VICTIMS, started + STEP_BUDGET_NS)
                 self._draining = not self._under(low)
@@ -236,21 +225,6 @@ class Evictor:
         """Over a limit, by the totals this thread read last (see ``LastTotals``)."""
         (size, max_entries), _ = self._limits
         return self.store.last.total > size or self.store.last.entries > max_entries
-
-    def _just_under(self) -> bool:
-        """Within ``RECHECK_SHARE`` of a limit (one entry, for a small entry limit), or
-        within the largest entry this process wrote of the size limit: a publish in
-        another shard at the same moment as ours is an entry our table read may have
-        missed, and theirs ours (the later of the two then confirms, and evicts)."""
-        size_from, entries_from = self._recheck_from
-        store = self.store
-        last = store.last
-        total = last.total
-        return (
-            total >= size_from
-            or total + store.largest_write > self._size_limit
-            or last.entries >= entries_from
-        )
 
     def _under(self, target: tuple[int, float]) -> bool:
         return self.store.last.total <= target[0] and self.store.last.entries <= target[1]

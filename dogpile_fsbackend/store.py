@@ -153,7 +153,6 @@ class Store:
         self.hits = self.misses = self.writes = self.evictions = self.write_errors = 0
         # Totals (bytes, entries) as this thread's last publish or discard read them.
         self.last = LastTotals()
-        self.largest_write = 0  # bytes of the largest entry this process published
         self._warned: set[str] = set()  # paths already reported unreadable or foreign
         # Why this store may change nothing (None: it may), for ReadOnlyError messages.
         self.read_only_reason = self._prepare_base_dir()
@@ -608,8 +607,6 @@ class Store:
                 if old_path != data_path:
                     remove_quietly(old_path)
             self._count(shard, size - old_size, 0 if existed else 1)
-        if size > self.largest_write:
-            self.largest_write = size
         self.writes += 1
         self.check_bookkeeping()
         return True

@@ -629,11 +629,11 @@ def test_clear_while_another_process_writes(cache_dir):
 
 def test_two_writes_at_the_same_moment_in_two_shards_leave_the_limit_held(cache_dir, monkeypatch):
     """Each publish reads the counter table before it writes its own shard's counters, so
-    two publishes at the same moment in two shards each miss the other's entry: both
-    totals say "under" while the two entries took the cache over.  The later one is
-    within its largest entry of the limit, so it confirms by a snapshot and evicts:
-    once writes stop, the files are within cache_size (test_soak saw 103,486 bytes
-    against 98,304 before)."""
+    two publishes at the same moment in two shards each miss the other's entry in that
+    read: both first totals say "under" while the two entries took the cache over.  The
+    later one's second read, after its counter write, sees both, so it evicts: once
+    writes stop, the files are within cache_size (test_soak saw 103,486 bytes against
+    98,304 before)."""
     filler = _backend(cache_dir)
     for i in range(90):
         filler.set_serialized(f"f{i}", b"f" * 1000)
@@ -660,6 +660,46 @@ def test_two_writes_at_the_same_moment_in_two_shards_leave_the_limit_held(cache_
     assert interleaved
     assert _disk(cache_dir)[0] <= limit
     _assert_accounting_exact(first)
+
+
+def test_three_writes_at_the_same_moment_in_three_shards_leave_the_limit_held(
+    cache_dir, monkeypatch
+):
+    """Three publishes in three shards, each one's counter write after the others' table
+    reads: every table read misses the two other entries, and each total says "well
+    under" (more than one largest entry below the limit) while the three took the cache
+    over.  The last publish reads the table again after its own counter write, which
+    sees all three: it evicts, and once writes stop the files are within cache_size."""
+    filler = _backend(cache_dir)
+    for i in range(90):
+        filler.set_serialized(f"f{i}", b"f" * 1000)
+    limit = filler.stats()["bytes"] + 10_000
+    writers = [_backend(cache_dir, cache_size=limit) for _ in range(3)]
+    shard_of = writers[0].store.layout.shard_index
+    keys: list[str] = []
+    for i in itertools.count():
+        shard = shard_of(layout.key_digest(f"k{i}".encode()))
+        if all(shard != shard_of(layout.key_digest(key.encode())) for key in keys):
+            keys.append(f"k{i}")
+            if len(keys) == 3:
+                break
+    pwrite, interleaved = os.pwrite, []
+    fds = [writer.store.accounting._fd for writer in writers]
+
+    def the_next_write_meanwhile(fd, data, offset):
+        # Between writer n's table read and its counter write, writer n+1 publishes.
+        if fd in fds[:2] and len(interleaved) < 2 and fds.index(fd) == len(interleaved):
+            interleaved.append(fd)
+            following = fds.index(fd) + 1
+            writers[following].set_serialized(keys[following], b"k" * 4000)
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", the_next_write_meanwhile)
+    writers[0].set_serialized(keys[0], b"k" * 4000)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    assert interleaved == fds[:2]
+    assert _disk(cache_dir)[0] <= limit
+    _assert_accounting_exact(writers[0])
 
 
 def _keys_in_shard(backend, shard: int, count: int) -> list[str]:
