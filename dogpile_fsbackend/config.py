@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import forking
 from .exceptions import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", "none", ""}
 _warned_unknown: set[str] = set()  # argument names already logged in this process
 _warned_unknown_guard = threading.Lock()
+
+
+@forking.call_in_children
+def _new_warned_unknown_guard() -> None:
+    """A forked child gets an unheld guard: the parent's thread that held it is not there."""
+    global _warned_unknown_guard
+    _warned_unknown_guard = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,11 +81,10 @@ import random
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import maintenance, tree
+from . import forking, maintenance, tree
 
 if TYPE_CHECKING:
     from .store import Store
@@ -159,7 +158,7 @@ class Evictor:
         self._next: list[Remembered] = []
         self._closing_gone: set[bytes] = set()
         self._recount: _Recount | None = None
-        _LIVE.add(self)
+        forking.reset_in_children(self)
 
     def _reset_after_fork(self) -> None:
         self._lock = threading.Lock()  # another thread of the parent may have held it
@@ -510,13 +509,4 @@ def _walk(store: Store, shard: int) -> _Walk:
         shard = (shard + 1) % shards
 
 
-_LIVE: weakref.WeakSet[Evictor] = weakref.WeakSet()
 _ABANDONED: list[_Walk] = []  # walks a forked child inherited mid-step (one fd each, rare)
-
-
-def _reset_all_after_fork() -> None:
-    for evictor in list(_LIVE):
-        evictor._reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_all_after_fork)

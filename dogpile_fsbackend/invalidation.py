@@ -71,7 +71,7 @@ from typing import Any, NamedTuple, Protocol
 
 from dogpile.cache.region import RegionInvalidationStrategy
 
-from . import layout
+from . import forking, layout
 from .config import parse_base_dir, parse_mode
 from .exceptions import ConfigError, FSBackendError
 from .files import lock_retries, make_dir, pread_fully
@@ -357,6 +357,7 @@ class SharedInvalidation(RegionInvalidationStrategy):
         self._refreshing = threading.Lock()
         self._pair = threading.local()
         _INSTANCES.add(self)
+        forking.reset_in_children(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.directory!r})"
@@ -365,6 +366,10 @@ class SharedInvalidation(RegionInvalidationStrategy):
         seen = getattr(self, "_seen", None)
         if seen is not None:
             _close(seen.fd)
+
+    def _reset_after_fork(self) -> None:
+        """A thread of the parent may have been refreshing at fork(): not in the child."""
+        self._refreshing = threading.Lock()
 
     # -- dogpile's RegionInvalidationStrategy -----------------------------------
 
@@ -629,6 +634,7 @@ class SharedInvalidation(RegionInvalidationStrategy):
 # other hosts: weak, so that a backend no longer used stops announcing.
 _ANNOUNCERS: dict[str, weakref.WeakSet[Announcer]] = {}
 _ANNOUNCERS_GUARD = threading.Lock()
+_INSTANCES: weakref.WeakSet[SharedInvalidation] = weakref.WeakSet()  # see strategies_on
 
 
 class Announcer(Protocol):
@@ -660,7 +666,6 @@ def strategies_on(directory: str) -> list[SharedInvalidation]:
 
 # -- fork -----------------------------------------------------------------------------
 
-_INSTANCES: weakref.WeakSet[SharedInvalidation] = weakref.WeakSet()
 _WRITING = threading.Lock()  # held by a writer around its flock, and by fork()
 
 
@@ -672,13 +677,13 @@ def _after_fork_in_parent() -> None:
     _WRITING.release()
 
 
-def _after_fork_in_child() -> None:
-    global _WRITING
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
+
+
+@forking.call_in_children
+def _new_locks_in_child() -> None:
+    """The child gets unheld locks: the one fork() waited for, and the registry's, which
+    a thread of the parent (not in the child) may have held."""
+    global _WRITING, _ANNOUNCERS_GUARD
     _WRITING = threading.Lock()
-    for instance in list(_INSTANCES):
-        instance._refreshing = threading.Lock()
-
-
-os.register_at_fork(
-    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
-)
+    _ANNOUNCERS_GUARD = threading.Lock()

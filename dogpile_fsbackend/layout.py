@@ -34,6 +34,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from . import forking
+
 MARKER_NAME = "fsbackend.json"
 LOCK_NAME = "lock"
 ACCOUNTING_NAME = "accounting"
@@ -96,7 +98,7 @@ class _Tokens:
 
 
 _tokens = _Tokens()
-os.register_at_fork(after_in_child=_tokens.reset)
+forking.call_in_children(_tokens.reset)
 
 
 def new_token() -> str:

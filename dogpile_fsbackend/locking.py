@@ -20,7 +20,7 @@ is gone) and adds an in-process layer:
   process's record lock instead of deadlocking on it.
 
 After ``fork()`` the child holds none of its parent's record locks, so every
-lock file resets its in-process state (``os.register_at_fork``).
+lock file resets its in-process state (forking.py).
 
 The lock file can be deleted or replaced under running processes (a tmp
 cleaner, a hand).  Each process checks at most once a second, when it takes
@@ -58,7 +58,7 @@ from collections.abc import Hashable, Iterator
 
 from dogpile.cache.api import CacheMutex
 
-from . import files
+from . import files, forking
 from .files import open_shared
 from .layout import WRITER_TOKEN_LEN
 
@@ -125,6 +125,7 @@ class LockFile:
         self._watch = files.Watch(path, fd)
         self._counter = itertools.count()
         self._reset()
+        forking.reset_in_children(self)
 
     def __del__(self) -> None:
         for fd in (self.fd, *self._old_fds):
@@ -132,6 +133,8 @@ class LockFile:
                 os.close(fd)
 
     def _reset(self) -> None:
+        """Fresh in-process state: at start, and in a forked child (forking.py), which
+        holds none of the parent's record locks nor has the threads that held its own."""
         self._guard = threading.Lock()
         self._names: dict[Hashable, _NameLock] = {}
         self._bytes: dict[int, _ByteLock] = {}
@@ -139,11 +142,11 @@ class LockFile:
         self._writer_hex = ""  # _writer_slot as a token, once there is one
         self._exclusive: dict[int, threading.Lock] = {}  # see exclusive()
 
+    _reset_after_fork = _reset  # see forking.py
+
     @classmethod
-    def _reset_all_after_fork(cls) -> None:
+    def _new_instances_guard(cls) -> None:
         cls._instances_guard = threading.Lock()
-        for lock_file in list(cls._instances.values()):
-            lock_file._reset()
 
     # -- public API -----------------------------------------------------------
 
@@ -381,7 +384,7 @@ class ExclusiveByte:
             self._thread_lock.release()
 
 
-os.register_at_fork(after_in_child=LockFile._reset_all_after_fork)
+forking.call_in_children(LockFile._new_instances_guard)
 
 
 def key_slot(key_bytes: bytes, slots: int) -> int:

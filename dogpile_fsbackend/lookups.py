@@ -18,11 +18,12 @@ in-process lock would, so that the re-check is seen there too.
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 
 from dogpile.cache.api import CacheMutex
+
+from . import forking
 
 
 class LookupTracker(threading.local):
@@ -104,7 +105,7 @@ class ThreadMutexes:
 
     def __init__(self) -> None:
         self._reset()
-        _LIVE.add(self)
+        forking.reset_in_children(self)
 
     def _reset(self) -> None:
         """A forked child starts afresh: it has none of the threads that held a key's
@@ -114,6 +115,8 @@ class ThreadMutexes:
             weakref.WeakValueDictionary()
         )
         self._held: set[ThreadMutex] = set()
+
+    _reset_after_fork = _reset  # see forking.py
 
     def get(self, key: str) -> ThreadMutex:
         with self._guard:
@@ -127,14 +130,3 @@ class ThreadMutexes:
         with self._guard:
             mutex = self._mutexes.get(key)
         return mutex is not None and mutex.locked()
-
-
-_LIVE: weakref.WeakSet[ThreadMutexes] = weakref.WeakSet()
-
-
-def _reset_all_after_fork() -> None:
-    for mutexes in list(_LIVE):
-        mutexes._reset()
-
-
-os.register_at_fork(after_in_child=_reset_all_after_fork)

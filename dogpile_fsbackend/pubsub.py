@@ -39,6 +39,8 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from . import forking
+
 log = logging.getLogger(__name__)
 
 PING_INTERVAL = 1.0  # seconds between pings on a quiet channel
@@ -67,6 +69,7 @@ def value_digest(value: bytes) -> str:
 _process_token = secrets.token_hex(8)  # tells this process's own messages apart
 
 
+@forking.call_in_children
 def _new_process_token() -> None:
     global _process_token
     _process_token = secrets.token_hex(8)
@@ -143,6 +146,7 @@ class Listener:
         self.channel = channel
         self._subscribers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._reset()
+        forking.reset_in_children(self)
 
     def _reset(self) -> None:
         """Fresh state: at start, and in a forked child (the thread did not survive)."""
@@ -156,11 +160,11 @@ class Listener:
         self.connected = False
         self.subscriptions = 0  # confirmed subscriptions: 1 + reconnections
 
+    _reset_after_fork = _reset  # see forking.py
+
     @classmethod
-    def _reset_all_after_fork(cls) -> None:
+    def _new_instances_guard(cls) -> None:
         cls._instances_guard = threading.Lock()
-        for listener in cls._instances.values():
-            listener._reset()
 
     # -- used by tiered backends ----------------------------------------------------
 
@@ -344,8 +348,7 @@ class Listener:
             self.connected = False
 
 
-os.register_at_fork(after_in_child=Listener._reset_all_after_fork)
-os.register_at_fork(after_in_child=_new_process_token)
+forking.call_in_children(Listener._new_instances_guard)
 
 
 def _address(client: Any) -> tuple[Any, ...]:

@@ -22,12 +22,10 @@ from __future__ import annotations
 import enum
 import importlib
 import logging
-import os
 import random
 import threading
 import time
 import urllib.parse
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, TypeVar
 
@@ -37,6 +35,7 @@ from dogpile.cache.region import (  # type: ignore[attr-defined]  # dogpile's on
 )
 from dogpile.util import PluginLoader
 
+from . import forking
 from .exceptions import ConfigError, MissingExtraError, RemoteError
 
 log = logging.getLogger(__name__)
@@ -147,7 +146,7 @@ class RemoteGuard:
         self._probing = False
         self._last_error: BaseException | None = None
         self.attempts = self.failures = self.skipped = 0
-        _guards.add(self)
+        forking.reset_in_children(self)
 
     def _reset_after_fork(self) -> None:
         """In a forked child: the thread that probed (or held the lock) did not survive."""
@@ -264,14 +263,3 @@ class RemoteGuard:
         else:
             detail = f"{type(exc).__name__}: {exc}"
         raise RemoteError(f"remote tier {self.name} is unavailable: {detail}") from cause
-
-
-_guards: weakref.WeakSet[RemoteGuard] = weakref.WeakSet()
-
-
-def _reset_guards_after_fork() -> None:
-    for guard in list(_guards):
-        guard._reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_guards_after_fork)

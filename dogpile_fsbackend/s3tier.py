@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from . import forking
 from .config import parse_size
 from .exceptions import ConfigError
 from .rawfiles import content_disposition, header_content_type
@@ -400,13 +401,11 @@ _SESSION_LOCK = threading.Lock()  # boto3 sessions may not make clients in two t
 _sessions: dict[int, Any] = {}  # pid -> this process's boto3 session
 
 
+@forking.call_in_children
 def _new_session_lock() -> None:
     """A forked child gets an unheld lock: the parent's thread that held it is not there."""
     global _SESSION_LOCK
     _SESSION_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_session_lock)
 
 
 def _session(boto3: Any) -> Any:

@@ -17,14 +17,13 @@ import os
 import socket
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from dogpile.cache.api import NO_VALUE, BytesBackend, CacheBackend, CachedValue, CacheMutex
 from dogpile.cache.proxy import ProxyBackend
 
-from . import layout, records, redisremote
+from . import forking, layout, records, redisremote
 from .backends import PickleFSBackend, dogpile_bytes, from_dogpile_bytes
 from .config import parse_seconds
 from .exceptions import ConfigError, RemoteConfigWarning, RemoteError
@@ -129,8 +128,8 @@ class _TieredOperations:
         self.region_invalidation: RegionInvalidationLink | None = None
         self._publish: Callable[[str, bytes], Any] | None = None
         self._unannounced: set[str] = set()  # changed while no message could say so
-        self._unannounced_lock = threading.Lock()  # a fresh one in a forked child
-        _LIVE.add(self)
+        self._unannounced_lock = threading.Lock()
+        forking.reset_in_children(self)
         self._unannounced_overflowed = False  # logged once per outage
         if invalidation == "pubsub":
             client = redisremote.client_of(remote)
@@ -287,6 +286,11 @@ class _TieredOperations:
         return sent is not OUTAGE
 
     # -- changes that no message announced ------------------------------------------
+
+    def _reset_after_fork(self) -> None:
+        """A thread of the parent may have held the lock at fork(): the child, which has
+        none of those threads, gets an unheld one (what it guards is copied as it was)."""
+        self._unannounced_lock = threading.Lock()
 
     def _note_unannounced(self, keys: Iterable[str]) -> None:
         """Remember keys set or deleted without a message (the remote was out, or refused
@@ -630,16 +634,3 @@ def _name_of(backend: CacheBackend) -> str:
         return name
     kwargs = getattr(client.connection_pool, "connection_kwargs", {})
     return describe(name, {key: kwargs[key] for key in ("host", "port", "db") if key in kwargs})
-
-
-_LIVE: weakref.WeakSet[_TieredOperations] = weakref.WeakSet()
-
-
-def _reset_all_after_fork() -> None:
-    """A thread of the parent may have held a tier's lock at fork(): the child, which has
-    none of those threads, gets an unheld one (what it guards is copied as it was)."""
-    for tier in list(_LIVE):
-        tier._unannounced_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_all_after_fork)

@@ -17,6 +17,7 @@ every wait is bounded, and a deadlocked child is killed and reported.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import random
@@ -24,6 +25,7 @@ import signal
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -314,6 +316,35 @@ def _fork_while_held(lock: AbstractContextManager[Any], child: Callable[[], None
     return faultkit.reap(pid, WAIT)
 
 
+def test_a_child_resets_objects_in_the_order_they_were_made_and_keeps_none_alive():
+    """forking.py resets what asked, in that order (so a reset may rely on an earlier
+    one), and holds no object alive: a backend no longer used is collected."""
+    from dogpile_fsbackend import forking
+
+    read_end, write_end = os.pipe()
+
+    class Probe:
+        def __init__(self, name: bytes) -> None:
+            self.name = name
+            forking.reset_in_children(self)
+
+        def _reset_after_fork(self) -> None:
+            os.write(write_end, self.name)
+
+    probes = [Probe(name) for name in (b"c", b"a", b"b")]
+    gone = weakref.ref(Probe(b"x"))
+    gc.collect()
+    assert gone() is None
+    try:
+        status = faultkit.reap(faultkit.fork_child(lambda: None), WAIT)
+    finally:
+        os.close(write_end)
+    with open(read_end, "rb") as reads:
+        assert status == 0
+        assert reads.read() == b"cab"
+    del probes
+
+
 def test_a_child_makes_its_s3_client_though_a_parent_thread_was_making_one(tmp_path):
     """The lock under which a process makes its S3 client is held by another thread at
     fork(): the child, which must make a client of its own, gets an unheld lock."""
@@ -344,6 +375,46 @@ def test_a_child_notes_changes_though_a_parent_thread_was_noting_some(redis_url,
         backend._note_unannounced(["key"])
 
     assert _fork_while_held(backend._unannounced_lock, child) == 0, "the child hung (SIGALRM: 14)"
+
+
+def test_a_child_configures_a_backend_though_a_parent_thread_was_noting_unknown_arguments(
+    tmp_path,
+):
+    """The guard over the unknown argument names a process has logged is held by another
+    thread at fork(): the child configures a backend (and logs its own) without waiting."""
+    from dogpile_fsbackend import config
+
+    def child() -> None:
+        signal.alarm(CHILD_ALARM)
+        region = make("pickled", str(tmp_path / "cache"), not_an_argument_of_ours=1)
+        region.set("key", "value")
+        assert region.get("key") == "value"
+
+    status = _fork_while_held(config._warned_unknown_guard, child)
+    assert status == 0, "the child hung (SIGALRM: 14)"
+
+
+def test_a_child_invalidates_though_a_parent_thread_was_looking_up_announcers(tmp_path):
+    """The registry of the tiers that tell other hosts of an invalidation is held by
+    another thread at fork(): the child's region.invalidate() does not wait for it."""
+    from dogpile_fsbackend import invalidation
+
+    base_dir = str(tmp_path / "cache")
+    region = make_region().configure(
+        "dogpile_fsbackend.pickled",
+        arguments={"base_dir": base_dir},
+        region_invalidator=invalidation.SharedInvalidation(base_dir),
+    )
+    region.set("key", "value")
+
+    def child() -> None:
+        signal.alarm(CHILD_ALARM)
+        region.invalidate()
+        assert region.get("key") is NO_VALUE
+
+    status = _fork_while_held(invalidation._ANNOUNCERS_GUARD, child)
+    assert status == 0, "the child hung (SIGALRM: 14)"
+    assert region.get("key") is NO_VALUE  # the child's invalidation reached the parent
 
 
 def test_child_write_waits_for_a_shard_lock_the_parent_holds(tmp_path):
