@@ -20,7 +20,11 @@ import functools
 import os
 import platform
 import sys
+import threading
+import time
 from collections.abc import Callable
+
+from . import files
 
 # openat2's number on these architectures (the unified syscall table, Linux 5.6);
 # others (mips, alpha) number it differently and take the path check instead.
@@ -31,6 +35,7 @@ _ARCHITECTURES = frozenset(
 _RESOLVE_NO_SYMLINKS = 0x04
 _AT_FDCWD = -100
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_O_LARGEFILE = getattr(os, "O_LARGEFILE", 0)  # 0 where off_t is 64-bit anyway
 
 
 class _OpenHow(ctypes.Structure):
@@ -77,6 +82,12 @@ class Creator:
     Paths are given whole (they start with ``directory``) and resolved from
     the kept descriptor, so only the levels below ``directory`` are checked:
     its own path may run through a symlink (``/var/cache`` -> ``/srv/cache``).
+    The caller renames the files it made by path, so the descriptor must name
+    what the path names: once a second (``files.CHECK_INTERVAL``), and on a
+    path error, it is opened again if the path now names another directory
+    (removed and made again, renamed away, a symlink switched).  A replaced
+    descriptor stays open until the creator goes: another thread may be
+    resolving from it at that moment.
     """
 
     def __init__(self, directory: str, flags: int, mode: int) -> None:
@@ -86,32 +97,76 @@ class Creator:
         self._call = call
         self.directory = directory
         self._prefix = len(os.path.join(directory, ""))
-        self._how = _OpenHow(flags, mode, _RESOLVE_NO_SYMLINKS)
+        # glibc's open adds O_LARGEFILE for a 32-bit process; a raw openat2 on a 32-bit
+        # kernel does not, and writes past 2 GiB would fail (EFBIG).
+        self._how = _OpenHow(flags | _O_LARGEFILE, mode, _RESOLVE_NO_SYMLINKS)
         self._how_address = ctypes.addressof(self._how)
         self._how_size = ctypes.sizeof(self._how)
-        self._fd = os.open(directory, _DIRECTORY_FLAGS)
+        self._guard = threading.Lock()
+        self._replaced: list[tuple[int, tuple[int, int]]] = []  # (fd, identity), kept open
+        self._fd, self._identity = self._open_directory()
+        self._next_check = time.monotonic() + files.CHECK_INTERVAL
+
+    def _open_directory(self) -> tuple[int, tuple[int, int]]:
+        fd = os.open(self.directory, _DIRECTORY_FLAGS)
+        return fd, files.identity(os.fstat(fd))
 
     def __del__(self) -> None:
-        with contextlib.suppress(AttributeError, OSError):
-            os.close(self._fd)
+        with contextlib.suppress(AttributeError):
+            for fd, identity in [(self._fd, self._identity), *self._replaced]:
+                _close_if_ours(fd, identity)
 
     def open(self, path: str) -> int:
         """``os.open(path, flags, mode)``, but ELOOP if a level between the directory and
         the file is a symlink (a symlink as the file itself fails as with os.open)."""
+        if time.monotonic() >= self._next_check:
+            self.renew_if_moved()
         relative = path[self._prefix :].encode()
+        renewed = False
         while True:
             fd = self._call(_SYS_OPENAT2, self._fd, relative, self._how_address, self._how_size)
             if fd >= 0:
                 return fd
             code = ctypes.get_errno()
-            if code != errno.EINTR:
+            if code == errno.EBADF and not renewed:  # closed behind our back: open it again
+                renewed = True
+                self.renew_if_moved()
+            elif code != errno.EINTR:
                 raise OSError(code, os.strerror(code), path)
 
     def renew_if_moved(self) -> None:
-        """Open the directory again if its path now names another one (it was removed
-        and made again): files would otherwise go on into the removed one."""
+        """Open the directory again if its path now names another one, or if the kept
+        descriptor is no longer ours (something closed it; its number may now be another
+        file's, which is left alone)."""
+        with self._guard:
+            self._next_check = time.monotonic() + files.CHECK_INTERVAL
+            try:
+                now = files.identity(os.stat(self.directory))
+            except OSError:
+                return  # missing, or unusable: the caller's path repair tells
+            ours = _is_ours(self._fd, self._identity)
+            if ours and now == self._identity:
+                return
+            try:
+                fd, identity = self._open_directory()
+            except OSError:
+                return
+            if ours:
+                self._replaced.append((self._fd, self._identity))
+            # else: the number is another file's now (or none): neither used nor closed
+            self._fd, self._identity = fd, identity
+
+
+def _is_ours(fd: int, identity: tuple[int, int]) -> bool:
+    """True if ``fd`` still names the directory of ``identity`` (not closed meanwhile,
+    its number not taken by another file)."""
+    try:
+        return files.identity(os.fstat(fd)) == identity
+    except OSError:
+        return False
+
+
+def _close_if_ours(fd: int, identity: tuple[int, int]) -> None:
+    if _is_ours(fd, identity):
         with contextlib.suppress(OSError):
-            now, kept = os.stat(self.directory), os.fstat(self._fd)
-            if (now.st_dev, now.st_ino) != (kept.st_dev, kept.st_ino):
-                old, self._fd = self._fd, os.open(self.directory, _DIRECTORY_FLAGS)
-                os.close(old)
+            os.close(fd)
