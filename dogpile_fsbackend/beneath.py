@@ -20,9 +20,9 @@ import functools
 import os
 import platform
 import sys
-import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from . import files
 
@@ -85,9 +85,10 @@ class Creator:
     The caller renames the files it made by path, so the descriptor must name
     what the path names: once a second (``files.CHECK_INTERVAL``), and on a
     path error, it is opened again if the path now names another directory
-    (removed and made again, renamed away, a symlink switched).  A replaced
-    descriptor stays open until the creator goes: another thread may be
-    resolving from it at that moment.
+    (removed and made again, renamed away, a symlink switched).  No lock: a
+    replaced descriptor stays open until the creator goes, as another thread
+    may be resolving from it, and two threads renewing at once just open one
+    more.
     """
 
     def __init__(self, directory: str, flags: int, mode: int) -> None:
@@ -102,19 +103,27 @@ class Creator:
         self._how = _OpenHow(flags | _O_LARGEFILE, mode, _RESOLVE_NO_SYMLINKS)
         self._how_address = ctypes.addressof(self._how)
         self._how_size = ctypes.sizeof(self._how)
-        self._guard = threading.Lock()
-        self._replaced: list[tuple[int, tuple[int, int]]] = []  # (fd, identity), kept open
-        self._fd, self._identity = self._open_directory()
+        self._opened: list[_Directory] = []  # every descriptor opened, closed with us
+        self._current = self._open_directory()  # replaced whole: never a torn pair
         self._next_check = time.monotonic() + files.CHECK_INTERVAL
 
-    def _open_directory(self) -> tuple[int, tuple[int, int]]:
+    def _open_directory(self) -> _Directory:
         fd = os.open(self.directory, _DIRECTORY_FLAGS)
-        return fd, files.identity(os.fstat(fd))
+        opened = _Directory(fd, files.identity(os.fstat(fd)))
+        self._opened.append(opened)
+        return opened
+
+    @property
+    def fd(self) -> int:
+        """The descriptor of ``directory`` that files are resolved from now."""
+        return self._current.fd
 
     def __del__(self) -> None:
         with contextlib.suppress(AttributeError):
-            for fd, identity in [(self._fd, self._identity), *self._replaced]:
-                _close_if_ours(fd, identity)
+            for fd, identity in dict.fromkeys(self._opened):
+                if _is_ours(fd, identity):  # never another file that took the number
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     def open(self, path: str) -> int:
         """``os.open(path, flags, mode)``, but ELOOP if a level between the directory and
@@ -124,7 +133,9 @@ class Creator:
         relative = path[self._prefix :].encode()
         renewed = False
         while True:
-            fd = self._call(_SYS_OPENAT2, self._fd, relative, self._how_address, self._how_size)
+            fd = self._call(
+                _SYS_OPENAT2, self._current.fd, relative, self._how_address, self._how_size
+            )
             if fd >= 0:
                 return fd
             code = ctypes.get_errno()
@@ -138,23 +149,21 @@ class Creator:
         """Open the directory again if its path now names another one, or if the kept
         descriptor is no longer ours (something closed it; its number may now be another
         file's, which is left alone)."""
-        with self._guard:
-            self._next_check = time.monotonic() + files.CHECK_INTERVAL
-            try:
-                now = files.identity(os.stat(self.directory))
-            except OSError:
-                return  # missing, or unusable: the caller's path repair tells
-            ours = _is_ours(self._fd, self._identity)
-            if ours and now == self._identity:
-                return
-            try:
-                fd, identity = self._open_directory()
-            except OSError:
-                return
-            if ours:
-                self._replaced.append((self._fd, self._identity))
-            # else: the number is another file's now (or none): neither used nor closed
-            self._fd, self._identity = fd, identity
+        self._next_check = time.monotonic() + files.CHECK_INTERVAL
+        current = self._current
+        try:
+            now = files.identity(os.stat(self.directory))
+        except OSError:
+            return  # missing, or unusable: the caller's path repair tells
+        if now == current.identity and _is_ours(*current):
+            return
+        with contextlib.suppress(OSError):
+            self._current = self._open_directory()
+
+
+class _Directory(NamedTuple):
+    fd: int
+    identity: tuple[int, int]
 
 
 def _is_ours(fd: int, identity: tuple[int, int]) -> bool:
@@ -164,9 +173,3 @@ def _is_ours(fd: int, identity: tuple[int, int]) -> bool:
         return files.identity(os.fstat(fd)) == identity
     except OSError:
         return False
-
-
-def _close_if_ours(fd: int, identity: tuple[int, int]) -> None:
-    if _is_ours(fd, identity):
-        with contextlib.suppress(OSError):
-            os.close(fd)

@@ -106,7 +106,7 @@ def test_a_cache_whose_directory_was_removed_and_made_again_goes_on_storing(tmp_
         region.set(f"key-{number}", number)
     assert [region.get(f"key-{number}") for number in range(20)] == list(range(20))
     assert region.backend.store._creator is not None
-    assert os.path.samestat(os.fstat(region.backend.store._creator._fd), os.stat(base_dir))
+    assert os.path.samestat(os.fstat(region.backend.store._creator.fd), os.stat(base_dir))
 
 
 def test_a_base_dir_swapped_for_another_cache_is_written_where_it_now_points(
@@ -140,11 +140,11 @@ def test_renewing_never_closes_a_descriptor_another_thread_may_be_using(tree):
     thread would get EBADF, or resolve from whatever file took the number."""
     base, _ = tree
     creator = beneath.Creator(str(base), FLAGS, 0o600)
-    in_use = creator._fd
+    in_use = creator.fd
     shutil.rmtree(base)
     (base / "data" / "a" / "b").mkdir(parents=True)
     creator.renew_if_moved()
-    assert creator._fd != in_use
+    assert creator.fd != in_use
     assert os.path.samestat(os.fstat(in_use), os.fstat(in_use))  # still open
     with pytest.raises(FileNotFoundError):  # the removed directory: repaired by the caller
         os.open("data/a/b/new", FLAGS, 0o600, dir_fd=in_use)
@@ -203,7 +203,7 @@ def test_a_kept_descriptor_whose_number_another_file_took_is_never_closed(tmp_pa
     base_dir = str(tmp_path / "cache")
     region = make_region().configure("dogpile_fsbackend.pickled", arguments={"base_dir": base_dir})
     region.set("before", 1)
-    kept = region.backend.store._creator._fd
+    kept = region.backend.store._creator.fd
     foreign = os.open(tmp_path / "foreign", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.dup2(foreign, kept)  # our number now names the foreign file
     try:
@@ -212,7 +212,7 @@ def test_a_kept_descriptor_whose_number_another_file_took_is_never_closed(tmp_pa
         assert [region.get(f"key-{number}") for number in range(20)] == list(range(20))
         assert os.path.samestat(os.fstat(kept), os.fstat(foreign))  # not closed by us
         assert os.path.samestat(
-            os.fstat(region.backend.store._creator._fd), os.stat(base_dir)
+            os.fstat(region.backend.store._creator.fd), os.stat(base_dir)
         )  # a descriptor of its own again
     finally:
         os.close(foreign)
