@@ -236,3 +236,15 @@ def test_files_are_opened_with_the_flags_os_open_gives_them(tree):
     finally:
         os.close(ours)
         os.close(theirs)
+
+
+def test_a_kept_descriptor_closed_behind_its_back_is_opened_again(tmp_path):
+    """Something closed it (its number free): the next set opens base_dir again, where it
+    raised EBADF on every set."""
+    base_dir = str(tmp_path / "cache")
+    region = make_region().configure("dogpile_fsbackend.pickled", arguments={"base_dir": base_dir})
+    region.set("before", 1)
+    os.close(region.backend.store._creator.fd)
+    region.set("after", 2)
+    assert region.get("after") == 2
+    assert os.path.samestat(os.fstat(region.backend.store._creator.fd), os.stat(base_dir))
