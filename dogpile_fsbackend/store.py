@@ -450,9 +450,13 @@ class Store:
         if creator is not None:
             try:
                 fd = creator.open(path)
-            except OSError as exc:  # missing, or something planted on the way: repaired
+            except OSError as exc:
+                if exc.errno == errno.ENOSYS:  # refused since the probe (a seccomp filter)
+                    self._creator = None
+                    return self.open_temp(digest)
                 if exc.errno not in _PATH_ERRNOS:
                     raise
+                # Missing, or something planted on the way: repaired, then opened by path.
                 creator.renew_if_moved()
                 self._make_real_dirs(directory)
                 fd = os.open(path, _CREATE_FLAGS, mode)

@@ -248,3 +248,21 @@ def test_a_kept_descriptor_closed_behind_its_back_is_opened_again(tmp_path):
     region.set("after", 2)
     assert region.get("after") == 2
     assert os.path.samestat(os.fstat(region.backend.store._creator.fd), os.stat(base_dir))
+
+
+def test_openat2_refused_after_the_probe_falls_back_to_the_path_check(tmp_path, monkeypatch):
+    """A seccomp filter installed after the probe (a sandboxed worker) makes openat2 fail
+    with ENOSYS: the store creates by path from then on, and the set succeeds."""
+    region = make_region().configure(
+        "dogpile_fsbackend.pickled", arguments={"base_dir": str(tmp_path / "cache")}
+    )
+    region.set("before", 1)
+    store = region.backend.store
+
+    def refused(creator, path):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), path)
+
+    monkeypatch.setattr(beneath.Creator, "open", refused)
+    region.set("after", 2)
+    assert store._creator is None
+    assert (region.get("before"), region.get("after")) == (1, 2)
