@@ -47,10 +47,11 @@ import errno
 import logging
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable
 
-from . import files
+from . import files, forking
 from .exceptions import BookkeepingError
 from .files import open_shared
 
@@ -66,6 +67,7 @@ _SHARD = struct.Struct("<qq")
 _CHUNK = 16 * _SHARD.size  # counters compared at once by _updated
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SNAPSHOT_READS = 8  # further reads of the table to find two in a row alike
+_RETIRE_AFTER = 1.0  # seconds a descriptor moved off stays open (see _switch_to)
 _OPEN_ATTEMPTS = 8  # to find a well-formed file at the path (about 60 ms of waiting at most)
 
 # The table this process read last and its sums (bytes, entries), kept to sum the next
@@ -105,6 +107,10 @@ class AccountingFile:
         self._dirty = False  # counted into our file since the last identity check
         self._sums: _Sums = (bytes(self._size), 0, 0)  # all zero: sums 0
         self.seen_reconcile = 0.0  # last_reconcile as the latest table read found it
+        # Descriptors of files this process moved off, with when (monotonic): see _switch_to.
+        self._retired: list[tuple[int, float]] = []
+        self._switching = threading.Lock()
+        forking.reset_in_children(self)
         self._fd = self._open()
         self._watch = files.Watch(path, self._fd)
 
@@ -112,6 +118,8 @@ class AccountingFile:
         # No lock lives on this file, so closing it drops nothing: a process that
         # makes backends again and again (tests, reloads) must not run out of them.
         with contextlib.suppress(AttributeError, OSError):
+            for fd, _ in self._retired:
+                os.close(fd)
             os.close(self._fd)
 
     # -- counters (the caller holds the shard's lock for changes) -------------
@@ -278,9 +286,22 @@ class AccountingFile:
         self._switch_to(self._open())
 
     def _switch_to(self, fd: int) -> None:
-        old, self._fd = self._fd, fd
-        self._watch.moved_to(fd)
-        os.close(old)  # no locks live on this file: closing it drops nothing
+        """Count into ``fd`` from now on.  The old descriptor stays open a while: another
+        thread may hold its number inside ``os.pread``/``os.pwrite`` (the GIL released,
+        the call not yet made), and a number closed at once is the next one this process
+        opens (an entry's temp file), which that call would then read or write."""
+        now = time.monotonic()
+        with self._switching:  # two threads that switch at once retire different files
+            old, self._fd = self._fd, fd
+            self._watch.moved_to(fd)
+            done = [retired for retired, when in self._retired if now - when >= _RETIRE_AFTER]
+            self._retired = [item for item in self._retired if item[0] not in done]
+            self._retired.append((old, now))
+        for retired in done:
+            os.close(retired)  # no locks live on this file: closing it drops nothing
+
+    def _reset_after_fork(self) -> None:
+        self._switching = threading.Lock()  # another thread of the parent may have held it
 
     def _publish(self, replace: bool) -> None:
         """Write a complete new file (zero counters, recount due) and put it at our path.

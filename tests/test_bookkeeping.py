@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import warnings
 
@@ -1405,3 +1406,41 @@ def test_a_process_of_another_layout_never_fights_over_the_accounting_file(tmp_p
     assert not os.path.exists(os.path.join(base_dir, layout.MARKER_NAME))
     running.set("key", "again")
     assert running.get("key") == "again"
+
+
+def test_a_count_in_flight_while_another_thread_moves_to_a_new_accounting_file_hits_no_other(
+    tmp_path, monkeypatch
+):
+    """A thread's counter write has the accounting descriptor in hand inside ``os.pwrite``
+    (the GIL released, the system call not yet made) when another thread finds the file
+    replaced and moves to the new one, then opens a file of its own (an entry's temp
+    file, say).  Had the old descriptor been closed at once, that open would get its
+    number and the 16 counter bytes would land in it: a raw value is only length-checked."""
+    backend = pickled(tmp_path).backend
+    accounting = backend.store.accounting
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"V" * 8192)
+    pwrite, opened = os.pwrite, []
+
+    def another_thread():
+        temp = tmp_path / "accounting.new"
+        temp.write_bytes(accounting._header.ljust(accounting._size, b"\0"))
+        os.replace(temp, accounting.path)  # replaced by hand, or repaired by another process
+        accounting._watch.next_check = 0
+        backend.stats()  # notices: moves to the new file
+        opened.append(os.open(victim, os.O_RDWR | os.O_CLOEXEC))
+
+    def the_file_moves_meanwhile(fd, data, offset):
+        if fd == held and not opened:
+            thread = threading.Thread(target=another_thread)
+            thread.start()
+            thread.join(WAIT)
+        return pwrite(fd, data, offset)
+
+    held = accounting._fd
+    monkeypatch.setattr(os, "pwrite", the_file_moves_meanwhile)
+    backend.set_serialized("k", b"x" * 100)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    os.close(opened[0])
+    assert victim.read_bytes() == b"V" * 8192
+    assert accounting._fd != held
